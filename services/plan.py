@@ -1,0 +1,182 @@
+"""Layer plans: pure data saying which teacher and student layers make each model of the family.
+
+No torch here. `StudentLayout` records which teacher layers the student kept and which block of
+teacher layers each student layer stands for; `plan_family` turns a layout and a patch order into one
+`VariantPlan` per reachable layer count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from services.errors import InvalidPairError
+
+TEACHER = "teacher"
+STUDENT = "student"
+
+
+class PatchOrder(str, Enum):
+    """Which end of the student is turned back into teacher blocks first."""
+
+    LAST_TO_FIRST = "last"
+    FIRST_TO_LAST = "first"
+
+    @classmethod
+    def parse(cls, value: str | PatchOrder) -> PatchOrder:
+        aliases = {"last": cls.LAST_TO_FIRST, "last-to-first": cls.LAST_TO_FIRST,
+                   "first": cls.FIRST_TO_LAST, "first-to-last": cls.FIRST_TO_LAST}
+        if isinstance(value, PatchOrder):
+            return value
+        if value not in aliases:
+            raise InvalidPairError(
+                f"unknown patch order {value!r}; use one of {sorted(aliases)}", param="order")
+        return aliases[value]
+
+
+@dataclass(frozen=True)
+class StudentLayout:
+    """Which teacher layers the student copied, and the block of teacher layers each one replaces."""
+
+    num_teacher_layers: int
+    copied_teacher_layers: tuple[int, ...]
+
+    @property
+    def num_student_layers(self) -> int:
+        return len(self.copied_teacher_layers)
+
+    @property
+    def pruned_teacher_layers(self) -> tuple[int, ...]:
+        kept = set(self.copied_teacher_layers)
+        return tuple(i for i in range(self.num_teacher_layers) if i not in kept)
+
+    @property
+    def blocks(self) -> tuple[tuple[int, ...], ...]:
+        """Teacher layers each student layer stands for: from its own copy up to the next copy."""
+        ends = self.copied_teacher_layers[1:] + (self.num_teacher_layers,)
+        return tuple(tuple(range(start, end)) for start, end in zip(self.copied_teacher_layers, ends))
+
+    @property
+    def aligned_hidden_states(self) -> tuple[tuple[int, int], ...]:
+        """(student, teacher) indices into HF `hidden_states` that the cosine loss aligns.
+
+        Index 0 is the embedding output, index i the output of layer i-1, and the last index the
+        final normed output; student layer i is aligned with the last teacher layer of block i.
+        """
+        inner = tuple((i + 1, block[-1] + 1) for i, block in enumerate(self.blocks[:-1]))
+        return ((0, 0),) + inner + ((self.num_student_layers, self.num_teacher_layers),)
+
+    def to_student_config(self) -> dict[str, list[int]]:
+        """The paper's `student_config.json` content."""
+        return {"copied_teacher_layers": list(self.copied_teacher_layers),
+                "pruned_teacher_layers": list(self.pruned_teacher_layers)}
+
+
+def layout_from_rule(num_hidden_layers: int, first: int = 1, every: int = 2, last: int = 2) -> StudentLayout:
+    """Keep `first` leading layers, then every `every`-th layer, then `last` trailing layers (30 -> 0,2,..,28,29)."""
+    if num_hidden_layers < 1 or first < 0 or last < 0 or every < 1:
+        raise InvalidPairError(
+            f"invalid pruning rule: layers={num_hidden_layers}, first={first}, every={every}, last={last}")
+    if first + last > num_hidden_layers:
+        raise InvalidPairError(f"first={first} + last={last} exceeds the teacher's {num_hidden_layers} layers")
+    if first < 1:
+        raise InvalidPairError("the student must keep the teacher's first layer (use first >= 1)")
+    middle_end = num_hidden_layers - last
+    middle = range(first - 1 + every, middle_end, every)  # every n-th layer after the leading ones
+    kept = list(range(first)) + list(middle) + list(range(middle_end, num_hidden_layers))
+    return StudentLayout(num_hidden_layers, tuple(kept))
+
+
+def layout_from_student_config(config: Mapping, num_teacher_layers: int) -> StudentLayout:
+    """Validate the paper's `student_config.json` against the teacher's layer count."""
+    if "copied_teacher_layers" not in config:
+        raise InvalidPairError("student_config.json has no 'copied_teacher_layers'")
+    copied = tuple(int(i) for i in config["copied_teacher_layers"])
+    if not copied or list(copied) != sorted(set(copied)):
+        raise InvalidPairError(f"copied_teacher_layers must be strictly increasing, got {list(copied)}")
+    if copied[0] != 0 or copied[-1] >= num_teacher_layers:
+        raise InvalidPairError(
+            f"copied_teacher_layers {list(copied)} must start at 0 and stay below the teacher's "
+            f"{num_teacher_layers} layers")
+    layout = StudentLayout(num_teacher_layers, copied)
+    pruned = config.get("pruned_teacher_layers")
+    if pruned is not None and tuple(int(i) for i in pruned) != layout.pruned_teacher_layers:
+        raise InvalidPairError(
+            f"pruned_teacher_layers {list(pruned)} is not the complement of copied_teacher_layers "
+            f"for a {num_teacher_layers}-layer teacher")
+    return layout
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One decoder layer of a variant: the model it comes from and its index there."""
+
+    source: str
+    index: int
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """Everything a variant is made of; `patched_blocks` is k in the paper."""
+
+    num_layers: int
+    patched_blocks: int
+    layers: tuple[LayerRef, ...]
+    embed: str
+    norm: str
+    head: str
+    rotary: str
+
+    @property
+    def is_teacher(self) -> bool:
+        return all(ref.source == TEACHER for ref in self.layers) and self.embed == self.head == TEACHER
+
+    @property
+    def is_student(self) -> bool:
+        return all(ref.source == STUDENT for ref in self.layers) and self.embed == self.head == STUDENT
+
+
+def _whole(source: str, num_layers: int, patched_blocks: int) -> VariantPlan:
+    layers = tuple(LayerRef(source, i) for i in range(num_layers))
+    return VariantPlan(num_layers, patched_blocks, layers, source, source, source, source)
+
+
+def _multi_layer_blocks(layout: StudentLayout) -> list[int]:
+    """Student indices whose block holds two or more teacher layers (patching them changes the size)."""
+    return [i for i, block in enumerate(layout.blocks) if len(block) > 1]
+
+
+def _patch_last(layout: StudentLayout, student_cut: int, k: int) -> VariantPlan:
+    teacher_cut = layout.copied_teacher_layers[student_cut]
+    layers = tuple(LayerRef(STUDENT, i) for i in range(student_cut)) + tuple(
+        LayerRef(TEACHER, i) for i in range(teacher_cut, layout.num_teacher_layers))
+    return VariantPlan(len(layers), k, layers, embed=STUDENT, norm=TEACHER, head=TEACHER, rotary=TEACHER)
+
+
+def _patch_first(layout: StudentLayout, student_cut: int, k: int) -> VariantPlan:
+    teacher_cut = layout.blocks[student_cut - 1][-1] + 1
+    layers = tuple(LayerRef(TEACHER, i) for i in range(teacher_cut)) + tuple(
+        LayerRef(STUDENT, i) for i in range(student_cut, layout.num_student_layers))
+    return VariantPlan(len(layers), k, layers, embed=TEACHER, norm=STUDENT, head=STUDENT, rotary=STUDENT)
+
+
+def plan_variant(layout: StudentLayout, order: PatchOrder | str, k: int) -> VariantPlan:
+    """The variant with `k` multi-layer blocks patched back (k=0: student, k=max: teacher)."""
+    order = PatchOrder.parse(order)
+    multi = _multi_layer_blocks(layout)
+    if not 0 <= k <= len(multi):
+        raise InvalidPairError(f"k={k} is outside 0..{len(multi)} for this student", param="k")
+    if k == 0:
+        return _whole(STUDENT, layout.num_student_layers, 0)
+    if k == len(multi):
+        return _whole(TEACHER, layout.num_teacher_layers, k)
+    if order is PatchOrder.LAST_TO_FIRST:
+        return _patch_last(layout, multi[-k], k)
+    return _patch_first(layout, multi[k - 1] + 1, k)
+
+
+def plan_family(layout: StudentLayout, order: PatchOrder | str) -> dict[int, VariantPlan]:
+    """Every reachable layer count mapped to its plan, smallest first."""
+    plans = [plan_variant(layout, order, k) for k in range(len(_multi_layer_blocks(layout)) + 1)]
+    return {plan.num_layers: plan for plan in plans}

@@ -1,0 +1,1 @@
+"""Offline boomerang distillation: `boomerang train` / `python -m services.train`."""

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random teacher/student pairs (Llama and Qwen3) saved as HF folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY_TEXT = (
+    "To be, or not to be, that is the question: whether tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    "Hello world! The quick brown fox jumps over the lazy dog. 0123456789 "
+) * 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                          "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([TINY_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(model_type: str, vocab_size: int, num_hidden_layers: int = 8):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, tie_word_embeddings=model_type == "llama", eos_token_id=2,
+        bos_token_id=0, pad_token_id=0)
+
+
+def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02) -> tuple[Path, Path]:
+    """Save a random teacher and a perturbed student made from it by the default layout."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.plan import layout_from_rule
+    from services.train.student_init import init_student, save_student
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    teacher = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer))).eval()
+    layout = layout_from_rule(teacher.config.num_hidden_layers)
+    student = init_student(teacher, layout)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(noise * torch.randn_like(param))
+    teacher_dir, student_dir = root / "teacher", root / "student"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    save_student(student, layout, student_dir, tokenizer)
+    return teacher_dir, student_dir
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def tiny_pair(request, tmp_path_factory) -> tuple[Path, Path]:
+    return make_pair(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory) -> tuple[Path, Path]:
+    return make_pair(tmp_path_factory.mktemp("llama_only"), "llama")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

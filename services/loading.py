@@ -64,6 +64,8 @@ def load_model(folder: Path, dtype: torch.dtype, device: str) -> nn.Module:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    if not Path(folder).is_dir():
+        raise InvalidPairError(f"model folder not found: {folder}")
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 

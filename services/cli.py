@@ -1,0 +1,60 @@
+"""The `boomerang` console script: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from services.errors import BoomerangError
+
+
+def _import_teacher(args: argparse.Namespace) -> int:
+    from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
+
+    folder = resolve_teacher(Manifest.read(args.pair or DEFAULT_PAIR))
+    print(folder)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.train.cli import run
+
+    return run(args)
+
+
+def _add_train(sub) -> None:
+    from services.train.cli import add_arguments
+
+    parser = sub.add_parser("train", help="distil a boomerang student from a teacher")
+    add_arguments(parser)
+    parser.set_defaults(handler=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    teacher = sub.add_parser("import-teacher", help="convert the default teacher's GGUF once and cache it")
+    teacher.add_argument("--pair", help="models_store pair folder (default: the default pair)")
+    teacher.set_defaults(handler=_import_teacher)
+    _add_train(sub)
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except BoomerangError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from services.train.cli import main
+
+sys.exit(main())

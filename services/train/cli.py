@@ -1,0 +1,74 @@
+"""`boomerang train` / `python -m services.train`: argument parsing and one-line errors (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from services.errors import BoomerangError
+from services.train.loop import TrainConfig, run_training
+from services.train.losses import LossWeights
+
+DEFAULT_TEACHER = "default"
+_DEFAULTS = TrainConfig(teacher="", data="", out="")
+_WEIGHTS = LossWeights()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER,
+                        help="HF teacher folder, or 'default' for the default pair's teacher")
+    parser.add_argument("--data", default="shakespeare",
+                        help="text/JSONL files, folders or globs (comma-separated), or 'shakespeare'")
+    parser.add_argument("--out", required=True, help="output folder: becomes the student")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    for name in ("save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum", "warmup_steps",
+                 "first", "every", "last"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(_DEFAULTS, name))
+    for name in ("lr", "weight_decay", "clip"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(_DEFAULTS, name))
+    parser.add_argument("--w-ce", type=float, default=_WEIGHTS.ce, help="cross-entropy weight (0 = off)")
+    parser.add_argument("--w-kl", type=float, default=_WEIGHTS.kl, help="KL-to-teacher weight (0 = off)")
+    parser.add_argument("--w-cos", type=float, default=_WEIGHTS.cos,
+                        help="cosine alignment weight, split across aligned states (0 = off)")
+    parser.add_argument("--temperature", type=float, default=_WEIGHTS.temperature)
+    parser.add_argument("--random-init", action="store_true", help="random student weights (the paper's ablation)")
+    parser.add_argument("--freeze-embeddings", action="store_true",
+                        help="keep the teacher's embeddings (the student can then share them on disk)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    teacher = args.teacher
+    if teacher == DEFAULT_TEACHER:
+        from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
+
+        teacher = str(resolve_teacher(Manifest.read(DEFAULT_PAIR)))
+    names = ("max_steps", "max_tokens", "save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum",
+             "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
+             "freeze_embeddings", "resume", "overwrite", "device")
+    weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature)
+    return TrainConfig(teacher=teacher, data=args.data, out=args.out, weights=weights,
+                       progress=not args.no_progress, **{n: getattr(args, n) for n in names})
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = run_training(config_from_args(args))
+    except BoomerangError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="boomerang train", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

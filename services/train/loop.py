@@ -1,0 +1,269 @@
+"""The distillation run: student from teacher, paper's loss, checkpoints every N steps, exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.errors import TrainingConfigError
+from services.integrity import hash_weights
+from services.loading import load_model, load_tokenizer
+from services.plan import layout_from_rule
+from services.train.checkpoint import load_latest, save_checkpoint
+from services.train.data import PackedData, build_data
+from services.train.distributed import Distributed
+from services.train.losses import LossWeights, distillation_loss
+from services.train.student_init import init_student, save_student
+
+log = logging.getLogger(__name__)
+STATE_FILE, LOG_FILE, ENTRY_FILE = "train_state.json", "training_log.jsonl", "manifest_entry.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `boomerang train`; defaults are the paper's where it sets one."""
+
+    teacher: str
+    data: str
+    out: str
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    save_every: int = 50
+    eval_every: int = 50
+    seed: int = 0
+    batch_size: int = 4
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    first: int = 1
+    every: int = 2
+    last: int = 2
+    random_init: bool = False
+    freeze_embeddings: bool = False
+    weights: LossWeights = field(default_factory=LossWeights)
+    resume: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.max_steps is None and self.max_tokens is None:
+            raise TrainingConfigError("give a budget: --max-steps or --max-tokens")
+        steps = self.max_steps if self.max_steps is not None else self.max_tokens // (self.tokens_per_step * world_size)
+        if steps < 1:
+            raise TrainingConfigError(
+                f"the budget is smaller than one step ({self.tokens_per_step * world_size} tokens per step)")
+        return steps
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _prepare_out_dir(config: TrainConfig, out: Path) -> dict | None:
+    """The saved run state when resuming; refuses to clobber an existing run unless told."""
+    state_path = out / STATE_FILE
+    if config.resume and state_path.exists():
+        return json.loads(state_path.read_text())
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        if not config.overwrite:
+            raise TrainingConfigError(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    return None
+
+
+def _check_same_run(saved: dict, config: TrainConfig) -> None:
+    for key in ("seed", "batch_size", "seq_len", "grad_accum", "first", "every", "last", "data"):
+        if saved["config"].get(key) != getattr(config, key):
+            raise TrainingConfigError(
+                f"--resume with a different {key} ({getattr(config, key)!r}) than the run ({saved['config'][key]!r})")
+
+
+class Trainer:
+    """Holds the models, optimizer and data of one run."""
+
+    def __init__(self, config: TrainConfig, dist: Distributed):
+        self.config, self.dist = config, dist
+        self.out = Path(config.out)
+        self.device = dist.device(config.device)
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(config.teacher)
+        self.teacher = load_model(config.teacher, torch.float32, self.device).requires_grad_(False)
+        self.layout = layout_from_rule(self.teacher.config.num_hidden_layers, config.first, config.every, config.last)
+        self.student = init_student(self.teacher, self.layout, config.random_init).train().requires_grad_(True)
+        self.student.config.use_cache = False
+        if config.freeze_embeddings:
+            self.student.get_input_embeddings().requires_grad_(False)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.total_steps = config.total_steps(dist.world_size)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.95),
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.warmup_steps, self.total_steps))
+        self.model = dist.wrap(self.student)
+        self.data: PackedData = build_data(config.data, self.tokenizer, config.seq_len, config.seed)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.step, self.tokens = 0, 0
+
+    # -- state -----------------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        checkpoint = load_latest(self.out / "checkpoints")
+        if checkpoint is None:
+            return False
+        checkpoint.load_weights_into(self.student)
+        self.optimizer.load_state_dict(checkpoint.state["optimizer"])
+        self.scheduler.load_state_dict(checkpoint.state["scheduler"])
+        torch.set_rng_state(checkpoint.state["rng"])
+        self.step, self.tokens = checkpoint.step, checkpoint.state["tokens"]
+        self._truncate_log(self.step)
+        log.info("resumed from step %d", self.step)
+        return True
+
+    def checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": torch.get_rng_state(), "tokens": self.tokens}
+        save_checkpoint(self.out / "checkpoints", self.step, self.student, state)
+        self._write_state(finished=False)
+
+    def _write_state(self, finished: bool) -> None:
+        record = {"finished": finished, "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
+                  "config": {**asdict(self.config), "weights": asdict(self.config.weights)}}
+        tmp = self.out / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(self.out / STATE_FILE)
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.out / LOG_FILE
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in lines))
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def micro_step(self, index: int) -> dict[str, float]:
+        rows = self.data.batch(index, self.config.batch_size).to(self.device)  # [batch, seq_len+1]
+        inputs, labels = rows[:, :-1], rows[:, 1:]  # [batch, seq_len] each
+        mask = torch.ones_like(labels, dtype=torch.float32)  # packed rows: no padding anywhere
+        with self.autocast:
+            with torch.no_grad():
+                teacher_out = self.teacher(inputs, output_hidden_states=True, use_cache=False)
+            student_out = self.model(inputs, output_hidden_states=True, use_cache=False)
+            loss, terms = distillation_loss(student_out, teacher_out, labels, mask,
+                                            self.layout.aligned_hidden_states, self.config.weights)
+        (loss / self.config.grad_accum).backward()
+        return {**terms, "loss": float(loss.detach())}
+
+    def train_step(self) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for micro in range(self.config.grad_accum):
+            index = (self.step * self.config.grad_accum + micro) * self.dist.world_size + self.dist.rank
+            for name, value in self.micro_step(index).items():
+                sums[name] = sums.get(name, 0.0) + value / self.config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.config.tokens_per_step * self.dist.world_size
+        return {**sums, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if len(self.data.valid) == 0:
+            return None
+        self.student.eval()
+        losses = []
+        for row in self.data.valid.to(self.device).split(self.config.batch_size):
+            with self.autocast:
+                logits = self.student(row[:, :-1], use_cache=False).logits  # [b, seq, vocab]
+            losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), row[:, 1:].flatten()))
+        self.student.train()
+        return float(torch.stack(losses).mean())
+
+    def log_step(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.out / LOG_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def finish(self, seconds: float) -> dict:
+        """Write the student folder, its manifest entry and the final state (main process only)."""
+        if self.dist.is_main:
+            self.student.eval()
+            save_student(self.student, self.layout, self.out, self.tokenizer)
+            entry = {"student": {"path": ".", "sha256": hash_weights(self.out)},
+                     "student_config": self.layout.to_student_config(),
+                     "training": {"steps": self.step, "tokens": self.tokens, "seconds": round(seconds, 1),
+                                  "device": str(self.device), "world_size": self.dist.world_size,
+                                  "recipe": {**asdict(self.config.weights), "lr": self.config.lr,
+                                             "freeze_embeddings": self.config.freeze_embeddings,
+                                             "random_init": self.config.random_init}}}
+            (self.out / ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n")
+            self._write_state(finished=True)
+        return {"steps": self.step, "tokens": self.tokens, "seconds": seconds}
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train (or resume) a student; returns a summary. A finished run resumed does nothing."""
+    out = Path(config.out)
+    saved = _prepare_out_dir(config, out)
+    if saved is not None:
+        _check_same_run(saved, config)
+        if saved["finished"]:
+            log.info("run in %s is already finished (%d steps)", out, saved["step"])
+            return {"steps": saved["step"], "tokens": saved["tokens"], "seconds": 0.0, "already_finished": True}
+    dist = Distributed.from_env()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(config, dist)
+        if config.resume:
+            trainer.restore()
+        return _loop(trainer)
+    finally:
+        dist.close()
+
+
+def _loop(trainer: Trainer) -> dict:
+    from tqdm import tqdm
+
+    config, start = trainer.config, time.monotonic()
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not (config.progress
+                                                                                            and trainer.dist.is_main))
+    while trainer.step < trainer.total_steps:
+        tick = time.monotonic()
+        record = trainer.train_step()
+        elapsed = time.monotonic() - tick
+        record = {"step": trainer.step, "tokens": trainer.tokens, **record,
+                  "lr": trainer.scheduler.get_last_lr()[0],
+                  "tokens_per_s": config.tokens_per_step * trainer.dist.world_size / elapsed}
+        if config.eval_every and trainer.step % config.eval_every == 0:
+            record["val_ce"] = trainer.validate()
+        trainer.log_step(record)
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ce", "kl", "cos", "tokens_per_s") if k in record})
+        bar.update(1)
+        if trainer.step % config.save_every == 0 or trainer.step == trainer.total_steps:
+            trainer.checkpoint()
+    bar.close()
+    summary = trainer.finish(time.monotonic() - start)
+    summary["val_ce"] = trainer.validate()
+    return summary

@@ -43,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+def _add_serve(sub) -> None:
+    from app.cli import add_arguments, run
+
+    parser = sub.add_parser("serve", help="serve a family over the OpenAI-compatible HTTP API")
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+_EXTRA_COMMANDS: list = [_add_serve]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from services.errors import InvalidPairError
 
@@ -17,7 +17,7 @@ TEACHER = "teacher"
 STUDENT = "student"
 
 
-class PatchOrder(str, Enum):
+class PatchOrder(StrEnum):
     """Which end of the student is turned back into teacher blocks first."""
 
     LAST_TO_FIRST = "last"

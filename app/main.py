@@ -1,0 +1,74 @@
+"""The FastAPI application: lifespan loads the family off the event loop; routes, errors and limits wired."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
+from app.metrics import Metrics
+from app.routes import native, ops
+from app.routes import openai as openai_routes
+from app.settings import Settings
+from services.engine.interface import Engine
+from services.errors import BoomerangError
+
+log = logging.getLogger("boomerang.server")
+EngineFactory = Callable[[Settings, Metrics], Engine]
+
+
+def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
+    """The real engine (imports torch, so only here, inside the lifespan's worker thread)."""
+    from services.engine.engine import EngineLimits
+    from services.engine.factory import build_engine
+
+    limits = EngineLimits(max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
+                          max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms,
+                          max_model_len=settings.max_total_tokens)
+    return build_engine(pair=settings.pair, teacher=settings.teacher, student=settings.student,
+                        order=settings.order, device=settings.device, dtype=settings.dtype, name=settings.name,
+                        variant_cache_size=settings.variant_cache_size, limits=limits,
+                        on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size))
+
+
+async def _load(app: FastAPI, factory: EngineFactory) -> None:
+    state = app.state
+    try:
+        engine = await asyncio.to_thread(factory, state.settings, state.metrics)
+    except BoomerangError as error:
+        state.load_error = error.message
+        log.error("error: %s", error.message)
+        state.on_fatal()
+        return
+    state.engine = engine
+    state.metrics.stats = engine.stats
+    log.info("ready: %s, sizes %s", engine.family_name, [m.num_layers for m in engine.models()])
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None,
+               on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(_load(app, engine_factory or default_engine_factory))
+        yield
+        loader.cancel()
+        if app.state.engine is not None:
+            await asyncio.to_thread(app.state.engine.close)
+
+    app = FastAPI(title="Boomerang", version="0.1.0", lifespan=lifespan,
+                  description="One teacher and one boomerang student served as a family of sizes.")
+    app.state.settings, app.state.metrics = settings, Metrics()
+    app.state.engine, app.state.load_error = None, None
+    app.state.on_fatal = on_fatal or (lambda: None)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for router in (ops.router, openai_routes.router, native.router):
+        app.include_router(router)
+    return app

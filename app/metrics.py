@@ -1,0 +1,65 @@
+"""Prometheus metrics, labelled by size: requests, tokens, time to first token, time per output token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """One registry per app, so several apps (tests, replicas in one process) never collide."""
+
+    def __init__(self, stats: Callable[[], dict] | None = None):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("boomerang_requests", "Requests served", ["model", "endpoint", "status"],
+                                registry=self.registry)
+        self.tokens = Counter("boomerang_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
+        self.ttft = Histogram("boomerang_time_to_first_token_seconds", "Time to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("boomerang_time_per_output_token_seconds", "Time per output token after the first",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("boomerang_batch_size", "Sequences per batch", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.queue_depth = Gauge("boomerang_queue_depth", "Requests waiting for a slot", registry=self.registry)
+        self.running = Gauge("boomerang_running", "Sequences decoding now", registry=self.registry)
+        self.stats = stats
+
+    def render(self) -> bytes:
+        if self.stats is not None:
+            stats = self.stats()
+            self.queue_depth.set(stats.get("waiting", 0))
+            self.running.set(stats.get("running", 0))
+        return generate_latest(self.registry)
+
+    def count(self, endpoint: str, model: str, status: str = "ok", prompt_tokens: int = 0,
+              completion_tokens: int = 0) -> None:
+        self.requests.labels(model, endpoint, status).inc()
+        self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        self.tokens.labels(model, "completion").inc(completion_tokens)
+
+    async def observe_stream(self, stream: AsyncIterator, model: str, endpoint: str) -> AsyncIterator:
+        """Pass deltas through, timing the first token and the ones after it."""
+        start = last = time.perf_counter()
+        first, tokens, prompt_tokens, status = True, 0, 0, "ok"
+        try:
+            async for delta in stream:
+                now = time.perf_counter()
+                if delta.token_ids:
+                    if first:
+                        self.ttft.labels(model).observe(now - start)
+                        first = False
+                    else:
+                        self.tpot.labels(model).observe(now - last)
+                    last = now
+                tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
+                yield delta
+        except BaseException:
+            status = "error"
+            raise
+        finally:
+            await stream.aclose()
+            self.count(endpoint, model, status, prompt_tokens, tokens)

@@ -1,0 +1,55 @@
+"""OpenAI-compatible routes: models, completions, chat completions."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from app.deps import Authorized, EngineDep, ServingDep
+from app.schemas import ChatRequest, CompletionRequest, ModelEntry, ModelList
+
+router = APIRouter(prefix="/v1", dependencies=Authorized, tags=["openai"])
+STARTED = int(time.time())
+
+
+async def _respond(result):
+    """A JSON body, or an SSE stream whose first event is produced before the headers (so errors keep status)."""
+    if isinstance(result, dict):
+        return result
+    first = await anext(result)
+
+    async def events():
+        yield first
+        async for event in result:
+            yield event
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(engine: EngineDep) -> ModelList:
+    """Every size of the family, plus the family id (an alias of the largest size)."""
+    cards = engine.models()
+    entries = [ModelEntry(id=c.id, created=STARTED, num_layers=c.num_layers, patched_blocks=c.patched_blocks,
+                          parameters=c.parameters, bytes=c.bytes, quality=c.quality, root=engine.family_name)
+               for c in cards]
+    largest = max(cards, key=lambda c: c.num_layers)
+    entries.append(ModelEntry(id=engine.family_name, created=STARTED, num_layers=largest.num_layers,
+                              patched_blocks=largest.patched_blocks, parameters=largest.parameters,
+                              bytes=largest.bytes, quality=largest.quality, root=largest.id))
+    return ModelList(data=entries)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, serving: ServingDep):
+    """Text completion; `echo` with `logprobs` and `max_tokens=0` scores the prompt."""
+    return await _respond(await serving.completion(body))
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, serving: ServingDep):
+    """Chat completion with the teacher's chat template."""
+    return await _respond(await serving.chat(body))

@@ -1,0 +1,133 @@
+"""Request and response bodies: the OpenAI API's, plus native generate/score/tokenize."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_LENGTH = 256
+PromptText = Annotated[str, Field(max_length=1_000_000)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by every generating endpoint."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="a size id from /v1/models, or the family id (the teacher)")
+    num_layers: int | None = Field(None, ge=1, le=100_000, description="the size as a layer count")
+    max_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, le=1_000_000, description="0 or -1: off")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters")
+        return value
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptText | list[PromptText] | list[int] | list[list[int]] = Field(
+        ..., description="text, a list of texts, token ids, or a list of token-id lists")
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=0, le=1_000_000)
+
+
+class GenerateRequest(SamplingFields):
+    """Native generation: text in, text out."""
+
+    prompt: PromptText = Field(..., min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: PromptText = Field(..., min_length=1)
+    model: str | None = None
+    num_layers: int | None = Field(None, ge=1, le=100_000)
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+
+class TokenizeRequest(BaseModel):
+    text: PromptText
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(..., max_length=1_000_000)
+    model: str | None = None
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "boomerang"
+    num_layers: int
+    patched_blocks: int
+    parameters: int
+    bytes: int
+    quality: dict = Field(default_factory=dict)
+    root: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    num_layers: int
+    tokens: list[str]
+    token_ids: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
+    total_logprob: float
+    perplexity: float | None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeResponse(BaseModel):
+    text: str

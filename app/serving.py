@@ -1,0 +1,259 @@
+"""Serving logic for the OpenAI and native endpoints: requests in, engine calls, response bodies out.
+
+No routing here and no FastAPI: routes call these methods and wrap what they return.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from app.metrics import Metrics
+from app.schemas import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields, ScoreRequest
+from app.settings import Settings
+from app.streams import SSE_DONE, merge, sse, with_deadline
+from services.engine.interface import Engine, SamplingParams, ScoreResult, StreamDelta
+from services.errors import BoomerangError, ContextLengthError, InvalidRequestError
+
+
+@dataclass
+class Choice:
+    """One sequence to generate: which prompt, with which parameters."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Collected:
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    logprobs: list = field(default_factory=list)
+
+
+def _score_as_legacy_logprobs(score: ScoreResult) -> dict:
+    offsets, position = [], 0
+    for token in score.tokens:
+        offsets.append(position)
+        position += len(token)
+    tops = list(score.top_logprobs) if score.top_logprobs else [None] * len(score.tokens)
+    return {"tokens": list(score.tokens), "token_logprobs": list(score.logprobs), "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+class Serving:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+
+    # -- validation ---------------------------------------------------------------------------------------
+    def _tokenized(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [self.engine.tokenize(prompt)]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [self.engine.tokenize(p) for p in prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [list(p) for p in prompt]
+        for ids in prompts:
+            if not ids:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            if not isinstance(prompt, str) and not isinstance(prompt[0], str):
+                self.engine.detokenize(ids)  # raises on ids outside the vocabulary
+        return prompts
+
+    def _check(self, prompts: list[list[int]], max_tokens: int, req: SamplingFields) -> None:
+        if req.n > self.settings.max_n:
+            raise InvalidRequestError(f"n={req.n} exceeds the limit of {self.settings.max_n}", param="n")
+        if len(req.stop_list()) > self.settings.max_stop_strings:
+            raise InvalidRequestError(f"at most {self.settings.max_stop_strings} stop strings", param="stop")
+        limit = min(self.settings.max_total_tokens, self.engine.max_model_len)
+        for ids in prompts:
+            if len(ids) > self.settings.max_prompt_tokens:
+                raise ContextLengthError(f"prompt has {len(ids)} tokens; the limit is "
+                                         f"{self.settings.max_prompt_tokens}", param="prompt")
+            if len(ids) + max_tokens > limit:
+                raise ContextLengthError(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                         f"context length of {limit} tokens", param="max_tokens")
+
+    def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
+                 logprobs: int | None) -> list[Choice]:
+        choices = []
+        for p_index, ids in enumerate(prompts):
+            for copy in range(req.n):
+                index = p_index * req.n + copy
+                seed = None if req.seed is None else req.seed + index
+                params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                        top_k=max(0, req.top_k), stop=req.stop_list(), seed=seed,
+                                        logprobs=logprobs)
+                choices.append(Choice(index, ids, params))
+        return choices
+
+    def _stream(self, size: int, choice: Choice, endpoint: str) -> AsyncIterator[StreamDelta]:
+        stream = self.engine.generate(size, choice.prompt_ids, choice.params)
+        return with_deadline(self.metrics.observe_stream(stream, self.engine.model_id(size), endpoint),
+                             self.settings.request_timeout_s)
+
+    async def _collect(self, size: int, choices: list[Choice], endpoint: str) -> list[Collected]:
+        results = [Collected(prompt_tokens=len(c.prompt_ids)) for c in choices]
+        async for index, delta in merge([self._stream(size, c, endpoint) for c in choices]):
+            result = results[index]
+            result.text += delta.text
+            result.logprobs += list(delta.logprobs)
+            result.completion_tokens = delta.completion_tokens
+            result.finish_reason = delta.finish_reason or result.finish_reason
+        return results
+
+    @staticmethod
+    def _usage(prompts: list[list[int]], completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    # -- completions ----------------------------------------------------------------------------------------
+    async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[str]:
+        size = self.engine.resolve_size(req.model, req.num_layers)
+        prompts = self._tokenized(req.prompt)
+        max_tokens = self.settings.max_tokens_default if req.max_tokens is None else req.max_tokens
+        self._check(prompts, max_tokens, req)
+        choices = self._choices(prompts, req, max_tokens, req.logprobs)
+        scores = await self._echo_scores(size, prompts, req) if req.echo else None
+        if req.stream:
+            return self._completion_stream(size, prompts, choices, req, scores)
+        results = await self._collect(size, choices, "completions")
+        body = [self._completion_choice(c, r, req, prompts, scores) for c, r in zip(choices, results)]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.engine.model_id(size), "choices": body,
+                "usage": self._usage(prompts, sum(r.completion_tokens for r in results))}
+
+    async def _echo_scores(self, size: int, prompts: list[list[int]], req: CompletionRequest) -> list | None:
+        if req.logprobs is None:
+            return None
+        return [await self.engine.score(size, ids, req.logprobs) for ids in prompts]
+
+    def _completion_choice(self, choice: Choice, result: Collected, req: CompletionRequest, prompts,
+                           scores) -> dict:
+        p_index = choice.index // req.n
+        text = (self.engine.detokenize(prompts[p_index]) if req.echo else "") + result.text
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = _score_as_legacy_logprobs(scores[p_index]) if scores else {
+                "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            offset = len(text) - len(result.text)
+            for item in result.logprobs:
+                logprobs["tokens"].append(item.token)
+                logprobs["token_logprobs"].append(item.logprob)
+                logprobs["top_logprobs"].append(item.top or None)
+                logprobs["text_offset"].append(offset)
+                offset += len(item.token)
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
+
+    async def _completion_stream(self, size, prompts, choices, req, scores) -> AsyncIterator[str]:
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.engine.model_id(size)}
+        completion_tokens = [0] * len(choices)
+        try:
+            if req.echo:
+                for choice in choices:
+                    echoed = self._completion_choice(choice, Collected(), req, prompts, scores)
+                    yield sse({**head, "choices": [{**echoed, "finish_reason": None}]})
+            async for index, delta in merge([self._stream(size, c, "completions") for c in choices]):
+                completion_tokens[index] = delta.completion_tokens
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = {"tokens": [i.token for i in delta.logprobs],
+                                "token_logprobs": [i.logprob for i in delta.logprobs],
+                                "top_logprobs": [i.top or None for i in delta.logprobs]}
+                yield sse({**head, "choices": [{"index": index, "text": delta.text, "logprobs": logprobs,
+                                                "finish_reason": delta.finish_reason}]})
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
+        except BoomerangError as error:
+            yield sse(self._stream_error(error))
+        yield SSE_DONE
+
+    @staticmethod
+    def _stream_error(error: BoomerangError) -> dict:
+        return {"error": {"message": error.message, "type": "server_error", "param": error.param,
+                          "code": error.code}}
+
+    # -- chat ---------------------------------------------------------------------------------------------
+    async def chat(self, req: ChatRequest) -> dict | AsyncIterator[str]:
+        size = self.engine.resolve_size(req.model, req.num_layers)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompts = [self.engine.tokenize(self.engine.apply_chat_template(messages))]
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self.settings.max_tokens_default if requested is None else requested
+        self._check(prompts, max_tokens, req)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        choices = self._choices(prompts, req, max_tokens, logprobs)
+        if req.stream:
+            return self._chat_stream(size, prompts, choices, req)
+        results = await self._collect(size, choices, "chat")
+        body = [{"index": c.index, "message": {"role": "assistant", "content": r.text},
+                 "logprobs": self._chat_logprobs(r.logprobs) if req.logprobs else None,
+                 "finish_reason": r.finish_reason} for c, r in zip(choices, results)]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.engine.model_id(size), "choices": body,
+                "usage": self._usage(prompts, sum(r.completion_tokens for r in results))}
+
+    @staticmethod
+    def _chat_logprobs(items) -> dict:
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {"content": [{**entry(i.token, i.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in i.top.items()]} for i in items]}
+
+    async def _chat_stream(self, size, prompts, choices, req: ChatRequest) -> AsyncIterator[str]:
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.engine.model_id(size)}
+        completion_tokens = [0] * len(choices)
+        try:
+            for choice in choices:
+                yield sse({**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            async for index, delta in merge([self._stream(size, c, "chat") for c in choices]):
+                completion_tokens[index] = delta.completion_tokens
+                logprobs = self._chat_logprobs(delta.logprobs) if req.logprobs else None
+                yield sse({**head, "choices": [{"index": index, "delta": {"content": delta.text},
+                                                "logprobs": logprobs, "finish_reason": delta.finish_reason}]})
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
+        except BoomerangError as error:
+            yield sse(self._stream_error(error))
+        yield SSE_DONE
+
+    # -- native ---------------------------------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest) -> dict:
+        size = self.engine.resolve_size(req.model, req.num_layers)
+        prompts = [self.engine.tokenize(req.prompt)]
+        max_tokens = self.settings.max_tokens_default if req.max_tokens is None else req.max_tokens
+        self._check(prompts, max_tokens, req)
+        choices = self._choices(prompts, req, max_tokens, req.logprobs)
+        results = await self._collect(size, choices, "generate")
+        return {"model": self.engine.model_id(size), "num_layers": size,
+                "outputs": [{"text": r.text, "finish_reason": r.finish_reason,
+                             "completion_tokens": r.completion_tokens,
+                             "logprobs": [{"token": i.token, "logprob": i.logprob, "top": i.top}
+                                          for i in r.logprobs] if req.logprobs is not None else None}
+                            for r in results],
+                "usage": self._usage(prompts, sum(r.completion_tokens for r in results))}
+
+    async def score(self, req: ScoreRequest) -> dict:
+        size = self.engine.resolve_size(req.model, req.num_layers)
+        prompts = self._tokenized(req.text)
+        self._check(prompts, 0, SamplingFields())
+        result = await self.engine.score(size, prompts[0], req.top_logprobs)
+        scored = [lp for lp in result.logprobs if lp is not None]
+        perplexity = math.exp(-sum(scored) / len(scored)) if scored else None
+        self.metrics.count("score", self.engine.model_id(size), prompt_tokens=len(prompts[0]))
+        return {"model": self.engine.model_id(size), "num_layers": size, "tokens": list(result.tokens),
+                "token_ids": list(result.token_ids), "token_logprobs": list(result.logprobs),
+                "top_logprobs": list(result.top_logprobs) if req.top_logprobs else None,
+                "total_logprob": result.total, "perplexity": perplexity}

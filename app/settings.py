@@ -1,0 +1,34 @@
+"""Server configuration: `BOOMERANG_*` environment variables, overridden by `boomerang serve` flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BOOMERANG_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    pair: str | None = Field(None, description="models_store pair folder (default: the default pair)")
+    teacher: str | None = Field(None, description="teacher folder (paper layout; with --student)")
+    student: str | None = Field(None, description="student folder holding student_config.json")
+    order: str | None = Field(None, description="patch order: last or first (default: the pair's)")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: cuda if present)")
+    dtype: str | None = Field(None, description="float32, bfloat16 … (default: bf16 on GPU, fp32 on CPU)")
+    name: str | None = Field(None, description="family id served (default: the pair's name)")
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = no auth")
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_total_tokens: int = Field(8192, ge=1, description="prompt + completion")
+    max_tokens_default: int = Field(16, ge=0)
+    max_n: int = Field(8, ge=1)
+    max_stop_strings: int = Field(16, ge=0)
+    max_concurrent: int = Field(16, ge=1, description="sequences decoding at once")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond max_concurrent; more get 429")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    variant_cache_size: int = Field(32, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    graceful_timeout_s: float = Field(30.0, ge=0)

@@ -1,0 +1,1 @@
+"""Inference: batching scheduler, decode loop, scoring, behind the `Engine` interface."""

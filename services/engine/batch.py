@@ -1,0 +1,107 @@
+"""One batch of sequences on one variant: left-padded prefill, then one decode step at a time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.compat import cache_argument_name
+from services.engine.detokenize import TextTracker
+from services.engine.interface import SamplingParams, StreamDelta, TokenLogprob
+from services.engine.sampling import choose_token, make_generator
+
+
+@dataclass
+class Sequence:
+    """A request's state inside the engine; `emit` is thread-safe and delivers deltas to the caller."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[StreamDelta | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    tracker: TextTracker | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled.is_set()
+
+
+def _top_logprobs(logprobs: torch.Tensor, k: int, tokenizer) -> dict[str, float]:
+    values, ids = torch.topk(logprobs, k)
+    return {tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids)}
+
+
+class DecodeBatch:
+    """Sequences that share a variant and advance together; finished rows idle until the batch ends."""
+
+    def __init__(self, model, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int):
+        self.model, self.sequences, self.tokenizer = model, sequences, tokenizer
+        self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache()
+        self.cache_arg = cache_argument_name(type(model))
+        self.attention_mask: torch.Tensor | None = None  # [batch, seen]
+        self.positions: torch.Tensor | None = None  # [batch, 1]
+        for seq in sequences:
+            seq.tracker = TextTracker(tokenizer, seq.params.stop)
+            seq.generator = make_generator(seq.params.seed, self.device)
+
+    @property
+    def done(self) -> bool:
+        return all(seq.done for seq in self.sequences)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        return out.logits[:, -1].float()  # [batch, vocab]
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        longest = max(len(seq.prompt_ids) for seq in self.sequences)
+        rows = [[self.pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in self.sequences]
+        masks = [[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in self.sequences]
+        input_ids = torch.tensor(rows, device=self.device)  # [batch, longest]
+        self.attention_mask = torch.tensor(masks, device=self.device)  # [batch, longest]
+        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [batch, longest]
+        self.positions = position_ids[:, -1:]  # [batch, 1]
+        self._advance(self._forward(input_ids, position_ids))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        last = [seq.tracker.token_ids[-1] if seq.tracker.token_ids else self.pad_id for seq in self.sequences]
+        input_ids = torch.tensor(last, device=self.device)[:, None]  # [batch, 1]
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(input_ids)], dim=1)
+        self.positions = self.positions + 1  # [batch, 1]
+        self._advance(self._forward(input_ids, self.positions))
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        logprobs = torch.log_softmax(logits, dim=-1)  # [batch, vocab]
+        for row, seq in enumerate(self.sequences):
+            if not seq.done:
+                self._accept(seq, choose_token(logits[row], seq.params, seq.generator), logprobs[row])
+
+    def _accept(self, seq: Sequence, token: int, logprobs: torch.Tensor) -> None:
+        params, tracker = seq.params, seq.tracker
+        info = ()
+        if params.logprobs is not None:
+            top = _top_logprobs(logprobs, params.logprobs, self.tokenizer) if params.logprobs else {}
+            info = (TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), top),)
+        if token in self.eos_ids and not params.ignore_eos:
+            tracker.token_ids.append(token)
+            return self._finish(seq, tracker.flush(), "stop", info)
+        text, stopped = tracker.push(token)
+        if stopped:
+            return self._finish(seq, text, "stop", info, token)
+        if len(tracker.token_ids) >= params.max_tokens:
+            return self._finish(seq, text + tracker.flush(), "length", info, token)
+        seq.emit(StreamDelta(text, (token,), info, None, len(seq.prompt_ids), len(tracker.token_ids)))
+
+    def _finish(self, seq: Sequence, text: str, reason: str, info, token: int | None = None) -> None:
+        seq.finished = True
+        token_ids = (token,) if token is not None else ()
+        seq.emit(StreamDelta(text, token_ids, info, reason, len(seq.prompt_ids), len(seq.tracker.token_ids)))

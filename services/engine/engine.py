@@ -1,0 +1,195 @@
+"""The inference engine over one family: admission control, async streaming, scoring, model listing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.batch import DecodeBatch, Sequence
+from services.engine.interface import ModelCard, SamplingParams, ScoreResult, StreamDelta
+from services.engine.scheduler import Scheduler, SchedulerLimits
+from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
+from services.family import Family
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_concurrent: int = 16
+    max_queue: int = 64
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    max_model_len: int | None = None
+
+
+class InferenceEngine:
+    """Implements `services.engine.interface.Engine` for a loaded `Family`."""
+
+    def __init__(self, family: Family, limits: EngineLimits = EngineLimits(),
+                 on_batch: Callable[[int, int], None] | None = None):
+        self.family, self.limits = family, limits
+        self.tokenizer = family.tokenizer
+        self.family_name = family.name
+        config_len = getattr(family.teacher.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(limits.max_model_len or config_len, config_len)
+        eos = family.teacher.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.scheduler = Scheduler(self._make_batch, SchedulerLimits(
+            max_running=limits.max_concurrent, max_batch_size=limits.max_batch_size,
+            batch_wait_s=limits.batch_wait_ms / 1000), on_batch)
+        self.scheduler.start()
+
+    # -- sizes -------------------------------------------------------------------------------------------
+    def models(self) -> list[ModelCard]:
+        cards = []
+        for n in self.family.sizes:
+            info = self.family.size_info(n)
+            cards.append(ModelCard(self.family.model_id(n), n, info.patched_blocks, info.parameters, info.bytes,
+                                   self.family.quality.get(str(n), {})))
+        return cards
+
+    def model_id(self, num_layers: int) -> str:
+        return self.family.model_id(num_layers)
+
+    def resolve_size(self, model: str | None, num_layers: int | None) -> int:
+        """`model` may be the family id (the teacher), a size id (`<family>-22L`); `num_layers` must agree."""
+        from_model = None
+        if model is not None and model != self.family_name:
+            match = re.fullmatch(re.escape(self.family_name) + r"-(\d+)L", model)
+            if match is None:
+                raise UnknownSizeError(f"model {model!r} does not exist; GET /v1/models lists them", param="model")
+            from_model = int(match.group(1))
+        if from_model is not None and num_layers is not None and from_model != num_layers:
+            raise InvalidRequestError(f"model {model!r} has {from_model} layers but num_layers={num_layers}",
+                                      param="num_layers")
+        size = from_model if from_model is not None else num_layers
+        if size is None:
+            return max(self.family.sizes)
+        if size not in self.family.sizes:
+            param = "model" if from_model is not None else "num_layers"
+            raise UnknownSizeError(f"no {size}-layer model in {self.family_name}; sizes are {self.family.sizes}",
+                                   param=param)
+        return size
+
+    # -- text ----------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        vocab = len(self.tokenizer)
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens")
+        return self.tokenizer.decode(token_ids)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.tokenizer.chat_template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # -- admission -------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._lock:
+            if self._in_flight >= self.limits.max_concurrent + self.limits.max_queue:
+                raise OverloadedError(
+                    f"server is at capacity ({self._in_flight} requests in flight); retry shortly", retry_after_s=1)
+            self._in_flight += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context length "
+                f"of {self.max_model_len} tokens", param="max_tokens")
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def _make_batch(self, num_layers: int, sequences: list[Sequence]) -> DecodeBatch:
+        return DecodeBatch(self.family.variant(num_layers), sequences, self.tokenizer, self.eos_ids, self.pad_id)
+
+    async def generate(self, num_layers: int, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """Stream deltas as tokens are made; closing the iterator (client gone) cancels the sequence."""
+        self.family.plan(num_layers)
+        self._check_length(prompt_ids, params.max_tokens)
+        if params.max_tokens == 0:
+            yield StreamDelta("", (), (), "length", len(prompt_ids), 0)
+            return
+        self._admit()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        seq = Sequence(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        try:
+            self.scheduler.submit(num_layers, seq)
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled.set()
+            self._release()
+
+    async def score(self, num_layers: int, prompt_ids: list[int], top_logprobs: int = 0) -> ScoreResult:
+        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        self.family.plan(num_layers)
+        self._check_length(prompt_ids, 0)
+        self._admit()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = self._score_now(num_layers, prompt_ids, top_logprobs)
+                loop.call_soon_threadsafe(_resolve, future, result)
+            except Exception as error:  # noqa: BLE001 - handed to the awaiting caller
+                loop.call_soon_threadsafe(_resolve, future, error)
+
+        try:
+            self.scheduler.submit_job(run)
+            return await future
+        finally:
+            self._release()
+
+    @torch.inference_mode()
+    def _score_now(self, num_layers: int, prompt_ids: list[int], top_logprobs: int) -> ScoreResult:
+        model = self.family.variant(num_layers)
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([prompt_ids], device=device)  # [1, seq]
+        logits = model(input_ids, use_cache=False).logits[0].float()  # [seq, vocab]
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)  # [seq-1, vocab]: predicts tokens 1..seq-1
+        chosen = logprobs.gather(-1, input_ids[0, 1:, None])[:, 0]  # [seq-1]
+        tops: list[dict[str, float] | None] = [None]
+        for row in logprobs if top_logprobs else []:
+            values, ids = torch.topk(row, top_logprobs)
+            tops.append({self.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids)})
+        tokens = tuple(self.tokenizer.decode([t]) for t in prompt_ids)
+        return ScoreResult(tuple(prompt_ids), tokens, (None, *map(float, chosen)), tuple(tops) if top_logprobs else ())
+
+    def stats(self) -> dict:
+        return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,
+                "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes()}
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)

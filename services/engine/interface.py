@@ -1,0 +1,90 @@
+"""The engine interface the HTTP layer talks to: plain data and a Protocol, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # number of top alternatives per token; None = no log-probs
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """New text of one generated sequence; `finish_reason` is set on the last delta."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    logprobs: tuple[float | None, ...]  # first token has none
+    top_logprobs: tuple[dict[str, float] | None, ...] = ()
+
+    @property
+    def total(self) -> float:
+        return sum(lp for lp in self.logprobs if lp is not None)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One size of the family as `/v1/models` lists it."""
+
+    id: str
+    num_layers: int
+    patched_blocks: int
+    parameters: int
+    bytes: int
+    quality: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What `app/` needs from the inference engine."""
+
+    family_name: str
+    max_model_len: int
+
+    def models(self) -> list[ModelCard]: ...
+
+    def resolve_size(self, model: str | None, num_layers: int | None) -> int: ...
+
+    def model_id(self, num_layers: int) -> str: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> str: ...
+
+    def generate(self, num_layers: int, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        ...
+
+    async def score(self, num_layers: int, prompt_ids: list[int], top_logprobs: int = 0) -> ScoreResult: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,140 @@
+"""The worker thread: groups waiting requests by size into batches and advances all batches fairly.
+
+Each loop admits new batches (requests of one size that arrived within a short window), then runs one
+decode step of every active batch in turn, so sizes interleave step by step and none starves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.engine.batch import DecodeBatch, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_running: int = 16  # sequences decoding at once
+    max_batch_size: int = 8
+    batch_wait_s: float = 0.005
+
+
+@dataclass
+class _Job:
+    """A piece of torch work that is not a decode (scoring): run once, between decode steps."""
+
+    run: Callable[[], None]
+
+
+class Scheduler:
+    def __init__(self, make_batch: Callable[[int, list[Sequence]], DecodeBatch], limits: SchedulerLimits,
+                 on_batch: Callable[[int, int], None] | None = None):
+        self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
+        self.waiting: OrderedDict[int, deque[tuple[float, Sequence]]] = OrderedDict()
+        self.jobs: deque[_Job] = deque()
+        self.active: list[tuple[int, DecodeBatch]] = []
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, num_layers: int, seq: Sequence) -> None:
+        with self.wake:
+            self.waiting.setdefault(num_layers, deque()).append((time.monotonic(), seq))
+            self.wake.notify()
+
+    def submit_job(self, run: Callable[[], None]) -> None:
+        with self.wake:
+            self.jobs.append(_Job(run))
+            self.wake.notify()
+
+    @property
+    def num_waiting(self) -> int:
+        with self.wake:
+            return sum(len(q) for q in self.waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return sum(sum(not s.done for s in batch.sequences) for _, batch in list(self.active))
+
+    # -- worker ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.stopping or self.jobs or self.active or any(self.waiting.values())):
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                jobs, self.jobs = list(self.jobs), deque()
+            for job in jobs:
+                job.run()
+            self._admit()
+            self._step_all()
+
+    def _take(self) -> tuple[int, list[Sequence]] | None:
+        """The next size in round-robin order whose oldest request has waited the batching window."""
+        free = self.limits.max_running - self.num_running
+        now = time.monotonic()
+        with self.wake:
+            for num_layers, queue in list(self.waiting.items()):
+                while queue and queue[0][1].cancelled.is_set():
+                    queue.popleft()
+                if not queue:
+                    del self.waiting[num_layers]
+                    continue
+                if free <= 0 or (now - queue[0][0] < self.limits.batch_wait_s and not self.active
+                                 and len(queue) < self.limits.max_batch_size):
+                    continue
+                count = min(len(queue), self.limits.max_batch_size, free)
+                taken = [queue.popleft()[1] for _ in range(count)]
+                self.waiting.move_to_end(num_layers)  # fairness: this size goes to the back
+                return num_layers, taken
+        return None
+
+    def _admit(self) -> None:
+        while (taken := self._take()) is not None:
+            num_layers, sequences = taken
+            self._guard(sequences, lambda n=num_layers, s=sequences: self._start_batch(n, s))
+        if not self.active and any(self.waiting.values()):
+            time.sleep(self.limits.batch_wait_s / 2)  # let the batching window fill
+
+    def _start_batch(self, num_layers: int, sequences: list[Sequence]) -> None:
+        batch = self.make_batch(num_layers, sequences)
+        if self.on_batch:
+            self.on_batch(num_layers, len(sequences))
+        batch.prefill()
+        self.active.append((num_layers, batch))
+
+    def _step_all(self) -> None:
+        for entry in list(self.active):
+            _, batch = entry
+            if not batch.done:
+                self._guard(batch.sequences, batch.step)
+            if batch.done:
+                self.active.remove(entry)
+
+    def _guard(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
+        """Run torch work; a failure ends only the sequences involved, with the error delivered to them."""
+        try:
+            work()
+        except Exception as error:  # noqa: BLE001 - delivered to the waiting callers, logged here
+            log.exception("engine step failed")
+            for seq in sequences:
+                if not seq.done:
+                    seq.finished = True
+                    seq.emit(error)
+            self.active = [(n, b) for n, b in self.active if not b.done]

@@ -1,0 +1,121 @@
+"""The engine on a tiny random pair: batching, scoring, stops, seeds, cancellation, overload."""
+
+import asyncio
+
+import pytest
+import torch
+
+from services.engine.engine import EngineLimits, InferenceEngine
+from services.engine.interface import SamplingParams
+from services.errors import ContextLengthError, OverloadedError, UnknownSizeError
+from services.family import load_family
+
+
+@pytest.fixture(scope="module")
+def engine(llama_pair):
+    engine = InferenceEngine(load_family(*llama_pair, device="cpu", name="tiny"),
+                             EngineLimits(max_concurrent=8, max_queue=4, batch_wait_ms=20))
+    yield engine
+    engine.close()
+
+
+async def _run(engine, size, prompt_ids, params):
+    text, tokens, finish = "", [], None
+    async for delta in engine.generate(size, prompt_ids, params):
+        text += delta.text
+        tokens += delta.token_ids
+        finish = delta.finish_reason or finish
+    return text, tokens, finish
+
+
+def _greedy_reference(model, prompt_ids, steps):
+    ids = torch.tensor([prompt_ids])
+    for _ in range(steps):
+        with torch.no_grad():
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+PROMPTS = [[5, 17, 42], [99, 7, 3, 250, 61, 11, 8], [12], [40, 41, 42, 43, 44]]
+
+
+def test_batched_greedy_equals_unbatched_reference(engine):
+    size = engine.family.sizes[1]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def together():
+        return await asyncio.gather(*[_run(engine, size, p, params) for p in PROMPTS])
+
+    results = asyncio.run(together())
+    model = engine.family.variant(size)
+    for prompt, (_, tokens, finish) in zip(PROMPTS, results):
+        assert tokens == _greedy_reference(model, prompt, 6)
+        assert finish == "length"
+
+
+def test_score_equals_offline_variant(engine):
+    prompt = PROMPTS[1]
+    for size in engine.family.sizes:
+        result = asyncio.run(engine.score(size, prompt))
+        with torch.no_grad():
+            logits = engine.family.variant(size)(torch.tensor([prompt]), use_cache=False).logits[0]
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert result.logprobs[0] is None
+        torch.testing.assert_close(torch.tensor(result.logprobs[1:]), expected)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    size = engine.family.sizes[0]
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    first = asyncio.run(_run(engine, size, PROMPTS[0], params))
+    second = asyncio.run(_run(engine, size, PROMPTS[0], params))
+    assert first == second
+
+
+def test_stop_string_truncates_and_finishes(engine):
+    size = engine.family.sizes[0]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    text, _, _ = asyncio.run(_run(engine, size, PROMPTS[0], greedy))
+    stop = text[2:4]
+    assert stop, text
+    stopped, _, finish = asyncio.run(_run(engine, size, PROMPTS[0], SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, stop=(stop,))))
+    assert finish == "stop" and stopped == text[: text.find(stop)]
+
+
+def test_cancelled_stream_frees_its_slot(engine):
+    size = engine.family.sizes[0]
+
+    async def abandon():
+        stream = engine.generate(size, PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    for _ in range(10):
+        asyncio.run(abandon())
+    assert engine.stats()["in_flight"] == 0 and engine.stats()["running"] == 0
+
+
+def test_overload_is_refused_and_limits_checked(engine):
+    size = engine.family.sizes[0]
+
+    async def flood():
+        params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        return await asyncio.gather(*[_run(engine, size, PROMPTS[0], params) for _ in range(20)],
+                                    return_exceptions=True)
+
+    results = asyncio.run(flood())
+    refused = [r for r in results if isinstance(r, OverloadedError)]
+    completed = [r for r in results if isinstance(r, tuple)]
+    assert len(refused) == 20 - 12 and len(completed) == 12
+    assert all(r[2] == "length" and len(r[1]) == 30 for r in completed)
+    with pytest.raises(ContextLengthError):
+        asyncio.run(_run(engine, size, [1] * 10, SamplingParams(max_tokens=10_000)))
+    with pytest.raises(UnknownSizeError):
+        engine.resolve_size("tiny-99L", None)
+    assert engine.resolve_size("tiny", None) == max(engine.family.sizes)
+    assert engine.resolve_size("tiny-6L", 6) == 6

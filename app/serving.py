@@ -154,16 +154,31 @@ class Serving:
                 offset += len(item.token)
         return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
+    async def _started(self, size: int, choices: list[Choice], endpoint: str):
+        """Merged choice streams with their first delta already produced, so admission errors keep their status."""
+        merged = merge([self._stream(size, c, endpoint) for c in choices])
+        first = await anext(merged)
+
+        async def rest():
+            try:
+                yield first
+                async for item in merged:
+                    yield item
+            finally:
+                await merged.aclose()
+        return rest()
+
     async def _completion_stream(self, size, prompts, choices, req, scores) -> AsyncIterator[str]:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.engine.model_id(size)}
         completion_tokens = [0] * len(choices)
+        deltas = await self._started(size, choices, "completions")
         try:
             if req.echo:
                 for choice in choices:
                     echoed = self._completion_choice(choice, Collected(), req, prompts, scores)
                     yield sse({**head, "choices": [{**echoed, "finish_reason": None}]})
-            async for index, delta in merge([self._stream(size, c, "completions") for c in choices]):
+            async for index, delta in deltas:
                 completion_tokens[index] = delta.completion_tokens
                 logprobs = None
                 if req.logprobs is not None:
@@ -176,6 +191,8 @@ class Serving:
                 yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
         except BoomerangError as error:
             yield sse(self._stream_error(error))
+        finally:
+            await deltas.aclose()
         yield SSE_DONE
 
     @staticmethod
@@ -214,11 +231,12 @@ class Serving:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self.engine.model_id(size)}
         completion_tokens = [0] * len(choices)
+        deltas = await self._started(size, choices, "chat")
         try:
             for choice in choices:
                 yield sse({**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
-            async for index, delta in merge([self._stream(size, c, "chat") for c in choices]):
+            async for index, delta in deltas:
                 completion_tokens[index] = delta.completion_tokens
                 logprobs = self._chat_logprobs(delta.logprobs) if req.logprobs else None
                 yield sse({**head, "choices": [{"index": index, "delta": {"content": delta.text},
@@ -227,6 +245,8 @@ class Serving:
                 yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
         except BoomerangError as error:
             yield sse(self._stream_error(error))
+        finally:
+            await deltas.aclose()
         yield SSE_DONE
 
     # -- native ---------------------------------------------------------------------------------------------

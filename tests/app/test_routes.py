@@ -1,0 +1,137 @@
+"""Routes over a fake engine: readiness, auth, overload, limits, timeouts, SSE framing, metrics."""
+
+import time
+
+import httpx
+import pytest
+
+from app.main import create_app
+from app.settings import Settings
+from services.errors import InvalidPairError
+from tests.app.fake_engine import FakeEngine, GatedFactory
+from tests.conftest import LiveServer
+
+
+def _wait(predicate, seconds=10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_not_ready_while_loading_then_ready():
+    factory = GatedFactory()
+    live = LiveServer(create_app(Settings(), engine_factory=factory))
+    live.thread.start()
+    try:
+        assert _wait(lambda: _get(live, "/health") == 200)
+        assert _get(live, "/ready") == 503
+        response = httpx.post(live.url + "/v1/completions", json={"prompt": "x"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+        factory.release()
+        assert _wait(lambda: _get(live, "/ready") == 200)
+    finally:
+        live.__exit__()
+
+
+def _get(live, path):
+    try:
+        return httpx.get(live.url + path, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_failed_load_reports_and_asks_to_stop():
+    stopped = []
+    factory = GatedFactory(error=InvalidPairError("teacher and student differ in hidden_size: 576 vs 64"))
+    factory.release()
+    app = create_app(Settings(), engine_factory=factory, on_fatal=lambda: stopped.append(True))
+    live = LiveServer(app)
+    live.thread.start()
+    try:
+        assert _wait(lambda: stopped == [True])
+        assert "hidden_size" in app.state.load_error
+    finally:
+        live.__exit__()
+
+
+@pytest.fixture
+def make_server():
+    servers = []
+
+    def make(engine=None, **settings):
+        engine = engine or FakeEngine()
+        live = LiveServer(create_app(Settings(**settings), engine_factory=lambda s, m: engine)).__enter__()
+        servers.append(live)
+        return live, engine
+
+    yield make
+    for live in servers:
+        live.__exit__()
+
+
+def test_api_keys_guard_model_endpoints_but_not_health(make_server):
+    live, _ = make_server(api_keys=["sekret-1", "sekret-2"])
+    body = {"prompt": "hi", "max_tokens": 2}
+    assert httpx.post(live.url + "/v1/completions", json=body).status_code == 401
+    wrong = httpx.post(live.url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    ok = httpx.post(live.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekret-2"})
+    assert ok.status_code == 200
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert httpx.get(live.url + "/health").status_code == 200
+    assert httpx.get(live.url + "/ready").status_code == 200
+
+
+def test_overload_answers_429_with_retry_after(make_server):
+    live, _ = make_server(FakeEngine(capacity=0))
+    response = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 429 and response.headers["Retry-After"] == "2"
+    streamed = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
+    assert streamed.status_code == 429
+
+
+def test_body_too_large_is_413(make_server):
+    live, _ = make_server(max_body_bytes=2048)
+    response = httpx.post(live.url + "/v1/completions", json={"prompt": "x" * 5000})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_request_timeout_is_504_and_frees_the_engine(make_server):
+    engine = FakeEngine(token_delay_s=0.2)
+    live, _ = make_server(engine, request_timeout_s=0.3)
+    response = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 50}, timeout=10)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+    assert _wait(lambda: engine.in_flight == 0)
+
+
+def test_sse_framing_and_usage(make_server):
+    live, _ = make_server()
+    body = {"prompt": "hi", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert '"usage"' in events[-2] and '"completion_tokens": 3' in events[-2]
+
+
+def test_metrics_are_labelled_by_size(make_server):
+    live, _ = make_server()
+    httpx.post(live.url + "/v1/completions", json={"model": "fake-3L", "prompt": "hi", "max_tokens": 3})
+    text = httpx.get(live.url + "/metrics").text
+    assert 'boomerang_requests_total{endpoint="completions",model="fake-3L",status="ok"} 1.0' in text
+    assert 'boomerang_tokens_total{kind="completion",model="fake-3L"} 3.0' in text
+    assert "boomerang_time_to_first_token_seconds_bucket" in text and "boomerang_queue_depth" in text
+
+
+def test_tokenize_detokenize_and_native_generate(make_server):
+    live, _ = make_server()
+    tokens = httpx.post(live.url + "/tokenize", json={"text": "abc"}).json()
+    assert tokens == {"tokens": [0, 1, 2], "count": 3}
+    assert httpx.post(live.url + "/detokenize", json={"tokens": [0, 1, 2]}).json() == {"text": "abc"}
+    generated = httpx.post(live.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 2, "num_layers": 3}).json()
+    assert generated["model"] == "fake-3L" and generated["outputs"][0]["text"] == "alpha beta "

@@ -51,7 +51,15 @@ def _add_serve(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-_EXTRA_COMMANDS: list = [_add_serve]
+def _add_eval(sub) -> None:
+    from services.eval.cli import add_arguments, run
+
+    parser = sub.add_parser("eval", help="measure the interpolation curve of a family")
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+_EXTRA_COMMANDS: list = [_add_serve, _add_eval]
 
 
 def main(argv: list[str] | None = None) -> int:

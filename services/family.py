@@ -128,7 +128,8 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
     quality: dict = {}
     if teacher is None and student is None:
         manifest = Manifest.read(Path(pair) if pair else DEFAULT_PAIR)
-        teacher, student = resolve_teacher(manifest), resolve_student(manifest)
+        teacher = resolve_teacher(manifest)
+        student = resolve_student(manifest, teacher)
         order, dtype = order or manifest.order, dtype or manifest.dtype
         name, quality = name or manifest.name, manifest.quality
     elif teacher is None or student is None:

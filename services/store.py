@@ -9,6 +9,7 @@ from pathlib import Path
 from services.errors import InvalidPairError
 from services.integrity import verify_hashes
 from services.loading import read_json
+from services.student_pack import PACK_FORMAT, unpack_student
 from services.teacher_import import PackagedGGUF, import_teacher
 
 MANIFEST = "manifest.json"
@@ -57,8 +58,12 @@ def resolve_teacher(manifest: Manifest) -> Path:
     return _verified_folder(manifest.folder, entry, "teacher")
 
 
-def resolve_student(manifest: Manifest) -> Path:
-    return _verified_folder(manifest.folder, manifest.student, "student")
+def resolve_student(manifest: Manifest, teacher_dir: Path) -> Path:
+    """A verified student folder; a packed (int8) student is unpacked once into the cache."""
+    folder = _verified_folder(manifest.folder, manifest.student, "student")
+    if manifest.student.get("format") == PACK_FORMAT:
+        return unpack_student(folder, teacher_dir, cache_dir() / f"{manifest.name}-student")
+    return folder
 
 
 def _verified_folder(pair_dir: Path, entry: dict, role: str) -> Path:

@@ -1,0 +1,1 @@
+"""Evaluation: the interpolation curve of a family against naive pruning."""

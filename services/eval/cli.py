@@ -1,0 +1,64 @@
+"""`boomerang eval`: the interpolation curve as JSON, CSV and PNG; optionally recorded in the pair's manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from services.eval.curve import evaluate_curve, write_report
+from services.family import load_family
+from services.store import DEFAULT_PAIR, MANIFEST
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", help="models_store pair folder (default: the default pair)")
+    parser.add_argument("--teacher", help="teacher folder (with --student)")
+    parser.add_argument("--student", help="student folder (with --teacher)")
+    parser.add_argument("--order", help="patch order (default: the pair's)")
+    parser.add_argument("--out", default="runs/eval", help="folder for curve.json, curve.csv, curve.png")
+    parser.add_argument("--chunks", type=int, default=8, help="windows per held-out text")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--ablation", action="append", default=[], metavar="NAME=STUDENT_DIR",
+                        help="another student of the same teacher, plotted on the same axes")
+    parser.add_argument("--update-manifest", action="store_true",
+                        help="record the measured perplexity and speed per size in the pair's manifest")
+
+
+def run(args: argparse.Namespace) -> int:
+    family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
+    options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
+    report = evaluate_curve(family, **options)
+    ablations = {}
+    for spec in args.ablation:
+        name, _, student = spec.partition("=")
+        teacher_dir = args.teacher or _teacher_dir(family)
+        ablations[name] = evaluate_curve(load_family(teacher_dir, student, order=family.order.value,
+                                                     device="cpu", name=name), **options)
+    write_report(report, Path(args.out), ablations)
+    if args.update_manifest:
+        _record_quality(Path(args.pair or DEFAULT_PAIR), report)
+    for row in report["sizes"]:
+        ppl = {f"ppl_{k}": round(v, 2) for k, v in row["perplexity"].items()}
+        naive = {f"naive_{k}": round(v, 2) for k, v in row["naive_perplexity"].items()}
+        print(json.dumps({"num_layers": row["num_layers"], **ppl, **naive,
+                          "tok_s": round(row["decode_tokens_per_s"], 2)}))
+    return 0
+
+
+def _teacher_dir(family) -> str:
+    return family.teacher.config._name_or_path
+
+
+def _record_quality(pair_dir: Path, report: dict) -> None:
+    path = pair_dir / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["quality"] = {str(r["num_layers"]): {"perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
+                                                  "naive_perplexity": {k: round(v, 3) for k, v in
+                                                                       r["naive_perplexity"].items()},
+                                                  "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)}
+                           for r in report["sizes"]}
+    manifest["quality_method"] = {k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype",
+                                                         "machine")}
+    path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -10,10 +10,14 @@ from services.errors import BoomerangError
 
 
 def _import_teacher(args: argparse.Namespace) -> int:
-    from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
+    """Convert the teacher once (and unpack the pair's student, when it ships one) into the cache."""
+    from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
 
-    folder = resolve_teacher(Manifest.read(args.pair or DEFAULT_PAIR))
-    print(folder)
+    manifest = Manifest.read(args.pair or DEFAULT_PAIR)
+    teacher = resolve_teacher(manifest)
+    print(f"teacher: {teacher}")
+    if manifest.student.get("sha256"):
+        print(f"student: {resolve_student(manifest, teacher)}")
     return 0
 
 
@@ -34,7 +38,7 @@ def _add_train(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    teacher = sub.add_parser("import-teacher", help="convert the default teacher's GGUF once and cache it")
+    teacher = sub.add_parser("import-teacher", help="convert the pair's teacher once and cache it (and its student)")
     teacher.add_argument("--pair", help="models_store pair folder (default: the default pair)")
     teacher.set_defaults(handler=_import_teacher)
     _add_train(sub)

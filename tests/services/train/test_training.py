@@ -143,3 +143,18 @@ def test_missing_teacher_is_refused(corpus, tmp_path):
     result = subprocess.run(_train_cmd(tmp_path / "nope", corpus, tmp_path / "out"), cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "model folder not found" in result.stderr
+
+
+def test_ddp_with_two_gloo_processes_trains_and_writes_one_student(llama_pair, corpus, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "services.train", "--teacher", str(llama_pair[0]), "--data", str(corpus), "--out", str(out),
+           "--max-steps", "4", "--batch-size", "2", "--seq-len", "16", "--save-every", "2", "--eval-every", "0",
+           "--device", "cpu", "--no-progress"]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by rank 0
+    assert records[-1]["tokens"] == 4 * 2 * 16 * 2  # both ranks' tokens counted
+    assert json.loads((out / "manifest_entry.json").read_text())["training"]["world_size"] == 2

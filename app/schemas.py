@@ -30,6 +30,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
 
     @field_validator("stop")
     @classmethod

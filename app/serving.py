@@ -91,7 +91,7 @@ class Serving:
                 seed = None if req.seed is None else req.seed + index
                 params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                         top_k=max(0, req.top_k), stop=req.stop_list(), seed=seed,
-                                        logprobs=logprobs)
+                                        logprobs=logprobs, ignore_eos=req.ignore_eos)
                 choices.append(Choice(index, ids, params))
         return choices
 

@@ -63,25 +63,35 @@ def variant_config(plan: VariantPlan, models: dict[str, nn.Module]):
     return config
 
 
-def _empty_shell(model_class: type, config, spec: ArchitectureSpec) -> nn.Module:
+def _meta_template(model_class: type, config) -> nn.Module:
+    """A layer-less instance of the variant class on the meta device: built once per family, then cloned."""
     shell_config = copy.copy(config)
     shell_config.num_hidden_layers = 0
     for field in PER_LAYER_CONFIG_FIELDS:
         if getattr(shell_config, field, None) is not None:
             setattr(shell_config, field, [])
     with torch.device("meta"):
-        shell = variant_class(model_class)(shell_config)
-    shell.config = config
-    get_path(shell, spec.base).config = config
+        return variant_class(model_class)(shell_config).train(False)
+
+
+def _clone_shell(template: nn.Module, config, spec: ArchitectureSpec) -> nn.Module:
+    """A shallow clone of the template with its own submodule tables (so swapping modules leaves it intact)."""
+    shell = copy.copy(template)
+    shell._modules = dict(template._modules)
+    base = copy.copy(get_path(template, spec.base))
+    base._modules = dict(base._modules)
+    set_path(shell, spec.base, base)
+    shell.config = base.config = config
     return shell
 
 
-def assemble_variant(plan: VariantPlan, teacher: nn.Module, student: nn.Module,
-                     spec: ArchitectureSpec) -> nn.Module:
+def assemble_variant(plan: VariantPlan, teacher: nn.Module, student: nn.Module, spec: ArchitectureSpec,
+                     template: nn.Module | None = None) -> nn.Module:
     """A module whose layers, embeddings, norm, rotary embedding and head are the pair's own."""
     models = {TEACHER: teacher, STUDENT: student}
     config = variant_config(plan, models)
-    shell = _empty_shell(type(models[plan.head]), config, spec)
+    template = template if template is not None else _meta_template(type(models[plan.head]), config)
+    shell = _clone_shell(template, config, spec)
     layers = [get_path(models[ref.source], spec.layers)[ref.index] for ref in plan.layers]
     set_path(shell, spec.layers, nn.ModuleList(layers))
     set_path(shell, spec.embed, get_path(models[plan.embed], spec.embed))
@@ -91,5 +101,9 @@ def assemble_variant(plan: VariantPlan, teacher: nn.Module, student: nn.Module,
     shell.generation_config = copy.deepcopy(models[plan.head].generation_config)
     shell.boomerang_plan = plan
     shell.boomerang_slots = {attention_slot(layer, spec): i for i, layer in enumerate(layers)}
-    shell.train(False)
     return shell
+
+
+def make_template(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """The reusable meta template for a pair (teacher and student share one model class)."""
+    return _meta_template(type(teacher), teacher.config)

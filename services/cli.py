@@ -63,7 +63,15 @@ def _add_eval(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-_EXTRA_COMMANDS: list = [_add_serve, _add_eval]
+def _add_bench(sub) -> None:
+    from services.bench.cli import add_arguments, run
+
+    parser = sub.add_parser("bench", help="measure memory, switching cost and speed of a family")
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+_EXTRA_COMMANDS: list = [_add_serve, _add_eval, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

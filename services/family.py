@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from services.architectures import ArchitectureSpec, get_path, spec_for
-from services.assembly import assemble_variant
+from services.assembly import assemble_variant, make_template
 from services.errors import InvalidPairError, UnknownSizeError
 from services.loading import (
     check_pair,
@@ -70,6 +70,7 @@ class Family:
         self._variants: OrderedDict[int, nn.Module] = OrderedDict()
         self._lock = threading.Lock()
         assign_cache_slots(teacher, student, self.spec)
+        self._template = make_template(teacher, student)
 
     @property
     def sizes(self) -> list[int]:
@@ -96,7 +97,7 @@ class Family:
             if num_layers in self._variants:
                 self._variants.move_to_end(num_layers)
                 return self._variants[num_layers]
-            model = assemble_variant(plan, self.teacher, self.student, self.spec)
+            model = assemble_variant(plan, self.teacher, self.student, self.spec, self._template)
             self._variants[num_layers] = model
             while len(self._variants) > self.cache_size:
                 self._variants.popitem(last=False)  # drops the shell only; layers stay with teacher/student

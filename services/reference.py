@@ -34,10 +34,10 @@ def build_reference(teacher: nn.Module, student: nn.Module, copied: list[int], k
     spec = spec_for(teacher.config.model_type)
     n_teacher = teacher.config.num_hidden_layers
     num_multi = sum(1 for s, e in zip(copied, copied[1:] + [n_teacher]) if e - s > 1)
-    if k == 0:
-        return copy.deepcopy(student)
-    if k == num_multi:
-        return copy.deepcopy(teacher)
+    if k in (0, num_multi):
+        model = copy.deepcopy(student if k == 0 else teacher)
+        _renumber(model, spec.layers)  # the originals may carry a family's shared-cache slots
+        return model.eval()
     s_cut, t_cut = _cutoffs(copied, n_teacher, k, from_last)
     t_layers, s_layers = get_path(teacher, spec.layers), get_path(student, spec.layers)
     model = copy.deepcopy(teacher if from_last else student)

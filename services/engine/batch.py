@@ -73,19 +73,27 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> None:
-        last = [seq.tracker.token_ids[-1] if seq.tracker.token_ids else self.pad_id for seq in self.sequences]
-        input_ids = torch.tensor(last, device=self.device)[:, None]  # [batch, 1]
+        input_ids = self.next_tokens[:, None]  # [batch, 1]
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(input_ids)], dim=1)
         self.positions = self.positions + 1  # [batch, 1]
         self._advance(self._forward(input_ids, self.positions))
 
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        """One token per row; a single argmax for the whole batch when every row is greedy."""
+        if all(seq.params.temperature == 0 for seq in self.sequences):
+            return logits.argmax(-1).tolist()
+        return [choose_token(logits[row], seq.params, seq.generator) for row, seq in enumerate(self.sequences)]
+
     def _advance(self, logits: torch.Tensor) -> None:
-        logprobs = torch.log_softmax(logits, dim=-1)  # [batch, vocab]
+        tokens = self._choose(logits)
+        self.next_tokens = torch.tensor(tokens, device=self.device)  # [batch]
+        wants_logprobs = any(seq.params.logprobs is not None for seq in self.sequences)
+        logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [batch, vocab]
         for row, seq in enumerate(self.sequences):
             if not seq.done:
-                self._accept(seq, choose_token(logits[row], seq.params, seq.generator), logprobs[row])
+                self._accept(seq, tokens[row], None if logprobs is None else logprobs[row])
 
-    def _accept(self, seq: Sequence, token: int, logprobs: torch.Tensor) -> None:
+    def _accept(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> None:
         params, tracker = seq.params, seq.tracker
         info = ()
         if params.logprobs is not None:

@@ -1,10 +1,15 @@
-"""Incremental detokenisation: emit only complete UTF-8 text, hold back what could start a stop string."""
+"""Incremental detokenisation: emit only complete UTF-8 text, hold back what could start a stop string.
+
+Each token decodes a short window (the last few tokens), not the whole sequence, so the cost per token
+stays constant however long the generation runs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 REPLACEMENT = "\ufffd"
+WINDOW = 6  # tokens of left context decoded with each new token (merges and byte tokens need some)
 
 
 @dataclass
@@ -14,29 +19,43 @@ class TextTracker:
     tokenizer: object
     stop: tuple[str, ...] = ()
     token_ids: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of text already emitted
+    text: str = ""  # complete text decoded so far
+    sent: int = 0  # characters of `text` already emitted
+    prefix_offset: int = 0
+    read_offset: int = 0
 
-    def text(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self) -> None:
+        """Append the newly complete text (if any) from the tokens after `read_offset`."""
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        current = self._decode(self.token_ids[self.prefix_offset:])
+        if len(current) > len(prefix) and not current.endswith(REPLACEMENT):
+            self.text += current[len(prefix):]
+            self.read_offset = len(self.token_ids)
+            self.prefix_offset = max(0, self.read_offset - WINDOW)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (text to emit now, whether a stop string ended the sequence)."""
         self.token_ids.append(token_id)
-        text = self.text()
+        self._advance()
         for stop in self.stop:
-            at = text.find(stop, max(0, self.sent - len(stop)))
+            at = self.text.find(stop, max(0, self.sent - len(stop)))
             if at != -1:
-                return self._emit(text[:at]), True
-        if text.endswith(REPLACEMENT):  # a multi-byte character is still incomplete
-            return "", False
+                return self._emit(at), True
         holdback = max((len(s) - 1 for s in self.stop), default=0)
-        return self._emit(text[: max(self.sent, len(text) - holdback)]), False
+        return self._emit(max(self.sent, len(self.text) - holdback)), False
 
     def flush(self) -> str:
-        """Everything not yet emitted, at the end of the sequence."""
-        return self._emit(self.text())
+        """Everything not yet emitted, at the end of the sequence (an incomplete character included)."""
+        tail = self._decode(self.token_ids[self.prefix_offset:])
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        self.text += tail[len(prefix):]
+        self.read_offset = len(self.token_ids)
+        return self._emit(len(self.text))
 
-    def _emit(self, upto: str) -> str:
-        delta = upto[self.sent:]
-        self.sent = max(self.sent, len(upto))
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
         return delta

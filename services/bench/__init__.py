@@ -1,0 +1,1 @@
+"""`boomerang bench`: what serving a family buys, measured against baselines in the same run."""

@@ -1,0 +1,129 @@
+"""`boomerang bench --out DIR [--quick]`: JSON report and PNG chart; thresholds reported, never asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from services.bench.measure import (
+    bandwidth_bound,
+    memory_and_switching,
+    memory_bandwidth_gbs,
+    rss_bytes,
+    speed_per_size,
+)
+from services.bench.served import ServerProcess, served_throughput
+from services.family import load_family
+
+GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
+         "min_speed_ratio": (">=", 0.95), "served_speedup_n16": (">=", 3.0), "min_fraction_of_bound_b1": (">=", 0.8)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", help="models_store pair folder (default: the default pair)")
+    parser.add_argument("--teacher")
+    parser.add_argument("--student")
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--quick", action="store_true", help="three sizes, short runs (under 2 minutes)")
+    parser.add_argument("--no-served", action="store_true", help="skip the HTTP throughput part")
+
+
+def _sizes(all_sizes: list[int], quick: bool) -> list[int]:
+    return sorted({all_sizes[0], all_sizes[len(all_sizes) // 2], all_sizes[-1]}) if quick else all_sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    rss0 = rss_bytes()
+    load_start = time.perf_counter()
+    family = load_family(args.teacher, args.student, pair=args.pair, device="cpu")
+    load_seconds = time.perf_counter() - load_start
+    sizes = _sizes(family.sizes, args.quick)
+    memory, references = memory_and_switching(family, sizes, rss0, load_seconds)
+    steps, batches = (8, [1, 8]) if args.quick else (32, [1, 8])
+    speed = speed_per_size(family, references, batches, steps)
+    del references
+    bandwidth = memory_bandwidth_gbs(256 if args.quick else 1024)
+    bandwidth_bound(speed, bandwidth)
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
+              "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                          "device": str(family.device), "dtype": str(family.dtype),
+                          "bandwidth_gbs": bandwidth},
+              "settings": {"quick": args.quick, "decode_steps": steps, "batch_sizes": batches, "sizes": sizes},
+              "memory": memory, "speed": speed}
+    if not args.no_served:
+        report["served"] = _served(args, family, sizes)
+    report["goals"] = _goals(report)
+    report["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    _chart(report, out / "bench.png")
+    print(json.dumps(report["goals"], indent=2))
+    return 0
+
+
+def _served(args, family, sizes) -> dict:
+    serve_args = ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", "--batch-wait-ms", "10"]
+    if args.teacher:
+        serve_args += ["--teacher", args.teacher, "--student", args.student]
+    elif args.pair:
+        serve_args += ["--pair", args.pair]
+    ids = [family.model_id(n) for n in sizes]
+    requests, tokens = (16, 8) if args.quick else (48, 32)
+    with ServerProcess(serve_args) as server:
+        return served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
+
+
+def _goals(report: dict) -> dict:
+    speed = report["speed"]
+    measured = {"ratio_all_sizes_vs_pair": report["memory"]["ratio_all_sizes_vs_pair"],
+                "switch_speedup_first_use": report["memory"]["switch_speedup_first_use"],
+                "min_speed_ratio": min(min(r["ratio_b1"], r["ratio_b8"]) for r in speed),
+                "min_fraction_of_bound_b1": min(r["fraction_of_bound_b1"] for r in speed)}
+    if "served" in report:
+        measured["served_speedup_n16"] = report["served"]["single_size"][-1]["speedup_vs_sequential"]
+    result = {}
+    for name, value in measured.items():
+        op, target = GOALS[name]
+        met = value <= target if op == "<=" else value >= target
+        result[name] = {"measured": round(value, 4), "goal": f"{op} {target}", "met": met}
+    return result
+
+
+def _chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = report["speed"]
+    layers = [r["num_layers"] for r in speed]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for batch, style in ((1, "o-"), (8, "s-")):
+        left.plot(layers, [r[f"tok_s_b{batch}"] for r in speed], style, label=f"boomerang variant, batch {batch}")
+        left.plot(layers, [r[f"standalone_tok_s_b{batch}"] for r in speed], style.replace("-", "--"),
+                  label=f"standalone generate(), batch {batch}")
+    left.plot(layers, [r["bound_tok_s_b1"] for r in speed], "k:", label="bandwidth bound, batch 1")
+    left.set_xlabel("decoder layers")
+    left.set_ylabel("decode tokens/s")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    left.set_title("greedy decode speed per size")
+    memory = report["memory"]
+    bars = {"teacher+student": memory["rss_teacher_plus_student_mb"],
+            "all sizes assembled": memory["rss_all_sizes_assembled_mb"],
+            f"{len(memory['deep_copied_sizes'])} deep copies": memory["rss_deep_copied_sizes_mb"]}
+    right.bar(list(bars), list(bars.values()))
+    right.set_ylabel("resident memory (MiB)")
+    right.set_title("memory")
+    fig.suptitle(f"{report['family']} on {report['machine']['cpu']} ({report['machine']['dtype']}), {report['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

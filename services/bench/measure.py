@@ -1,0 +1,143 @@
+"""Measurements for `boomerang bench`: memory, switching cost, per-size speed, bandwidth bound.
+
+Every figure is a ratio against a baseline measured in the same process and run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from services.engine.batch import DecodeBatch, Sequence
+from services.engine.interface import SamplingParams
+from services.family import Family
+from services.reference import build_reference
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(work: Callable[[], object], repeats: int = 3) -> float:
+    """Median seconds of `work` over `repeats` runs."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int, load_seconds: float) -> dict:
+    """RSS of all sizes assembled vs teacher+student alone and vs deep-copied per-size models; assembly times."""
+    gc.collect()
+    rss_pair = rss_bytes()
+    assembly = {}
+    for n in family.sizes:
+        start = time.perf_counter()
+        family.variant(n)
+        assembly[n] = time.perf_counter() - start
+    cached = {n: timed(lambda n=n: family.variant(n), repeats=5) for n in family.sizes}
+    gc.collect()
+    rss_family = rss_bytes()
+    copied = list(family.layout.copied_teacher_layers)
+    references, deepcopy_s = [], {}
+    for n in sizes:
+        start = time.perf_counter()
+        references.append(build_reference(family.teacher, family.student, copied, family.plan(n).patched_blocks,
+                                          from_last=family.order.value == "last"))
+        deepcopy_s[n] = time.perf_counter() - start
+    gc.collect()
+    rss_references = rss_bytes()
+    pair_bytes = rss_pair - rss_before_load
+    per_layer = {n: assembly[n] / n * 1e3 for n in family.sizes}
+    reference_s = {n: load_seconds + deepcopy_s[n] for n in sizes}
+    return {
+        "rss_teacher_plus_student_mb": pair_bytes / 2**20,
+        "rss_all_sizes_assembled_mb": (rss_family - rss_before_load) / 2**20,
+        "ratio_all_sizes_vs_pair": (rss_family - rss_before_load) / pair_bytes,
+        "rss_deep_copied_sizes_mb": (rss_references - rss_family) / 2**20,
+        "deep_copied_sizes": sizes,
+        "ratio_deep_copies_vs_family": (rss_references - rss_family + pair_bytes) / (rss_family - rss_before_load),
+        "assembly_ms": {n: v * 1e3 for n, v in assembly.items()},
+        "assembly_ms_per_layer_max": max(per_layer.values()),
+        "cached_lookup_us": {n: v * 1e6 for n, v in cached.items()},
+        "reference_build_s": reference_s,
+        "switch_speedup_first_use": min(reference_s[n] / assembly[n] for n in sizes),
+        "switch_speedup_cached": min(reference_s[n] / cached[n] for n in sizes),
+    }, dict(zip(sizes, references))
+
+
+def _ours_decode(model, tokenizer, eos: set[int], batch: int, prompt: list[int], steps: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for `steps` steps) of the engine's own batch loop."""
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    seqs = [Sequence(list(prompt), params, lambda _: None) for _ in range(batch)]
+    runner = DecodeBatch(model, seqs, tokenizer, eos, pad_id=0)
+    start = time.perf_counter()
+    runner.prefill()
+    prefilled = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    return prefilled - start, time.perf_counter() - prefilled
+
+
+@torch.inference_mode()
+def _standalone_decode(model, batch: int, prompt: list[int], steps: int) -> float:
+    """Seconds per `steps` decode steps of HF `generate()`, prefill subtracted."""
+    ids = torch.tensor([prompt] * batch, device=next(model.parameters()).device)
+
+    def run(new_tokens: int) -> float:
+        return timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                            do_sample=False, pad_token_id=0), repeats=1)
+    run(2)
+    return run(steps + 1) - run(1)
+
+
+def speed_per_size(family: Family, references: dict, batch_sizes: list[int], steps: int, prompt_len: int = 32,
+                   prefill_len: int = 256) -> list[dict]:
+    tokenizer, eos = family.tokenizer, {family.tokenizer.eos_token_id}
+    span = min(1000, len(tokenizer) - 10)
+    prompt = [10 + i % span for i in range(prompt_len)]
+    long_prompt = [10 + i % span for i in range(prefill_len)]
+    long_ids = torch.tensor([long_prompt])  # [1, prefill_len]
+    rows = []
+    for n, reference in references.items():
+        variant = family.variant(n)
+        row = {"num_layers": n, "bytes": family.size_info(n).bytes}
+        for batch in batch_sizes:
+            _ours_decode(variant, tokenizer, eos, batch, prompt, 2)  # warm-up
+            _, ours = _ours_decode(variant, tokenizer, eos, batch, prompt, steps)
+            theirs = _standalone_decode(reference, batch, prompt, steps)
+            row[f"tok_s_b{batch}"] = batch * steps / ours
+            row[f"standalone_tok_s_b{batch}"] = batch * steps / theirs
+            row[f"ratio_b{batch}"] = theirs / ours
+        ours_prefill = statistics.median(_ours_decode(variant, tokenizer, eos, 1, long_prompt, 0)[0] for _ in range(3))
+        with torch.inference_mode():
+            theirs_prefill = timed(lambda r=reference: r(long_ids, use_cache=True, logits_to_keep=1))
+        row.update(prefill_ms=ours_prefill * 1e3, standalone_prefill_ms=theirs_prefill * 1e3,
+                   prefill_ratio=theirs_prefill / ours_prefill)
+        rows.append(row)
+    return rows
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth of this machine as torch sees it: a large fp32 sum, all threads."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    data.sum()
+    seconds = timed(lambda: data.sum(), repeats=repeats)
+    return data.numel() * 4 / seconds / 1e9
+
+
+def bandwidth_bound(rows: list[dict], bandwidth_gbs: float) -> None:
+    """Adds to each row: the decode rate that reading every weight once per token allows, and our fraction of it."""
+    for row in rows:
+        bound = bandwidth_gbs * 1e9 / row["bytes"]
+        row["bound_tok_s_b1"] = bound
+        row["fraction_of_bound_b1"] = row["tok_s_b1"] / bound

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve import-teacher clean
+.PHONY: install system-deps test lint serve import-teacher clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,16 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# nginx (Debian's package) is what the load-balancer tests run; installing it needs root, as CI has.
+system-deps:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) || \
+		echo "warning: nginx could not be installed; the load-balancer tests will be skipped"
+
 lint: install
 	$(BIN)/ruff check app services tests
 
-test: install lint
+test: install system-deps lint
 	$(BIN)/python -m pytest
 
 import-teacher: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import time
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ def _sizes(all_sizes: list[int], quick: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     started = time.perf_counter()
     rss0 = rss_bytes()
     load_start = time.perf_counter()

@@ -1,0 +1,26 @@
+"""Smoke run of `boomerang bench --quick` on a tiny pair: it runs and writes a well-formed report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "services.cli", "bench", "--teacher", str(llama_pair[0]), "--student",
+           str(llama_pair[1]), "--out", str(out), "--quick"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report["goals"]) == {"ratio_all_sizes_vs_pair", "switch_speedup_first_use", "min_speed_ratio",
+                                    "min_fraction_of_bound_b1", "served_speedup_n16"}
+    for goal in report["goals"].values():
+        assert isinstance(goal["measured"], float) and isinstance(goal["met"], bool)
+    assert [row["num_layers"] for row in report["speed"]] == report["settings"]["sizes"]
+    assert all(row["tok_s_b1"] > 0 and row["standalone_tok_s_b1"] > 0 for row in report["speed"])
+    assert [r["concurrency"] for r in report["served"]["mixed_sizes"]] == [1, 4, 16]
+    assert report["machine"]["bandwidth_gbs"] > 0
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import (
@@ -43,6 +44,27 @@ ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "n
               503: "service_unavailable", 504: "timeout_error"}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error shape every failure uses."""
+
+    error: ErrorDetail
+
+
+def _documented(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse, "description": ERROR_TYPE.get(status, "server_error")}
+            for status in statuses}
+
+
+ERRORS = _documented(400, 401, 404, 413, 429, 500, 503, 504)
+
+
 def error_body(message: str, status: int, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
                       "code": code}}
@@ -72,7 +94,7 @@ def boomerang_error_response(error: BoomerangError) -> JSONResponse:
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     first = error.errors()[0] if error.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
+    param = location[0] if location else None  # the top-level field, as OpenAI names it
     return f"{param or 'request'}: {first.get('msg', 'invalid')}", param
 
 

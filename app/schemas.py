@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_LENGTH = 256
-PromptText = Annotated[str, Field(max_length=1_000_000)]
+PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -45,7 +46,8 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: PromptText | list[PromptText] | list[int] | list[list[int]] = Field(
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] | TokenIds | Annotated[
+            list[TokenIds], Field(min_length=1)] = Field(
         ..., description="text, a list of texts, token ids, or a list of token-id lists")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -87,7 +89,7 @@ class ScoreRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    text: PromptText
+    text: Annotated[str, Field(max_length=1_000_000)]
     model: str | None = None
 
 

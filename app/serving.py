@@ -168,32 +168,45 @@ class Serving:
                 await merged.aclose()
         return rest()
 
-    async def _completion_stream(self, size, prompts, choices, req, scores) -> AsyncIterator[str]:
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.engine.model_id(size)}
+    async def _sse(self, size: int, prompts, choices: list[Choice], endpoint: str, head: dict, prelude: list[dict],
+                   render, include_usage: bool) -> AsyncIterator[str]:
+        """The SSE event stream shared by completions and chat: prelude, one event per delta, usage, [DONE]."""
         completion_tokens = [0] * len(choices)
-        deltas = await self._started(size, choices, "completions")
+        deltas = await self._started(size, choices, endpoint)
         try:
-            if req.echo:
-                for choice in choices:
-                    echoed = self._completion_choice(choice, Collected(), req, prompts, scores)
-                    yield sse({**head, "choices": [{**echoed, "finish_reason": None}]})
+            for choice_body in prelude:
+                yield sse({**head, "choices": [choice_body]})
             async for index, delta in deltas:
                 completion_tokens[index] = delta.completion_tokens
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = {"tokens": [i.token for i in delta.logprobs],
-                                "token_logprobs": [i.logprob for i in delta.logprobs],
-                                "top_logprobs": [i.top or None for i in delta.logprobs]}
-                yield sse({**head, "choices": [{"index": index, "text": delta.text, "logprobs": logprobs,
+                yield sse({**head, "choices": [{"index": index, **render(delta),
                                                 "finish_reason": delta.finish_reason}]})
-            if req.stream_options and req.stream_options.include_usage:
+            if include_usage:
                 yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
         except BoomerangError as error:
             yield sse(self._stream_error(error))
         finally:
             await deltas.aclose()
         yield SSE_DONE
+
+    @staticmethod
+    def _include_usage(req: SamplingFields) -> bool:
+        return bool(req.stream_options and req.stream_options.include_usage)
+
+    def _completion_stream(self, size, prompts, choices, req: CompletionRequest, scores) -> AsyncIterator[str]:
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.engine.model_id(size)}
+        prelude = [{**self._completion_choice(c, Collected(), req, prompts, scores), "finish_reason": None}
+                   for c in choices] if req.echo else []
+
+        def render(delta: StreamDelta) -> dict:
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = {"tokens": [i.token for i in delta.logprobs],
+                            "token_logprobs": [i.logprob for i in delta.logprobs],
+                            "top_logprobs": [i.top or None for i in delta.logprobs]}
+            return {"text": delta.text, "logprobs": logprobs}
+
+        return self._sse(size, prompts, choices, "completions", head, prelude, render, self._include_usage(req))
 
     @staticmethod
     def _stream_error(error: BoomerangError) -> dict:
@@ -227,27 +240,17 @@ class Serving:
         return {"content": [{**entry(i.token, i.logprob),
                              "top_logprobs": [entry(t, lp) for t, lp in i.top.items()]} for i in items]}
 
-    async def _chat_stream(self, size, prompts, choices, req: ChatRequest) -> AsyncIterator[str]:
+    def _chat_stream(self, size, prompts, choices, req: ChatRequest) -> AsyncIterator[str]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self.engine.model_id(size)}
-        completion_tokens = [0] * len(choices)
-        deltas = await self._started(size, choices, "chat")
-        try:
-            for choice in choices:
-                yield sse({**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-            async for index, delta in deltas:
-                completion_tokens[index] = delta.completion_tokens
-                logprobs = self._chat_logprobs(delta.logprobs) if req.logprobs else None
-                yield sse({**head, "choices": [{"index": index, "delta": {"content": delta.text},
-                                                "logprobs": logprobs, "finish_reason": delta.finish_reason}]})
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
-        except BoomerangError as error:
-            yield sse(self._stream_error(error))
-        finally:
-            await deltas.aclose()
-        yield SSE_DONE
+        prelude = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for c in choices]
+
+        def render(delta: StreamDelta) -> dict:
+            return {"delta": {"content": delta.text},
+                    "logprobs": self._chat_logprobs(delta.logprobs) if req.logprobs else None}
+
+        return self._sse(size, prompts, choices, "chat", head, prelude, render, self._include_usage(req))
 
     # -- native ---------------------------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> dict:

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     from app.main import create_app
 
-    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value}
+    overrides = {name: value for name, value in vars(args).items()
+                 if name in Settings.model_fields and value is not None}
     settings = Settings(**overrides)
     holder: dict = {}
     app = create_app(settings, on_fatal=lambda: setattr(holder["server"], "should_exit", True))

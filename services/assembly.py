@@ -27,19 +27,21 @@ class VariantMixin:
     def new_cache(self) -> SlotCache:
         return SlotCache(self.config, self.boomerang_slots)
 
-    def _with_cache(self, kwargs: dict) -> dict:
+    def _with_cache(self, kwargs: dict, default_use_cache: bool) -> dict:
+        """Adds a fresh slot cache unless the caller passed a cache or turned caching off."""
         name = cache_argument_name(type(self))
         has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
         use_cache = kwargs.get("use_cache")
-        if not has_cache and (use_cache if use_cache is not None else self.config.use_cache):
+        if not has_cache and (use_cache if use_cache is not None else default_use_cache):
             kwargs[name] = self.new_cache()
         return kwargs
 
     def forward(self, *args, **kwargs):
-        return super().forward(*args, **self._with_cache(kwargs))
+        return super().forward(*args, **self._with_cache(kwargs, self.config.use_cache))
 
     def generate(self, *args, **kwargs):
-        return super().generate(*args, **self._with_cache(kwargs))
+        config = kwargs.get("generation_config") or self.generation_config
+        return super().generate(*args, **self._with_cache(kwargs, config.use_cache is not False))
 
 
 @cache

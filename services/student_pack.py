@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.errors import IntegrityError
-from services.integrity import hash_weights, verify_hashes, weight_files
+from services.integrity import hash_weights, sha256_file, verify_hashes, weight_files
 from services.loading import STUDENT_CONFIG
 
 PACK_FORMAT = "boomerang-int8-v1"
@@ -63,7 +63,7 @@ def pack_student(student_dir: Path, teacher_dir: Path, out_dir: Path) -> dict:
 def unpack_student(packed_dir: Path, teacher_dir: Path, out_dir: Path) -> Path:
     """Rebuild an fp32 HF student folder (reused while its lock still matches the packed weights)."""
     packed_dir, out_dir = Path(packed_dir), Path(out_dir)
-    source_hashes = hash_weights(packed_dir)
+    source_hashes = {**hash_weights(packed_dir), **{name: sha256_file(packed_dir / name) for name in CONFIG_FILES}}
     lock = out_dir / LOCK
     if lock.exists():
         record = json.loads(lock.read_text())

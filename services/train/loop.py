@@ -111,7 +111,6 @@ class Trainer:
         self.teacher = load_model(config.teacher, torch.float32, self.device).requires_grad_(False)
         self.layout = layout_from_rule(self.teacher.config.num_hidden_layers, config.first, config.every, config.last)
         self.student = init_student(self.teacher, self.layout, config.random_init).train().requires_grad_(True)
-        self.student.config.use_cache = False
         if config.freeze_embeddings:
             self.student.get_input_embeddings().requires_grad_(False)
         self.params = [p for p in self.student.parameters() if p.requires_grad]

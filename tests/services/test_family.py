@@ -165,3 +165,13 @@ def test_unsupported_architecture_and_pickle_are_refused(llama_pair, tmp_path):
     (student_dir / "model.safetensors").rename(student_dir / "pytorch_model.bin")
     with pytest.raises(IntegrityError, match="pickled"):
         load_family(teacher_dir, student_dir, device="cpu")
+
+
+def test_variants_generate_even_when_the_student_config_disables_the_cache(llama_pair, tmp_path):
+    teacher_dir, student_dir = _copy_pair(llama_pair, tmp_path)
+    config = json.loads((student_dir / "config.json").read_text())
+    (student_dir / "config.json").write_text(json.dumps({**config, "use_cache": False}))
+    family = load_family(teacher_dir, student_dir, device="cpu")
+    student = family.variant(min(family.sizes))
+    out = student.generate(TOKENS, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_without_cache(student, TOKENS, 4))

@@ -43,6 +43,26 @@ def assign_cache_slots(teacher: nn.Module, student: nn.Module, spec: Architectur
                 module.layer_idx = offset + index
 
 
+def share_identical_parameters(teacher: nn.Module, student: nn.Module) -> int:
+    """Point student parameters that are bit-identical to the teacher's same-named ones (embeddings kept
+    frozen in training) at the teacher's tensors; returns the bytes this saves. Tied parameters stay tied."""
+    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
+    replaced: dict[int, nn.Parameter] = {}
+    saved = 0
+    for name, param in list(student.named_parameters(remove_duplicate=False)):
+        other = replaced.get(id(param))
+        if other is None:
+            other = teacher_params.get(name)
+            if other is None or other.shape != param.shape or other.dtype != param.dtype or not torch.equal(
+                    other, param):
+                continue
+            replaced[id(param)] = other
+            saved += param.numel() * param.element_size()
+        module_name, _, attribute = name.rpartition(".")
+        setattr(student.get_submodule(module_name), attribute, other)
+    return saved
+
+
 @dataclass(frozen=True)
 class SizeInfo:
     """What a size costs: its parameters and their bytes (shared with the other sizes)."""
@@ -70,6 +90,7 @@ class Family:
         self._variants: OrderedDict[int, nn.Module] = OrderedDict()
         self._lock = threading.Lock()
         assign_cache_slots(teacher, student, self.spec)
+        self.shared_bytes = share_identical_parameters(teacher, student)
         self._template = make_template(teacher, student)
 
     @property

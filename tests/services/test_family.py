@@ -175,3 +175,20 @@ def test_variants_generate_even_when_the_student_config_disables_the_cache(llama
     student = family.variant(min(family.sizes))
     out = student.generate(TOKENS, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_without_cache(student, TOKENS, 4))
+
+
+def test_bit_identical_student_tensors_are_shared_with_the_teacher(llama_pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    teacher_dir, student_dir = _copy_pair(llama_pair, tmp_path)
+    weights = load_file(student_dir / "model.safetensors")
+    weights["model.embed_tokens.weight"] = load_file(teacher_dir / "model.safetensors")["model.embed_tokens.weight"]
+    save_file(weights, student_dir / "model.safetensors", metadata={"format": "pt"})
+    family = load_family(teacher_dir, student_dir, device="cpu")
+    embed = family.student.model.embed_tokens.weight
+    assert embed is family.teacher.model.embed_tokens.weight
+    assert family.student.lm_head.weight is embed  # still tied
+    assert family.shared_bytes == embed.numel() * 4
+    reference = load_family(teacher_dir, student_dir, device="cpu")
+    for n in family.sizes:
+        torch.testing.assert_close(family.variant(n)(TOKENS).logits, reference.variant(n)(TOKENS).logits)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--w-cos", type=float, default=_WEIGHTS.cos,
                         help="cosine alignment weight, split across aligned states (0 = off)")
     parser.add_argument("--temperature", type=float, default=_WEIGHTS.temperature)
+    parser.add_argument("--w-mse", type=float, default=_WEIGHTS.mse,
+                        help="relative squared-error alignment of the same hidden states (aligns norms too; 0 = off)")
+    parser.add_argument("--init-student", help="continue from this trained student's weights (same layout)")
     parser.add_argument("--random-init", action="store_true", help="random student weights (the paper's ablation)")
     parser.add_argument("--freeze-embeddings", action="store_true",
                         help="keep the teacher's embeddings (the student can then share them on disk)")
@@ -51,8 +54,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         teacher = str(resolve_teacher(Manifest.read(DEFAULT_PAIR)))
     names = ("max_steps", "max_tokens", "save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum",
              "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
-             "freeze_embeddings", "resume", "overwrite", "device")
-    weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature)
+             "freeze_embeddings", "resume", "overwrite", "device", "init_student")
+    weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature,
+                          mse=args.w_mse)
     return TrainConfig(teacher=teacher, data=args.data, out=args.out, weights=weights,
                        progress=not args.no_progress, **{n: getattr(args, n) for n in names})
 

@@ -20,7 +20,7 @@ from services.train.checkpoint import load_latest, save_checkpoint
 from services.train.data import PackedData, build_data
 from services.train.distributed import Distributed
 from services.train.losses import LossWeights, distillation_loss
-from services.train.student_init import init_student, save_student
+from services.train.student_init import init_student, load_student_weights, save_student
 
 log = logging.getLogger(__name__)
 STATE_FILE, LOG_FILE, ENTRY_FILE = "train_state.json", "training_log.jsonl", "manifest_entry.json"
@@ -49,6 +49,7 @@ class TrainConfig:
     every: int = 2
     last: int = 2
     random_init: bool = False
+    init_student: str | None = None  # continue from an existing student's weights (same layout)
     freeze_embeddings: bool = False
     weights: LossWeights = field(default_factory=LossWeights)
     resume: bool = False
@@ -111,6 +112,8 @@ class Trainer:
         self.teacher = load_model(config.teacher, torch.float32, self.device).requires_grad_(False)
         self.layout = layout_from_rule(self.teacher.config.num_hidden_layers, config.first, config.every, config.last)
         self.student = init_student(self.teacher, self.layout, config.random_init).train().requires_grad_(True)
+        if config.init_student:
+            load_student_weights(self.student, Path(config.init_student), self.layout)
         if config.freeze_embeddings:
             self.student.get_input_embeddings().requires_grad_(False)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -216,7 +219,8 @@ class Trainer:
                                   "device": str(self.device), "world_size": self.dist.world_size,
                                   "recipe": {**asdict(self.config.weights), "lr": self.config.lr,
                                              "freeze_embeddings": self.config.freeze_embeddings,
-                                             "random_init": self.config.random_init}}}
+                                             "random_init": self.config.random_init,
+                                             "init_student": self.config.init_student}}}
             (self.out / ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n")
             self._write_state(finished=True)
         return {"steps": self.step, "tokens": self.tokens, "seconds": seconds}
@@ -258,7 +262,8 @@ def _loop(trainer: Trainer) -> dict:
         if config.eval_every and trainer.step % config.eval_every == 0:
             record["val_ce"] = trainer.validate()
         trainer.log_step(record)
-        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ce", "kl", "cos", "tokens_per_s") if k in record})
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ce", "kl", "cos", "mse", "tokens_per_s")
+                         if k in record})
         bar.update(1)
         if trainer.step % config.save_every == 0 or trainer.step == trainer.total_steps:
             trainer.checkpoint()

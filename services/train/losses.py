@@ -1,4 +1,8 @@
-"""The boomerang distillation loss: CE + w_kl * KL(teacher || student) * T^2 + w_cos * mean(1 - cos)."""
+"""The boomerang distillation loss: CE + w_kl * KL(teacher || student) * T^2 + w_cos * mean(1 - cos).
+
+Optionally + w_mse * mean relative squared error of the aligned hidden states, which also aligns their
+norms (cosine alone leaves the residual stream's scale free, and patched teacher blocks add to that scale).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ class LossWeights:
     kl: float = 0.1
     cos: float = 2.0
     temperature: float = 1.0
+    mse: float = 0.0
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +47,16 @@ def cosine_alignment(student_states, teacher_states, pairs, mask: torch.Tensor) 
     return torch.stack(terms).mean()
 
 
+def relative_mse_alignment(student_states, teacher_states, pairs, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over aligned hidden states of the masked mean of ||h_s - h_t||^2 / ||h_t||^2."""
+    terms = []
+    for s_index, t_index in pairs:
+        target = teacher_states[t_index].float()  # [b, s, hidden]
+        error = (student_states[s_index].float() - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-6)
+        terms.append((error * mask).sum() / mask.sum())
+    return torch.stack(terms).mean()
+
+
 def distillation_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tensor, pairs,
                       weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted total, and each unweighted term for the log (terms with weight 0 are not computed)."""
@@ -52,6 +67,8 @@ def distillation_loss(student_out, teacher_out, labels: torch.Tensor, mask: torc
         terms["kl"] = kl_divergence(student_out.logits, teacher_out.logits, mask, weights.temperature)
     if weights.cos:
         terms["cos"] = cosine_alignment(student_out.hidden_states, teacher_out.hidden_states, pairs, mask)
+    if weights.mse:
+        terms["mse"] = relative_mse_alignment(student_out.hidden_states, teacher_out.hidden_states, pairs, mask)
     if not terms:
         raise ValueError("every loss term is switched off")
     total = sum(getattr(weights, name) * value for name, value in terms.items())

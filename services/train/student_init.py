@@ -9,7 +9,9 @@ from pathlib import Path
 from torch import nn
 
 from services.architectures import PER_LAYER_CONFIG_FIELDS, get_path, set_path, spec_for
-from services.loading import STUDENT_CONFIG
+from services.errors import TrainingConfigError
+from services.integrity import weight_files
+from services.loading import STUDENT_CONFIG, read_layout
 from services.plan import StudentLayout
 
 
@@ -41,3 +43,19 @@ def save_student(student: nn.Module, layout: StudentLayout, out_dir: Path, token
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     (out_dir / STUDENT_CONFIG).write_text(json.dumps(layout.to_student_config(), indent=2) + "\n")
+
+
+def load_student_weights(student: nn.Module, folder: Path, layout: StudentLayout) -> None:
+    """Start from a trained student (safetensors only) whose `student_config.json` has the same layout."""
+    from safetensors.torch import load_file
+
+    if read_layout(folder, layout.num_teacher_layers) != layout:
+        raise TrainingConfigError(f"{folder} was made with a different layout than --first/--every/--last")
+    weights: dict = {}
+    for path in weight_files(folder):
+        weights.update(load_file(path))
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if m not in ("lm_head.weight", "embed_out.weight")]  # tied heads
+    if missing or unexpected:
+        raise TrainingConfigError(f"{folder} does not match the student: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")

@@ -62,3 +62,19 @@ def test_masked_tokens_do_not_count_and_zero_weights_switch_terms_off():
                                          labels, mask, ((0, 0),), LossWeights(kl=0, cos=0))
     assert set(terms) == {"ce"}
     assert math.isclose(terms["ce"], garbage_terms["ce"], rel_tol=1e-6)
+
+
+def test_relative_mse_term_matches_hand_computation():
+    torch.manual_seed(2)
+    s_states = [torch.randn(1, 2, 3) for _ in range(2)]
+    t_states = [torch.randn(1, 2, 3) for _ in range(3)]
+    logits = torch.randn(1, 2, 5)
+    _, terms = distillation_loss(SimpleNamespace(logits=logits, hidden_states=s_states),
+                                 SimpleNamespace(logits=logits, hidden_states=t_states), torch.zeros(1, 2).long(),
+                                 torch.ones(1, 2), ((0, 0), (1, 2)), LossWeights(ce=0, kl=0, cos=0, mse=1))
+    expected = 0.0
+    for si, ti in ((0, 0), (1, 2)):
+        per_token = [sum((a - b) ** 2 for a, b in zip(s_states[si][0, k].tolist(), t_states[ti][0, k].tolist()))
+                     / sum(b * b for b in t_states[ti][0, k].tolist()) for k in range(2)]
+        expected += sum(per_token) / 2
+    assert set(terms) == {"mse"} and math.isclose(terms["mse"], expected / 2, rel_tol=1e-5)

@@ -158,3 +158,13 @@ def test_ddp_with_two_gloo_processes_trains_and_writes_one_student(llama_pair, c
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by rank 0
     assert records[-1]["tokens"] == 4 * 2 * 16 * 2  # both ranks' tokens counted
     assert json.loads((out / "manifest_entry.json").read_text())["training"]["world_size"] == 2
+
+
+def test_init_student_continues_from_a_trained_student(llama_pair, corpus, tmp_path):
+    config = tiny_config(llama_pair[0], corpus, tmp_path / "run", max_steps=1, lr=1e-12, warmup_steps=1,
+                         init_student=str(llama_pair[1]))
+    run_training(config)
+    trained = load_file(tmp_path / "run" / "model.safetensors")
+    start = load_file(llama_pair[1] / "model.safetensors")
+    torch.testing.assert_close(trained["model.layers.0.mlp.up_proj.weight"],
+                               start["model.layers.0.mlp.up_proj.weight"], rtol=0, atol=1e-9)

@@ -1,7 +1,8 @@
 """The worker thread: groups waiting requests by size into batches and advances all batches fairly.
 
-Each loop admits new batches (requests of one size that arrived within a short window), then runs one
-decode step of every active batch in turn, so sizes interleave step by step and none starves.
+Each loop admits new batches (requests of one size that arrived within a short window; while a size has a
+batch running, its new requests gather for its next batch), then runs one decode step of every active
+batch in turn, so sizes interleave step by step and none starves.
 """
 
 from __future__ import annotations
@@ -85,8 +86,17 @@ class Scheduler:
             self._admit()
             self._step_all()
 
+    def _ready(self, num_layers: int, queue: deque, now: float) -> bool:
+        """Waiting requests of a size form a batch when they would fill one, or when that size has no batch
+        running and its oldest request has waited the batching window (else they join its next batch)."""
+        if len(queue) >= self.limits.max_batch_size:
+            return True
+        if any(n == num_layers for n, _ in self.active):
+            return False
+        return now - queue[0][0] >= self.limits.batch_wait_s
+
     def _take(self) -> tuple[int, list[Sequence]] | None:
-        """The next size in round-robin order whose oldest request has waited the batching window."""
+        """The next size, in round-robin order, whose waiting requests are ready to form a batch."""
         free = self.limits.max_running - self.num_running
         now = time.monotonic()
         with self.wake:
@@ -96,8 +106,7 @@ class Scheduler:
                 if not queue:
                     del self.waiting[num_layers]
                     continue
-                if free <= 0 or (now - queue[0][0] < self.limits.batch_wait_s and not self.active
-                                 and len(queue) < self.limits.max_batch_size):
+                if free <= 0 or not self._ready(num_layers, queue, now):
                     continue
                 count = min(len(queue), self.limits.max_batch_size, free)
                 taken = [queue.popleft()[1] for _ in range(count)]
@@ -110,7 +119,7 @@ class Scheduler:
             num_layers, sequences = taken
             self._guard(sequences, lambda n=num_layers, s=sequences: self._start_batch(n, s))
         if not self.active and any(self.waiting.values()):
-            time.sleep(self.limits.batch_wait_s / 2)  # let the batching window fill
+            time.sleep(max(self.limits.batch_wait_s / 2, 0.0005))  # let the batching window fill
 
     def _start_batch(self, num_layers: int, sequences: list[Sequence]) -> None:
         batch = self.make_batch(num_layers, sequences)

@@ -119,3 +119,28 @@ def test_overload_is_refused_and_limits_checked(engine):
         engine.resolve_size("tiny-99L", None)
     assert engine.resolve_size("tiny", None) == max(engine.family.sizes)
     assert engine.resolve_size("tiny-6L", 6) == 6
+
+
+def test_mixed_sizes_batch_per_size_and_late_arrivals_join_the_next_batch(llama_pair):
+    batches: list[tuple[int, int]] = []
+    engine = InferenceEngine(load_family(*llama_pair, device="cpu", name="tiny"),
+                             EngineLimits(max_concurrent=16, max_queue=16, max_batch_size=8, batch_wait_ms=50),
+                             on_batch=lambda n, size: batches.append((n, size)))
+    sizes = engine.family.sizes[:3]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+    async def mixed():
+        first = [_run(engine, sizes[i % 3], PROMPTS[i % 4], params) for i in range(12)]
+        wave = asyncio.gather(*first)
+        while len(batches) < 3:  # the first batches are running: the late ones gather for the next ones
+            await asyncio.sleep(0.005)
+        late = await asyncio.gather(*[_run(engine, sizes[i % 3], PROMPTS[0], params) for i in range(6)])
+        return await wave, late
+
+    try:
+        early, late = asyncio.run(mixed())
+    finally:
+        engine.close()
+    assert all(len(r[1]) == 20 for r in early + late)
+    assert sorted(size for _, size in batches[:3]) == [4, 4, 4]
+    assert len(batches) <= 6, batches

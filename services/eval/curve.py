@@ -88,7 +88,32 @@ def write_report(report: dict, out_dir: Path, ablations: dict[str, dict] | None 
             writer.writerow([row["num_layers"], row["parameters"], *[f"{row['perplexity'][t]:.3f}" for t in texts],
                              *[f"{row['naive_perplexity'][t]:.3f}" for t in texts],
                              f"{row['decode_tokens_per_s']:.2f}"])
+    (out_dir / "curve.md").write_text(markdown_table(report, ablations or {}))
     plot_curve(report, out_dir / "curve.png", ablations or {})
+
+
+def markdown_table(report: dict, ablations: dict[str, dict]) -> str:
+    """Per size: perplexity on each text with its change from the size below, naive pruning, ablations, speed."""
+    texts = report["texts"]
+    header = ["layers", "params (M)"]
+    for text in texts:
+        header += [f"ppl {text}", "Δ vs n-1", f"naive {text}"] + [f"{name} {text}" for name in ablations]
+    header.append("greedy tok/s")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    others = {name: {r["num_layers"]: r for r in other["sizes"]} for name, other in ablations.items()}
+    previous = None
+    for row in report["sizes"]:
+        cells = [str(row["num_layers"]), f"{row['parameters'] / 1e6:.1f}"]
+        for text in texts:
+            ppl = row["perplexity"][text]
+            change = f"{(ppl / previous['perplexity'][text] - 1) * 100:+.1f}%" if previous else ""
+            cells += [f"{ppl:.1f}", change, f"{row['naive_perplexity'][text]:,.0f}"]
+            cells += [f"{others[name][row['num_layers']]['perplexity'][text]:.1f}"
+                      if row["num_layers"] in others[name] else "" for name in ablations]
+        cells.append(f"{row['decode_tokens_per_s']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+        previous = row
+    return "\n".join(lines) + "\n"
 
 
 def plot_curve(report: dict, path: Path, ablations: dict[str, dict]) -> None:

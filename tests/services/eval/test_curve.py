@@ -31,3 +31,5 @@ def test_curve_endpoints_determinism_and_report(llama_pair, tmp_path):
     assert saved["sizes"] == report["sizes"] and "ablation" in saved["ablations"]
     assert (tmp_path / "curve.csv").read_text().count("\n") == len(family.sizes) + 1
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "curve.md").read_text().splitlines()
+    assert len(table) == len(family.sizes) + 2 and "ablation python_docs" in table[0]

@@ -11,7 +11,7 @@ import torch
 from services.compat import cache_argument_name
 from services.engine.detokenize import TextTracker
 from services.engine.interface import SamplingParams, StreamDelta, TokenLogprob
-from services.engine.sampling import choose_token, make_generator
+from services.engine.sampling import choose_token, is_greedy, make_generator
 
 
 @dataclass
@@ -80,7 +80,7 @@ class DecodeBatch:
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
         """One token per row; a single argmax for the whole batch when every row is greedy."""
-        if all(seq.params.temperature == 0 for seq in self.sequences):
+        if all(is_greedy(seq.params) for seq in self.sequences):
             return logits.argmax(-1).tolist()
         return [choose_token(logits[row], seq.params, seq.generator) for row, seq in enumerate(self.sequences)]
 

@@ -27,9 +27,18 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: treat it as greedy
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < MIN_TEMPERATURE
+
+
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from one row of logits [vocab]."""
-    if params.temperature == 0:
+    if is_greedy(params):
         return int(logits.argmax())
     probs = filter_logits(logits.float(), params).softmax(-1)
+    if not torch.isfinite(probs).all():
+        return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -54,7 +54,7 @@ class Replica:
         self.process = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         if wait:
-            assert wait_for(lambda: status(self.url + "/ready") == 200), "replica did not become ready"
+            assert wait_for(lambda: status(self.url + "/ready") == 200, 180), "replica did not become ready"
         return self
 
     def signal(self, sig: int) -> None:

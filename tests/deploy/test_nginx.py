@@ -23,7 +23,7 @@ def _served_count(replica: Replica) -> float:
 def replicas(llama_pair):
     started = [Replica(*llama_pair).start(wait=False) for _ in range(2)]
     for replica in started:
-        assert wait_for(lambda r=replica: status(r.url + "/ready") == 200)
+        assert wait_for(lambda r=replica: status(r.url + "/ready") == 200, 180)
     yield started
     for replica in started:
         replica.stop()

@@ -29,7 +29,8 @@ def _fuzz_operation(operation, ran: dict[str, int]) -> None:
     label = f"{operation.method.upper()} {operation.path}"
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
     def fuzz(case):
         ran[label] = ran.get(label, 0) + 1
         # A schema-valid request may still be refused for its context length or limits: that is a 400, by design.

@@ -144,3 +144,11 @@ def test_mixed_sizes_batch_per_size_and_late_arrivals_join_the_next_batch(llama_
     assert all(len(r[1]) == 20 for r in early + late)
     assert sorted(size for _, size in batches[:3]) == [4, 4, 4]
     assert len(batches) <= 6, batches
+
+
+def test_vanishing_temperature_is_greedy_not_a_crash(engine):
+    size = engine.family.sizes[0]
+    greedy = asyncio.run(_run(engine, size, PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)))
+    tiny = asyncio.run(_run(engine, size, PROMPTS[0], SamplingParams(max_tokens=5, temperature=7e-273, seed=1,
+                                                                     ignore_eos=True)))
+    assert tiny == greedy

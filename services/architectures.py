@@ -31,7 +31,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "mistral": _LLAMA_LIKE,
     "gpt_neox": ArchitectureSpec(
         base="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-        norm="gpt_neox.final_layer_norm", rotary="gpt_neox.rotary_emb", head="embed_out",
+        norm="gpt_neox.final_layer_norm", rotary="gpt_neox.rotary_emb", head="lm_head",
         attention="attention"),
 }
 

@@ -55,7 +55,7 @@ def load_student_weights(student: nn.Module, folder: Path, layout: StudentLayout
     for path in weight_files(folder):
         weights.update(load_file(path))
     missing, unexpected = student.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if m not in ("lm_head.weight", "embed_out.weight")]  # tied heads
+    missing = [m for m in missing if m != "lm_head.weight"]  # a tied head is saved once, as the embedding
     if missing or unexpected:
         raise TrainingConfigError(f"{folder} does not match the student: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}")

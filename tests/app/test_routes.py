@@ -135,3 +135,16 @@ def test_tokenize_detokenize_and_native_generate(make_server):
     assert httpx.post(live.url + "/detokenize", json={"tokens": [0, 1, 2]}).json() == {"text": "abc"}
     generated = httpx.post(live.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 2, "num_layers": 3}).json()
     assert generated["model"] == "fake-3L" and generated["outputs"][0]["text"] == "alpha beta "
+
+
+def test_api_keys_never_reach_the_logs(make_server, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    live, _ = make_server(api_keys=["sekret-in-no-log"])
+    for key in ("sekret-in-no-log", "wrong-key-guess"):
+        httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {key}"})
+    assert caplog.records, "nothing was logged: the check would be vacuous"
+    assert all("sekret-in-no-log" not in r.getMessage() and "wrong-key-guess" not in r.getMessage()
+               for r in caplog.records)

@@ -1,6 +1,5 @@
 """Routes over a fake engine: readiness, auth, overload, limits, timeouts, SSE framing, metrics."""
 
-import time
 
 import httpx
 import pytest
@@ -10,15 +9,7 @@ from app.settings import Settings
 from services.errors import InvalidPairError
 from tests.app.fake_engine import FakeEngine, GatedFactory
 from tests.conftest import LiveServer
-
-
-def _wait(predicate, seconds=10):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+from tests.deploy.replicas import wait_for
 
 
 def test_not_ready_while_loading_then_ready():
@@ -26,12 +17,12 @@ def test_not_ready_while_loading_then_ready():
     live = LiveServer(create_app(Settings(), engine_factory=factory))
     live.thread.start()
     try:
-        assert _wait(lambda: _get(live, "/health") == 200)
+        assert wait_for(lambda: _get(live, "/health") == 200)
         assert _get(live, "/ready") == 503
         response = httpx.post(live.url + "/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
         factory.release()
-        assert _wait(lambda: _get(live, "/ready") == 200)
+        assert wait_for(lambda: _get(live, "/ready") == 200)
     finally:
         live.__exit__()
 
@@ -51,7 +42,7 @@ def test_failed_load_reports_and_asks_to_stop():
     live = LiveServer(app)
     live.thread.start()
     try:
-        assert _wait(lambda: stopped == [True])
+        assert wait_for(lambda: stopped == [True])
         assert "hidden_size" in app.state.load_error
     finally:
         live.__exit__()
@@ -104,7 +95,7 @@ def test_request_timeout_is_504_and_frees_the_engine(make_server):
     live, _ = make_server(engine, request_timeout_s=0.3)
     response = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 50}, timeout=10)
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
-    assert _wait(lambda: engine.in_flight == 0)
+    assert wait_for(lambda: engine.in_flight == 0)
 
 
 def test_sse_framing_and_usage(make_server):

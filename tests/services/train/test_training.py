@@ -168,3 +168,18 @@ def test_init_student_continues_from_a_trained_student(llama_pair, corpus, tmp_p
     start = load_file(llama_pair[1] / "model.safetensors")
     torch.testing.assert_close(trained["model.layers.0.mlp.up_proj.weight"],
                                start["model.layers.0.mlp.up_proj.weight"], rtol=0, atol=1e-9)
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_in_use(tmp_path):
+    from services.train.checkpoint import load_latest, save_checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 10, model, {"tokens": 10})
+    partial = root / "step-0000020.tmp"  # what SIGKILL during the next write leaves behind
+    partial.mkdir()
+    (partial / "student.safetensors").write_bytes(b"half a file")
+    latest = load_latest(root)
+    assert latest.step == 10 and latest.state["tokens"] == 10
+    save_checkpoint(root, 20, model, {"tokens": 20})  # the next write replaces the leftover
+    assert load_latest(root).step == 20 and not partial.exists()

@@ -126,6 +126,8 @@ class Trainer:
         self.data: PackedData = build_data(config.data, self.tokenizer, config.seq_len, config.seed)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.step, self.tokens = 0, 0
+        self.seconds_before = 0.0  # training time of earlier segments of a resumed run
+        self.segment_start = time.monotonic()
 
     # -- state -----------------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -137,6 +139,7 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         torch.set_rng_state(checkpoint.state["rng"])
         self.step, self.tokens = checkpoint.step, checkpoint.state["tokens"]
+        self.seconds_before = float(checkpoint.state.get("seconds", 0.0))
         self._truncate_log(self.step)
         log.info("resumed from step %d", self.step)
         return True
@@ -145,7 +148,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "tokens": self.tokens}
+                 "rng": torch.get_rng_state(), "tokens": self.tokens, "seconds": self.seconds}
         save_checkpoint(self.out / "checkpoints", self.step, self.student, state)
         self._write_state(finished=False)
 
@@ -208,8 +211,14 @@ class Trainer:
             with open(self.out / LOG_FILE, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def finish(self, seconds: float) -> dict:
+    @property
+    def seconds(self) -> float:
+        """Training time of the whole run, resumed segments included."""
+        return self.seconds_before + time.monotonic() - self.segment_start
+
+    def finish(self) -> dict:
         """Write the student folder, its manifest entry and the final state (main process only)."""
+        seconds = self.seconds
         if self.dist.is_main:
             self.student.eval()
             save_student(self.student, self.layout, self.out, self.tokenizer)
@@ -249,7 +258,8 @@ def run_training(config: TrainConfig) -> dict:
 def _loop(trainer: Trainer) -> dict:
     from tqdm import tqdm
 
-    config, start = trainer.config, time.monotonic()
+    config = trainer.config
+    trainer.segment_start = time.monotonic()
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not (config.progress
                                                                                             and trainer.dist.is_main))
     while trainer.step < trainer.total_steps:
@@ -268,6 +278,6 @@ def _loop(trainer: Trainer) -> dict:
         if trainer.step % config.save_every == 0 or trainer.step == trainer.total_steps:
             trainer.checkpoint()
     bar.close()
-    summary = trainer.finish(time.monotonic() - start)
+    summary = trainer.finish()
     summary["val_ce"] = trainer.validate()
     return summary

@@ -50,15 +50,34 @@ def read_model_config(folder: Path) -> dict:
     return config
 
 
+def own_memory(model: nn.Module) -> nn.Module:
+    """Copy every parameter into freshly allocated memory (tied ones stay tied).
+
+    Weights loaded from safetensors may live in file-backed pages; measured here, batch-8 decode over them
+    was about 15% slower than over the same weights in fresh memory (docs/bench.json, README).
+    """
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in fresh:
+                    fresh[id(param)] = nn.Parameter(param.data.clone(), requires_grad=param.requires_grad)
+                module._parameters[name] = fresh[id(param)]
+    return model
+
+
 def load_model(folder: Path, dtype: torch.dtype, device: str) -> nn.Module:
-    """A causal LM from safetensors only, no remote code, in eval mode."""
+    """A causal LM from safetensors only, no remote code, in eval mode, in memory of its own."""
     from transformers import AutoModelForCausalLM
 
     read_model_config(folder)
     weight_files(Path(folder))
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    return model.to(device).eval()
+    model = model.to(device)
+    if model.device.type == "cpu":
+        own_memory(model)
+    return model.eval()
 
 
 def load_tokenizer(folder: Path):

@@ -54,6 +54,14 @@ def get_path(module, path: str):
     return module
 
 
+def number_layers(model, layers_path: str, first: int = 0) -> None:
+    """Set `layer_idx` (the KV-cache slot) on every submodule of each decoder layer: first, first+1, …"""
+    for index, layer in enumerate(get_path(model, layers_path)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = first + index
+
+
 def set_path(module, path: str, value) -> None:
     """Set the attribute at the end of a dotted path."""
     parent, _, name = path.rpartition(".")

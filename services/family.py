@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from services.architectures import ArchitectureSpec, get_path, spec_for
+from services.architectures import ArchitectureSpec, get_path, number_layers, spec_for
 from services.assembly import assemble_variant, make_template
 from services.errors import InvalidPairError, UnknownSizeError
 from services.loading import (
@@ -36,11 +36,7 @@ DEFAULT_VARIANT_CACHE_SIZE = 32
 
 def assign_cache_slots(teacher: nn.Module, student: nn.Module, spec: ArchitectureSpec) -> None:
     """Give each layer module a fixed unique KV slot: teacher 0..N-1, student N..N+S-1 (done once, at load)."""
-    offset = len(get_path(teacher, spec.layers))
-    for index, layer in enumerate(get_path(student, spec.layers)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = offset + index
+    number_layers(student, spec.layers, first=len(get_path(teacher, spec.layers)))
 
 
 def share_identical_parameters(teacher: nn.Module, student: nn.Module) -> int:

@@ -9,7 +9,7 @@ import copy
 
 from torch import nn
 
-from services.architectures import get_path, set_path, spec_for
+from services.architectures import get_path, number_layers, set_path, spec_for
 
 
 def _cutoffs(copied: list[int], num_teacher_layers: int, k: int, from_last: bool) -> tuple[int, int]:
@@ -21,13 +21,6 @@ def _cutoffs(copied: list[int], num_teacher_layers: int, k: int, from_last: bool
     return multi[k - 1] + 1, ends[multi[k - 1]]
 
 
-def _renumber(model: nn.Module, layers_path: str) -> None:
-    for index, layer in enumerate(get_path(model, layers_path)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = index
-
-
 def build_reference(teacher: nn.Module, student: nn.Module, copied: list[int], k: int,
                     from_last: bool = True) -> nn.Module:
     """A standalone deep-copied model with k multi-layer blocks patched (k=0: student, all: teacher)."""
@@ -36,7 +29,7 @@ def build_reference(teacher: nn.Module, student: nn.Module, copied: list[int], k
     num_multi = sum(1 for s, e in zip(copied, copied[1:] + [n_teacher]) if e - s > 1)
     if k in (0, num_multi):
         model = copy.deepcopy(student if k == 0 else teacher)
-        _renumber(model, spec.layers)  # the originals may carry a family's shared-cache slots
+        number_layers(model, spec.layers)  # the originals may carry a family's shared-cache slots
         return model.eval()
     s_cut, t_cut = _cutoffs(copied, n_teacher, k, from_last)
     t_layers, s_layers = get_path(teacher, spec.layers), get_path(student, spec.layers)
@@ -55,7 +48,7 @@ def build_reference(teacher: nn.Module, student: nn.Module, copied: list[int], k
     model.config.num_hidden_layers = len(layers)
     if None not in types:
         model.config.layer_types = types
-    _renumber(model, spec.layers)
+    number_layers(model, spec.layers)
     return model.eval()
 
 

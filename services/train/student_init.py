@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from services.architectures import PER_LAYER_CONFIG_FIELDS, get_path, set_path, spec_for
+from services.architectures import PER_LAYER_CONFIG_FIELDS, get_path, number_layers, set_path, spec_for
 from services.errors import TrainingConfigError
 from services.integrity import weight_files
 from services.loading import STUDENT_CONFIG, read_layout
@@ -26,10 +26,7 @@ def init_student(teacher: nn.Module, layout: StudentLayout, random_init: bool = 
         values = getattr(student.config, field, None)
         if values is not None:
             setattr(student.config, field, [values[i] for i in layout.copied_teacher_layers])
-    for index, layer in enumerate(get_path(student, spec.layers)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = index
+    number_layers(student, spec.layers)
     if random_init:
         student.apply(student._init_weights)
         student.tie_weights()

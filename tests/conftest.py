@@ -80,18 +80,44 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, seconds: float = 60) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def status(url: str) -> int | None:
+    """The HTTP status of a GET, or None when nothing answers."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
 class LiveServer:
     """A real uvicorn server on a free loopback port, in a background thread."""
 
     def __init__(self, app):
-        import socket
         import threading
 
         import uvicorn
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -101,20 +127,10 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
-        import time
-
-        import httpx
-
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not become ready")
+        if not wait_for(lambda: status(self.url + "/ready") == 200):
+            raise RuntimeError("server did not become ready")
+        return self
 
     def __exit__(self, *exc):
         self.server.should_exit = True

@@ -8,8 +8,7 @@ from app.main import create_app
 from app.settings import Settings
 from services.errors import InvalidPairError
 from tests.app.fake_engine import FakeEngine, GatedFactory
-from tests.conftest import LiveServer
-from tests.deploy.replicas import wait_for
+from tests.conftest import LiveServer, status, wait_for
 
 
 def test_not_ready_while_loading_then_ready():
@@ -17,21 +16,14 @@ def test_not_ready_while_loading_then_ready():
     live = LiveServer(create_app(Settings(), engine_factory=factory))
     live.thread.start()
     try:
-        assert wait_for(lambda: _get(live, "/health") == 200)
-        assert _get(live, "/ready") == 503
+        assert wait_for(lambda: status(live.url + "/health") == 200)
+        assert status(live.url + "/ready") == 503
         response = httpx.post(live.url + "/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
         factory.release()
-        assert wait_for(lambda: _get(live, "/ready") == 200)
+        assert wait_for(lambda: status(live.url + "/ready") == 200)
     finally:
         live.__exit__()
-
-
-def _get(live, path):
-    try:
-        return httpx.get(live.url + path, timeout=2).status_code
-    except httpx.HTTPError:
-        return None
 
 
 def test_failed_load_reports_and_asks_to_stop():

@@ -8,7 +8,8 @@ import signal
 import httpx
 import pytest
 
-from tests.deploy.replicas import Nginx, Replica, nginx_available, status, wait_for
+from tests.conftest import status, wait_for
+from tests.deploy.replicas import Nginx, Replica, nginx_available
 
 pytestmark = pytest.mark.skipif(not nginx_available(), reason="nginx is not installed (make test installs it)")
 BODY = {"model": "tiny-6L", "prompt": "Hello there", "max_tokens": 8, "temperature": 0}

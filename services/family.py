@@ -27,6 +27,7 @@ from services.loading import (
     parse_dtype,
     read_layout,
     read_model_config,
+    swap_parameters,
 )
 from services.plan import STUDENT, TEACHER, PatchOrder, StudentLayout, VariantPlan, plan_family
 from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
@@ -43,20 +44,14 @@ def share_identical_parameters(teacher: nn.Module, student: nn.Module) -> int:
     """Point student parameters that are bit-identical to the teacher's same-named ones (embeddings kept
     frozen in training) at the teacher's tensors; returns the bytes this saves. Tied parameters stay tied."""
     teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
-    replaced: dict[int, nn.Parameter] = {}
-    saved = 0
-    for name, param in list(student.named_parameters(remove_duplicate=False)):
-        other = replaced.get(id(param))
-        if other is None:
-            other = teacher_params.get(name)
-            if other is None or other.shape != param.shape or other.dtype != param.dtype or not torch.equal(
-                    other, param):
-                continue
-            replaced[id(param)] = other
-            saved += param.numel() * param.element_size()
-        module_name, _, attribute = name.rpartition(".")
-        setattr(student.get_submodule(module_name), attribute, other)
-    return saved
+
+    def identical(name: str, param: nn.Parameter) -> nn.Parameter | None:
+        other = teacher_params.get(name)
+        same = (other is not None and other.shape == param.shape and other.dtype == param.dtype
+                and torch.equal(other, param))
+        return other if same else None
+
+    return sum(p.numel() * p.element_size() for p in swap_parameters(student, identical))
 
 
 @dataclass(frozen=True)

@@ -50,19 +50,29 @@ def read_model_config(folder: Path) -> dict:
     return config
 
 
+def swap_parameters(model: nn.Module, replacement) -> list[nn.Parameter]:
+    """Replace each parameter by `replacement(name, param)` (None keeps it). The choice is made once per
+    tensor, so every tied name of it gets the same replacement; returns the replaced originals."""
+    decided: dict[int, nn.Parameter | None] = {}
+    originals: list[nn.Parameter] = []
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        if id(param) not in decided:
+            decided[id(param)] = replacement(name, param)
+            if decided[id(param)] is not None:
+                originals.append(param)
+        if decided[id(param)] is not None:
+            module_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attribute, decided[id(param)])
+    return originals
+
+
 def own_memory(model: nn.Module) -> nn.Module:
     """Copy every parameter into freshly allocated memory (tied ones stay tied).
 
     Weights loaded from safetensors may live in file-backed pages; measured here, batch-8 decode over them
     was about 15% slower than over the same weights in fresh memory (docs/bench.json, README).
     """
-    fresh: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None:
-                if id(param) not in fresh:
-                    fresh[id(param)] = nn.Parameter(param.data.clone(), requires_grad=param.requires_grad)
-                module._parameters[name] = fresh[id(param)]
+    swap_parameters(model, lambda _, param: nn.Parameter(param.data.clone(), requires_grad=param.requires_grad))
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from services.loading import (
     read_model_config,
     swap_parameters,
 )
-from services.plan import STUDENT, TEACHER, PatchOrder, StudentLayout, VariantPlan, plan_family
+from services.plan import STUDENT, TEACHER, Order, StudentLayout, VariantPlan, parse_order, plan_family
 from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
 
 DEFAULT_VARIANT_CACHE_SIZE = 32
@@ -68,11 +69,11 @@ class Family:
     """Teacher + student + plans; `variant(n)` assembles (and caches) the n-layer model."""
 
     def __init__(self, name: str, teacher: nn.Module, student: nn.Module, layout: StudentLayout,
-                 order: PatchOrder | str, tokenizer=None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
+                 order: Order | str, tokenizer=None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
                  quality: dict | None = None):
         self.name = name
         self.teacher, self.student, self.layout = teacher, student, layout
-        self.order = PatchOrder.parse(order)
+        self.order = parse_order(order)
         self.spec = spec_for(teacher.config.model_type)
         self.tokenizer = tokenizer
         self.quality = quality or {}
@@ -102,6 +103,10 @@ class Family:
                 f"no {num_layers}-layer model in this family; sizes are {self.sizes}", param="num_layers")
         return self.plans[num_layers]
 
+    def assemble(self, plan: VariantPlan) -> nn.Module:
+        """A variant for any plan (not only the family's own), uncached: for searches over plans."""
+        return assemble_variant(plan, self.teacher, self.student, self.spec, self._template)
+
     def variant(self, num_layers: int) -> nn.Module:
         """The n-layer model, assembled on first use and kept in a bounded LRU cache."""
         plan = self.plan(num_layers)
@@ -109,7 +114,7 @@ class Family:
             if num_layers in self._variants:
                 self._variants.move_to_end(num_layers)
                 return self._variants[num_layers]
-            model = assemble_variant(plan, self.teacher, self.student, self.spec, self._template)
+            model = self.assemble(plan)
             self._variants[num_layers] = model
             while len(self._variants) > self.cache_size:
                 self._variants.popitem(last=False)  # drops the shell only; layers stay with teacher/student
@@ -134,7 +139,7 @@ class Family:
 
 
 def load_family(teacher: str | Path | None = None, student: str | Path | None = None, *,
-                pair: str | Path | None = None, order: str | None = None, dtype: str | None = None,
+                pair: str | Path | None = None, order: str | Sequence[int] | None = None, dtype: str | None = None,
                 device: str | None = None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
                 name: str | None = None) -> Family:
     """Load a pair from two HF folders (paper layout) or a `models_store` pair folder (default pair if none)."""

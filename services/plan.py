@@ -7,7 +7,7 @@ teacher layers each student layer stands for; `plan_family` turns a layout and a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -33,6 +33,22 @@ class PatchOrder(StrEnum):
             raise InvalidPairError(
                 f"unknown patch order {value!r}; use one of {sorted(aliases)}", param="order")
         return aliases[value]
+
+
+Order = PatchOrder | tuple[int, ...]  # an end to start from, or the multi-layer blocks in patch order
+
+
+def parse_order(value: str | Sequence[int]) -> Order:
+    """"last", "first", a list of student block indices, or the same list written "2,5,3"."""
+    if isinstance(value, str) and value.replace(",", "").replace(" ", "").isdigit():
+        return tuple(int(part) for part in value.split(","))
+    if isinstance(value, str):
+        return PatchOrder.parse(value)
+    return tuple(int(i) for i in value)
+
+
+def order_to_json(order: Order) -> str | list[int]:
+    return order.value if isinstance(order, PatchOrder) else list(order)
 
 
 @dataclass(frozen=True)
@@ -147,23 +163,52 @@ def _multi_layer_blocks(layout: StudentLayout) -> list[int]:
     return [i for i, block in enumerate(layout.blocks) if len(block) > 1]
 
 
-def _patch_last(layout: StudentLayout, student_cut: int, k: int) -> VariantPlan:
-    teacher_cut = layout.copied_teacher_layers[student_cut]
-    layers = tuple(LayerRef(STUDENT, i) for i in range(student_cut)) + tuple(
-        LayerRef(TEACHER, i) for i in range(teacher_cut, layout.num_teacher_layers))
-    return VariantPlan(len(layers), k, layers, embed=STUDENT, norm=TEACHER, head=TEACHER, rotary=TEACHER)
+def patch_sequence(layout: StudentLayout, order: Order | str | Sequence[int]) -> tuple[int, ...]:
+    """The multi-layer blocks (student indices) in the order they are patched back.
+
+    `order` is "last" (back to front), "first" (front to back) or an explicit sequence, for example a
+    calibrated one; a sequence must name every multi-layer block exactly once.
+    """
+    multi = _multi_layer_blocks(layout)
+    order = parse_order(order)
+    if isinstance(order, PatchOrder):
+        return tuple(reversed(multi)) if order is PatchOrder.LAST_TO_FIRST else tuple(multi)
+    sequence = order
+    if sorted(sequence) != multi:
+        raise InvalidPairError(
+            f"patch order {list(sequence)} must list each multi-layer block {multi} exactly once", param="order")
+    return sequence
 
 
-def _patch_first(layout: StudentLayout, student_cut: int, k: int) -> VariantPlan:
-    teacher_cut = layout.blocks[student_cut - 1][-1] + 1
-    layers = tuple(LayerRef(TEACHER, i) for i in range(teacher_cut)) + tuple(
-        LayerRef(STUDENT, i) for i in range(student_cut, layout.num_student_layers))
-    return VariantPlan(len(layers), k, layers, embed=TEACHER, norm=STUDENT, head=STUDENT, rotary=STUDENT)
+def patched_set(layout: StudentLayout, order: Order | str | Sequence[int], k: int) -> frozenset[int]:
+    """Student layers replaced by their teacher blocks after k patches.
+
+    "last" also patches the single-layer blocks behind the cut (the teacher's own tail and head);
+    "first" those in front of it (the teacher's embedding); an explicit order patches only what it names.
+    """
+    order = parse_order(order)
+    sequence = patch_sequence(layout, order)
+    if k == 0:
+        return frozenset()
+    if order is PatchOrder.LAST_TO_FIRST:
+        return frozenset(range(sequence[k - 1], layout.num_student_layers))
+    if order is PatchOrder.FIRST_TO_LAST:
+        return frozenset(range(sequence[k - 1] + 1))
+    return frozenset(sequence[:k])
 
 
-def plan_variant(layout: StudentLayout, order: PatchOrder | str, k: int) -> VariantPlan:
+def plan_from_patched(layout: StudentLayout, patched: frozenset[int], k: int) -> VariantPlan:
+    """Each student layer in `patched` replaced by its teacher block; the ends follow the end blocks."""
+    layers: list[LayerRef] = []
+    for i, block in enumerate(layout.blocks):
+        layers += [LayerRef(TEACHER, t) for t in block] if i in patched else [LayerRef(STUDENT, i)]
+    embed = TEACHER if 0 in patched else STUDENT
+    tail = TEACHER if layout.num_student_layers - 1 in patched else STUDENT  # final norm, head and rotary
+    return VariantPlan(len(layers), k, tuple(layers), embed=embed, norm=tail, head=tail, rotary=tail)
+
+
+def plan_variant(layout: StudentLayout, order: Order | str | Sequence[int], k: int) -> VariantPlan:
     """The variant with `k` multi-layer blocks patched back (k=0: student, k=max: teacher)."""
-    order = PatchOrder.parse(order)
     multi = _multi_layer_blocks(layout)
     if not 0 <= k <= len(multi):
         raise InvalidPairError(f"k={k} is outside 0..{len(multi)} for this student", param="k")
@@ -171,12 +216,10 @@ def plan_variant(layout: StudentLayout, order: PatchOrder | str, k: int) -> Vari
         return _whole(STUDENT, layout.num_student_layers, 0)
     if k == len(multi):
         return _whole(TEACHER, layout.num_teacher_layers, k)
-    if order is PatchOrder.LAST_TO_FIRST:
-        return _patch_last(layout, multi[-k], k)
-    return _patch_first(layout, multi[k - 1] + 1, k)
+    return plan_from_patched(layout, patched_set(layout, order, k), k)
 
 
-def plan_family(layout: StudentLayout, order: PatchOrder | str) -> dict[int, VariantPlan]:
+def plan_family(layout: StudentLayout, order: Order | str | Sequence[int]) -> dict[int, VariantPlan]:
     """Every reachable layer count mapped to its plan, smallest first."""
     plans = [plan_variant(layout, order, k) for k in range(len(_multi_layer_blocks(layout)) + 1)]
     return {plan.num_layers: plan for plan in plans}

@@ -30,7 +30,7 @@ class Manifest:
     name: str
     teacher: dict
     student: dict
-    order: str = "last"
+    order: str | list[int] = "last"  # "last", "first" or a calibrated list of blocks
     dtype: str = "auto"
     quality: dict = field(default_factory=dict)
 

@@ -16,6 +16,7 @@ import torch
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.interface import SamplingParams
 from services.family import Family
+from services.plan import order_to_json
 from services.reference import build_reference
 
 
@@ -52,7 +53,7 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
     for n in sizes:
         start = time.perf_counter()
         references.append(build_reference(family.teacher, family.student, copied, family.plan(n).patched_blocks,
-                                          from_last=family.order.value == "last"))
+                                          order_to_json(family.order)))
         deepcopy_s[n] = time.perf_counter() - start
     gc.collect()
     rss_references = rss_bytes()

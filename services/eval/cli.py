@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.ablation:
         name, _, student = spec.partition("=")
         teacher_dir = args.teacher or _teacher_dir(family)
-        ablations[name] = evaluate_curve(load_family(teacher_dir, student, order=family.order.value,
+        ablations[name] = evaluate_curve(load_family(teacher_dir, student, order=family.order,
                                                      device="cpu", name=name), **options)
     write_report(report, Path(args.out), ablations)
     if args.update_manifest:

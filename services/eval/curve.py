@@ -15,6 +15,7 @@ from torch import nn
 
 from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
 from services.family import Family
+from services.plan import order_to_json
 from services.train.student_init import init_student
 
 
@@ -70,7 +71,7 @@ def evaluate_curve(family: Family, num_chunks: int = 8, seq_len: int = 256, deco
             {name: perplexity(variant, chunks) for name, chunks in texts.items()},
             {name: perplexity(pruned, chunks) for name, chunks in texts.items()},
             decode_speed(variant, prompt, decode_tokens)))
-    return {"family": family.name, "order": family.order.value, "num_chunks": num_chunks, "seq_len": seq_len,
+    return {"family": family.name, "order": order_to_json(family.order), "num_chunks": num_chunks, "seq_len": seq_len,
             "texts": list(texts), "device": str(family.device), "dtype": str(family.dtype),
             "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
             "sizes": [asdict(r) for r in results]}

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true", help="random student weights (the paper's ablation)")
     parser.add_argument("--freeze-embeddings", action="store_true",
                         help="keep the teacher's embeddings (the student can then share them on disk)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard student and teacher across ranks (FSDP2) instead of DDP")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device")
@@ -54,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         teacher = str(resolve_teacher(Manifest.read(DEFAULT_PAIR)))
     names = ("max_steps", "max_tokens", "save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum",
              "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
-             "freeze_embeddings", "resume", "overwrite", "device", "init_student")
+             "freeze_embeddings", "fsdp", "resume", "overwrite", "device", "init_student")
     weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature,
                           mse=args.w_mse)
     return TrainConfig(teacher=teacher, data=args.data, out=args.out, weights=weights,

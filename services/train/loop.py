@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -11,11 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from services.errors import TrainingConfigError
 from services.integrity import hash_weights
 from services.loading import load_model, load_tokenizer
 from services.plan import layout_from_rule
+from services.train import fsdp
 from services.train.checkpoint import load_latest, save_checkpoint
 from services.train.data import PackedData, build_data
 from services.train.distributed import Distributed
@@ -51,6 +54,7 @@ class TrainConfig:
     random_init: bool = False
     init_student: str | None = None  # continue from an existing student's weights (same layout)
     freeze_embeddings: bool = False
+    fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP replicas
     weights: LossWeights = field(default_factory=LossWeights)
     resume: bool = False
     overwrite: bool = False
@@ -94,8 +98,8 @@ def _prepare_out_dir(config: TrainConfig, out: Path) -> dict | None:
 
 
 def _check_same_run(saved: dict, config: TrainConfig) -> None:
-    for key in ("seed", "batch_size", "seq_len", "grad_accum", "first", "every", "last", "data"):
-        if saved["config"].get(key) != getattr(config, key):
+    for key in ("seed", "batch_size", "seq_len", "grad_accum", "first", "every", "last", "data", "fsdp"):
+        if saved["config"].get(key, False if key == "fsdp" else None) != getattr(config, key):
             raise TrainingConfigError(
                 f"--resume with a different {key} ({getattr(config, key)!r}) than the run ({saved['config'][key]!r})")
 
@@ -109,20 +113,23 @@ class Trainer:
         self.device = dist.device(config.device)
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(config.teacher)
-        self.teacher = load_model(config.teacher, torch.float32, self.device).requires_grad_(False)
-        self.layout = layout_from_rule(self.teacher.config.num_hidden_layers, config.first, config.every, config.last)
-        self.student = init_student(self.teacher, self.layout, config.random_init).train().requires_grad_(True)
+        teacher = load_model(config.teacher, torch.float32, self.device).requires_grad_(False)
+        self.layout = layout_from_rule(teacher.config.num_hidden_layers, config.first, config.every, config.last)
+        self.student = init_student(teacher, self.layout, config.random_init).train().requires_grad_(True)
         if config.init_student:
             load_student_weights(self.student, Path(config.init_student), self.layout)
         if config.freeze_embeddings:
             self.student.get_input_embeddings().requires_grad_(False)
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        # FSDP: rank 0 keeps a whole CPU copy to gather checkpoints into (the shards live in self.student)
+        self.whole = copy.deepcopy(self.student).cpu() if dist.fsdp and dist.is_main else self.student
+        self.teacher = dist.prepare_teacher(teacher)
+        self.model = dist.wrap(self.student)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]  # after wrap: FSDP swaps them
         self.total_steps = config.total_steps(dist.world_size)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.95),
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.warmup_steps, self.total_steps))
-        self.model = dist.wrap(self.student)
         self.data: PackedData = build_data(config.data, self.tokenizer, config.seq_len, config.seed)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.step, self.tokens = 0, 0
@@ -134,8 +141,14 @@ class Trainer:
         checkpoint = load_latest(self.out / "checkpoints")
         if checkpoint is None:
             return False
-        checkpoint.load_weights_into(self.student)
-        self.optimizer.load_state_dict(checkpoint.state["optimizer"])
+        if self.dist.fsdp:
+            if self.dist.is_main:
+                checkpoint.load_weights_into(self.whole)
+            fsdp.load_full_weights(self.student, self.whole.state_dict() if self.dist.is_main else {})
+            fsdp.load_full_optimizer_state(self.student, self.optimizer, checkpoint.state["optimizer"])
+        else:
+            checkpoint.load_weights_into(self.student)
+            self.optimizer.load_state_dict(checkpoint.state["optimizer"])
         self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         torch.set_rng_state(checkpoint.state["rng"])
         self.step, self.tokens = checkpoint.step, checkpoint.state["tokens"]
@@ -145,12 +158,28 @@ class Trainer:
         return True
 
     def checkpoint(self) -> None:
+        """Every rank must call (FSDP gathers); rank 0 writes."""
+        optimizer_state = self._gather_optimizer_state()
+        student = self._gather_student()
         if not self.dist.is_main:
             return
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "rng": torch.get_rng_state(), "tokens": self.tokens, "seconds": self.seconds}
-        save_checkpoint(self.out / "checkpoints", self.step, self.student, state)
+        save_checkpoint(self.out / "checkpoints", self.step, student, state)
         self._write_state(finished=False)
+
+    def _gather_student(self) -> nn.Module:
+        """The whole student with the current weights (under FSDP: on rank 0, gathered from the shards)."""
+        if self.dist.fsdp:
+            weights = fsdp.full_weights(self.student)
+            if self.dist.is_main:
+                self.whole.load_state_dict(weights)
+        return self.whole
+
+    def _gather_optimizer_state(self) -> dict:
+        if self.dist.fsdp:
+            return fsdp.full_optimizer_state(self.student, self.optimizer)
+        return self.optimizer.state_dict()
 
     def _write_state(self, finished: bool) -> None:
         record = {"finished": finished, "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
@@ -191,6 +220,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.config.tokens_per_step * self.dist.world_size
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         return {**sums, "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
@@ -219,13 +250,14 @@ class Trainer:
     def finish(self) -> dict:
         """Write the student folder, its manifest entry and the final state (main process only)."""
         seconds = self.seconds
+        student = self._gather_student()
         if self.dist.is_main:
-            self.student.eval()
-            save_student(self.student, self.layout, self.out, self.tokenizer)
+            save_student(student.eval(), self.layout, self.out, self.tokenizer)
             entry = {"student": {"path": ".", "sha256": hash_weights(self.out)},
                      "student_config": self.layout.to_student_config(),
                      "training": {"steps": self.step, "tokens": self.tokens, "seconds": round(seconds, 1),
                                   "device": str(self.device), "world_size": self.dist.world_size,
+                                  "strategy": self.dist.strategy,
                                   "recipe": {**asdict(self.config.weights), "lr": self.config.lr,
                                              "freeze_embeddings": self.config.freeze_embeddings,
                                              "random_init": self.config.random_init,
@@ -244,7 +276,7 @@ def run_training(config: TrainConfig) -> dict:
         if saved["finished"]:
             log.info("run in %s is already finished (%d steps)", out, saved["step"])
             return {"steps": saved["step"], "tokens": saved["tokens"], "seconds": 0.0, "already_finished": True}
-    dist = Distributed.from_env()
+    dist = Distributed.from_env(fsdp=config.fsdp)
     try:
         out.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, dist)

@@ -19,7 +19,7 @@ def test_other_architectures_match_the_reference(model_type, tmp_path):
         family = load_family(teacher_dir, student_dir, order=order, device="cpu")
         copied = list(family.layout.copied_teacher_layers)
         for n in family.sizes:
-            reference = build_reference(teacher, student, copied, family.plan(n).patched_blocks, order == "last")
+            reference = build_reference(teacher, student, copied, family.plan(n).patched_blocks, order)
             with torch.no_grad():
                 torch.testing.assert_close(family.variant(n)(TOKENS).logits, reference(TOKENS, use_cache=False).logits)
         model = family.variant(family.sizes[1])

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from services.errors import IntegrityError, InvalidPairError, UnknownSizeError
 from services.family import load_family
+from services.plan import patch_sequence
 from services.reference import build_reference
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 61, 11, 8]])
@@ -26,12 +27,29 @@ def test_every_size_matches_deep_copied_reference(tiny_pair, order):
     copied = list(family.layout.copied_teacher_layers)
     for n in family.sizes:
         k = family.plan(n).patched_blocks
-        reference = build_reference(teacher, student, copied, k, from_last=order == "last")
+        reference = build_reference(teacher, student, copied, k, order)
         assert reference.config.num_hidden_layers == n
         with torch.no_grad():
             expected = reference(TOKENS, use_cache=False).logits
             actual = family.variant(n)(TOKENS).logits
         torch.testing.assert_close(actual, expected)
+
+
+def test_an_explicit_patch_order_matches_its_reference_and_decodes_with_the_cache(tiny_pair):
+    teacher_dir, student_dir = tiny_pair
+    layout = load_family(teacher_dir, student_dir, device="cpu").layout
+    multi = list(patch_sequence(layout, "first"))
+    order = multi[1:] + multi[:1]  # interleaves teacher blocks between student layers
+    family = load_family(teacher_dir, student_dir, order=order, device="cpu")
+    teacher, student = load_standalone(teacher_dir), load_standalone(student_dir)
+    for n in family.sizes[1:-1]:
+        reference = build_reference(teacher, student, list(layout.copied_teacher_layers),
+                                    family.plan(n).patched_blocks, order)
+        with torch.no_grad():
+            torch.testing.assert_close(family.variant(n)(TOKENS).logits, reference(TOKENS, use_cache=False).logits)
+            expected = reference.generate(TOKENS[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            actual = family.variant(n).generate(TOKENS[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert actual.tolist() == expected.tolist()
 
 
 def test_endpoints_are_exactly_teacher_and_student(tiny_pair):

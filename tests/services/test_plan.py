@@ -10,6 +10,8 @@ from services.plan import (
     PatchOrder,
     layout_from_rule,
     layout_from_student_config,
+    order_to_json,
+    parse_order,
     plan_family,
 )
 
@@ -76,3 +78,28 @@ def test_every_three_skips_unreachable_counts():
 def test_unknown_order_is_refused():
     with pytest.raises(InvalidPairError, match="unknown patch order"):
         plan_family(layout_from_rule(8), "middle")
+
+
+def test_an_explicit_order_patches_only_the_blocks_it_names():
+    layout = layout_from_rule(30)
+    plans = plan_family(layout, [2, 5, 3, 4, 9, 10, 11, 0, 1, 13, 12, 7, 8, 6])
+    assert sorted(plans) == list(range(16, 31))
+    seventeen = plans[17]
+    assert seventeen.layers[:2] == (LayerRef(STUDENT, 0), LayerRef(STUDENT, 1))
+    assert seventeen.layers[2:4] == (LayerRef(TEACHER, 4), LayerRef(TEACHER, 5))
+    assert seventeen.layers[4:] == tuple(LayerRef(STUDENT, i) for i in range(3, 16))
+    assert (seventeen.embed, seventeen.norm, seventeen.head) == (STUDENT, STUDENT, STUDENT)
+    assert plans[24].embed == TEACHER  # block 0 is patched 8th
+    assert plans[30].is_teacher
+
+
+def test_orders_parse_from_manifest_and_command_line_forms():
+    assert parse_order("last") is PatchOrder.LAST_TO_FIRST
+    assert parse_order("2,5, 3") == (2, 5, 3) == parse_order([2, 5, 3])
+    assert order_to_json(parse_order("first")) == "first" and order_to_json((2, 5)) == [2, 5]
+
+
+@pytest.mark.parametrize("order", [[0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 13], [14] + list(range(13))])
+def test_an_order_must_name_every_multi_layer_block_once(order):
+    with pytest.raises(InvalidPairError, match="exactly once"):
+        plan_family(layout_from_rule(30), order)

@@ -93,6 +93,14 @@ def _add_eval(sub) -> None:
     parser.set_defaults(handler=run)
 
 
+def _add_calibrate(sub) -> None:
+    from services.eval.calibrate_cli import add_arguments, run
+
+    parser = sub.add_parser("calibrate", help="search the patch order that costs least per size (greedy)")
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
 def _add_bench(sub) -> None:
     from services.bench.cli import add_arguments, run
 
@@ -101,7 +109,7 @@ def _add_bench(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-_EXTRA_COMMANDS: list = [_add_serve, _add_eval, _add_bench]
+_EXTRA_COMMANDS: list = [_add_serve, _add_eval, _add_calibrate, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

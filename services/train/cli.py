@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=_WEIGHTS.temperature)
     parser.add_argument("--w-mse", type=float, default=_WEIGHTS.mse,
                         help="relative squared-error alignment of the same hidden states (aligns norms too; 0 = off)")
+    parser.add_argument("--w-patch", type=float, default=_WEIGHTS.patch,
+                        help="KL to the teacher of one patched variant per micro-step (family-aware; 0 = off)")
+    parser.add_argument("--patch-order", default="last",
+                        help="the order --w-patch draws variants from: last, first or a calibrated 2,5,3,...")
     parser.add_argument("--init-student", help="continue from this trained student's weights (same layout)")
     parser.add_argument("--random-init", action="store_true", help="random student weights (the paper's ablation)")
     parser.add_argument("--freeze-embeddings", action="store_true",
@@ -56,9 +60,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         teacher = str(resolve_teacher(Manifest.read(DEFAULT_PAIR)))
     names = ("max_steps", "max_tokens", "save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum",
              "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
-             "freeze_embeddings", "fsdp", "resume", "overwrite", "device", "init_student")
+             "freeze_embeddings", "patch_order", "fsdp", "resume", "overwrite", "device", "init_student")
     weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature,
-                          mse=args.w_mse)
+                          mse=args.w_mse, patch=args.w_patch)
     return TrainConfig(teacher=teacher, data=args.data, out=args.out, weights=weights,
                        progress=not args.no_progress, **{n: getattr(args, n) for n in names})
 

@@ -22,7 +22,8 @@ from services.train import fsdp
 from services.train.checkpoint import load_latest, save_checkpoint
 from services.train.data import PackedData, build_data
 from services.train.distributed import Distributed
-from services.train.losses import LossWeights, distillation_loss
+from services.train.losses import LossWeights, distillation_loss, kl_divergence
+from services.train.patching import PatchedVariants
 from services.train.student_init import init_student, load_student_weights, save_student
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class TrainConfig:
     random_init: bool = False
     init_student: str | None = None  # continue from an existing student's weights (same layout)
     freeze_embeddings: bool = False
+    patch_order: str = "last"  # which variants --w-patch distils: "last", "first" or "2,5,3,..."
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP replicas
     weights: LossWeights = field(default_factory=LossWeights)
     resume: bool = False
@@ -125,6 +127,11 @@ class Trainer:
         self.teacher = dist.prepare_teacher(teacher)
         self.model = dist.wrap(self.student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]  # after wrap: FSDP swaps them
+        self.patched = None
+        if config.weights.patch:
+            if dist.world_size > 1:
+                raise TrainingConfigError("--w-patch runs in one process only (not yet under DDP or FSDP)")
+            self.patched = PatchedVariants(self.teacher, self.student, self.layout, config.patch_order, config.seed)
         self.total_steps = config.total_steps(dist.world_size)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.95),
                                            weight_decay=config.weight_decay)
@@ -205,6 +212,10 @@ class Trainer:
             student_out = self.model(inputs, output_hidden_states=True, use_cache=False)
             loss, terms = distillation_loss(student_out, teacher_out, labels, mask,
                                             self.layout.aligned_hidden_states, self.config.weights)
+            if self.patched is not None:
+                variant_logits = self.patched.sample(index)(inputs, use_cache=False).logits  # [b, seq, vocab]
+                patch = kl_divergence(variant_logits, teacher_out.logits, mask, self.config.weights.temperature)
+                loss, terms = loss + self.config.weights.patch * patch, {**terms, "patch": float(patch.detach())}
         (loss / self.config.grad_accum).backward()
         return {**terms, "loss": float(loss.detach())}
 
@@ -261,7 +272,8 @@ class Trainer:
                                   "recipe": {**asdict(self.config.weights), "lr": self.config.lr,
                                              "freeze_embeddings": self.config.freeze_embeddings,
                                              "random_init": self.config.random_init,
-                                             "init_student": self.config.init_student}}}
+                                             "init_student": self.config.init_student,
+                                             "patch_order": self.config.patch_order}}}
             (self.out / ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n")
             self._write_state(finished=True)
         return {"steps": self.step, "tokens": self.tokens, "seconds": seconds}
@@ -304,7 +316,7 @@ def _loop(trainer: Trainer) -> dict:
         if config.eval_every and trainer.step % config.eval_every == 0:
             record["val_ce"] = trainer.validate()
         trainer.log_step(record)
-        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ce", "kl", "cos", "mse", "tokens_per_s")
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ce", "kl", "cos", "mse", "patch", "tokens_per_s")
                          if k in record})
         bar.update(1)
         if trainer.step % config.save_every == 0 or trainer.step == trainer.total_steps:

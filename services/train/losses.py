@@ -21,6 +21,7 @@ class LossWeights:
     cos: float = 2.0
     temperature: float = 1.0
     mse: float = 0.0
+    patch: float = 0.0  # KL of a randomly patched variant to the teacher (computed by the trainer)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def distillation_loss(student_out, teacher_out, labels: torch.Tensor, mask: torc
         terms["cos"] = cosine_alignment(student_out.hidden_states, teacher_out.hidden_states, pairs, mask)
     if weights.mse:
         terms["mse"] = relative_mse_alignment(student_out.hidden_states, teacher_out.hidden_states, pairs, mask)
-    if not terms:
+    if not terms and not weights.patch:
         raise ValueError("every loss term is switched off")
-    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    total = sum((getattr(weights, name) * value for name, value in terms.items()), torch.zeros(()))
     return total, {name: float(value.detach()) for name, value in terms.items()}

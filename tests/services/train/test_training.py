@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from services.errors import TrainingConfigError
+from services.errors import BoomerangError, TrainingConfigError
 from services.plan import layout_from_rule
 from services.train.loop import TrainConfig, run_training
 from services.train.losses import LossWeights
@@ -210,3 +210,20 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_in_use(tmp_path):
     assert latest.step == 10 and latest.state["tokens"] == 10
     save_checkpoint(root, 20, model, {"tokens": 20})  # the next write replaces the leftover
     assert load_latest(root).step == 20 and not partial.exists()
+
+
+def test_family_aware_term_distils_patched_variants_and_lowers_their_kl(llama_pair, corpus, tmp_path):
+    out = tmp_path / "run"
+    weights = LossWeights(ce=0, kl=1, cos=20, patch=1)
+    run_training(tiny_config(llama_pair[0], corpus, out, lr=3e-4, weights=weights, patch_order="first"))
+    records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    first, last = (sum(r["patch"] for r in part) / len(part) for part in (records[:5], records[-5:]))
+    assert last < 0.8 * first, (first, last)
+    recipe = json.loads((out / "manifest_entry.json").read_text())["training"]["recipe"]
+    assert recipe["patch"] == 1 and recipe["patch_order"] == "first"
+
+
+def test_family_aware_term_with_an_unknown_order_is_refused(llama_pair, corpus, tmp_path):
+    weights = LossWeights(patch=1)
+    with pytest.raises(BoomerangError, match="patch order"):
+        run_training(tiny_config(llama_pair[0], corpus, tmp_path / "run", weights=weights, patch_order="sideways"))

@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     pair: str | None = Field(None, description="models_store pair folder (default: the default pair)")
     teacher: str | None = Field(None, description="teacher folder (paper layout; with --student)")
     student: str | None = Field(None, description="student folder holding student_config.json")
-    order: str | None = Field(None, description="patch order: last or first (default: the pair's)")
+    order: str | None = Field(None, description="patch order: last, first or blocks 2,5,3,... (default: the pair's)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 … (default: bf16 on GPU, fp32 on CPU)")
     name: str | None = Field(None, description="family id served (default: the pair's name)")

@@ -14,6 +14,7 @@ import torch
 
 from services.bench.measure import (
     bandwidth_bound,
+    matmul_ceiling,
     memory_and_switching,
     memory_bandwidth_gbs,
     rss_bytes,
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     del references
     bandwidth = memory_bandwidth_gbs(256 if args.quick else 1024)
     bandwidth_bound(speed, bandwidth)
+    matmul_ceiling(family, speed)
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
               "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                           "device": str(family.device), "dtype": str(family.dtype),
@@ -113,6 +115,7 @@ def _chart(report: dict, path: Path) -> None:
         left.plot(layers, [r[f"standalone_tok_s_b{batch}"] for r in speed], style.replace("-", "--"),
                   label=f"standalone generate(), batch {batch}")
     left.plot(layers, [r["bound_tok_s_b1"] for r in speed], "k:", label="bandwidth bound, batch 1")
+    left.plot(layers, [r["matmul_only_tok_s_b1"] for r in speed], "k-.", label="weight matmuls alone, batch 1")
     left.set_xlabel("decoder layers")
     left.set_ylabel("decode tokens/s")
     left.set_yscale("log")

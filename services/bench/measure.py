@@ -142,3 +142,24 @@ def bandwidth_bound(rows: list[dict], bandwidth_gbs: float) -> None:
         bound = bandwidth_gbs * 1e9 / row["bytes"]
         row["bound_tok_s_b1"] = bound
         row["fraction_of_bound_b1"] = row["tok_s_b1"] / bound
+
+
+@torch.inference_mode()
+def matmul_ceiling(family: Family, rows: list[dict], repeats: int = 5) -> None:
+    """Adds the batch-1 rate of a size's weight matmuls alone (every Linear once, nothing else), and fractions.
+
+    No decode loop over these kernels can beat this rate; it separates the kernels' distance from the
+    bandwidth bound from the loop's (framework) overhead.
+    """
+    for row in rows:
+        linears = [m for m in family.variant(row["num_layers"]).modules() if isinstance(m, torch.nn.Linear)]
+        inputs = {m.in_features: torch.randn(1, m.in_features, dtype=family.dtype) for m in linears}  # [1, in]
+
+        def matmuls(linears=linears, inputs=inputs) -> None:
+            for module in linears:
+                torch.nn.functional.linear(inputs[module.in_features], module.weight)  # [1, out]
+        matmuls()
+        seconds = statistics.median(timed(matmuls, repeats=1) for _ in range(repeats))
+        row["matmul_only_tok_s_b1"] = 1 / seconds
+        row["matmul_only_fraction_of_bound"] = row["matmul_only_tok_s_b1"] / row["bound_tok_s_b1"]
+        row["fraction_of_matmul_only_b1"] = row["tok_s_b1"] / row["matmul_only_tok_s_b1"]

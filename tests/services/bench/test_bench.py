@@ -23,4 +23,7 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
     assert all(row["tok_s_b1"] > 0 and row["standalone_tok_s_b1"] > 0 for row in report["speed"])
     assert [r["concurrency"] for r in report["served"]["mixed_sizes"]] == [1, 4, 16]
     assert report["machine"]["bandwidth_gbs"] > 0
+    for row in report["speed"]:  # the kernels' ceiling sits between our loop and the bound it explains
+        assert row["matmul_only_tok_s_b1"] > 0
+        assert row["fraction_of_matmul_only_b1"] == row["tok_s_b1"] / row["matmul_only_tok_s_b1"]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

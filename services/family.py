@@ -19,6 +19,7 @@ from torch import nn
 from services.architectures import ArchitectureSpec, get_path, number_layers, spec_for
 from services.assembly import assemble_variant, make_template
 from services.errors import InvalidPairError, UnknownSizeError
+from services.fast_linear import enable_fast_linear, native_kernels_wanted
 from services.loading import (
     check_pair,
     check_tokenizers,
@@ -161,6 +162,8 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
         check_tokenizers(tokenizer, load_tokenizer(student))
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
-    return Family(name or f"{teacher.name}-boomerang", load_model(teacher, torch_dtype, device),
-                  load_model(student, torch_dtype, device), layout, order or "last", tokenizer,
-                  cache_size, quality)
+    teacher_model, student_model = load_model(teacher, torch_dtype, device), load_model(student, torch_dtype, device)
+    if native_kernels_wanted() and torch.device(device).type == "cpu" and torch_dtype == torch.float32:
+        enable_fast_linear(teacher_model, student_model)
+    return Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
+                  tokenizer, cache_size, quality)

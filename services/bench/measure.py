@@ -16,6 +16,7 @@ import torch
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.interface import SamplingParams
 from services.family import Family
+from services.fast_linear import disable_fast_linear
 from services.plan import order_to_json
 from services.reference import build_reference
 
@@ -52,8 +53,10 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
     references, deepcopy_s = [], {}
     for n in sizes:
         start = time.perf_counter()
-        references.append(build_reference(family.teacher, family.student, copied, family.plan(n).patched_blocks,
-                                          order_to_json(family.order)))
+        reference = build_reference(family.teacher, family.student, copied, family.plan(n).patched_blocks,
+                                    order_to_json(family.order))
+        disable_fast_linear(reference)  # the baseline is stock transformers
+        references.append(reference)
         deepcopy_s[n] = time.perf_counter() - start
     gc.collect()
     rss_references = rss_bytes()
@@ -148,8 +151,9 @@ def bandwidth_bound(rows: list[dict], bandwidth_gbs: float) -> None:
 def matmul_ceiling(family: Family, rows: list[dict], repeats: int = 5) -> None:
     """Adds the batch-1 rate of a size's weight matmuls alone (every Linear once, nothing else), and fractions.
 
-    No decode loop over these kernels can beat this rate; it separates the kernels' distance from the
-    bandwidth bound from the loop's (framework) overhead.
+    Each Linear runs as the variant runs it (the native GEMV where enabled). No decode loop over these
+    kernels can beat this rate; it separates the kernels' distance from the bandwidth bound from the
+    loop's (framework) overhead.
     """
     for row in rows:
         linears = [m for m in family.variant(row["num_layers"]).modules() if isinstance(m, torch.nn.Linear)]
@@ -157,7 +161,7 @@ def matmul_ceiling(family: Family, rows: list[dict], repeats: int = 5) -> None:
 
         def matmuls(linears=linears, inputs=inputs) -> None:
             for module in linears:
-                torch.nn.functional.linear(inputs[module.in_features], module.weight)  # [1, out]
+                module(inputs[module.in_features])  # [1, out]
         matmuls()
         seconds = statistics.median(timed(matmuls, repeats=1) for _ in range(repeats))
         row["matmul_only_tok_s_b1"] = 1 / seconds

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from services.errors import IntegrityError, InvalidPairError, UnknownSizeError
 from services.family import load_family
+from services.fast_linear import enable_fast_linear
 from services.plan import patch_sequence
 from services.reference import build_reference
 
@@ -55,9 +56,11 @@ def test_an_explicit_patch_order_matches_its_reference_and_decodes_with_the_cach
 def test_endpoints_are_exactly_teacher_and_student(tiny_pair):
     teacher_dir, student_dir = tiny_pair
     family = load_family(teacher_dir, student_dir, device="cpu")
+    teacher, student = load_standalone(teacher_dir), load_standalone(student_dir)
+    enable_fast_linear(teacher, student)  # the same kernels as the family: then bit for bit
     with torch.no_grad():
-        teacher_logits = load_standalone(teacher_dir)(TOKENS).logits
-        student_logits = load_standalone(student_dir)(TOKENS).logits
+        teacher_logits = teacher(TOKENS).logits
+        student_logits = student(TOKENS).logits
         torch.testing.assert_close(family.variant(max(family.sizes))(TOKENS).logits, teacher_logits,
                                    rtol=0, atol=0)
         torch.testing.assert_close(family.variant(min(family.sizes))(TOKENS).logits, student_logits,

@@ -10,7 +10,7 @@ from services.errors import BoomerangError
 
 
 def _import_teacher(args: argparse.Namespace) -> int:
-    """Convert the teacher once (and unpack the pair's student, when it ships one) into the cache."""
+    """Convert the teacher once (and unpack the pair's student, when it ships one) into the cache; build kernels."""
     from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
 
     manifest = Manifest.read(args.pair or DEFAULT_PAIR)
@@ -18,6 +18,9 @@ def _import_teacher(args: argparse.Namespace) -> int:
     print(f"teacher: {teacher}")
     if manifest.student.get("sha256"):
         print(f"student: {resolve_student(manifest, teacher)}")
+    from services.kernels.gemv import load_gemv
+
+    print(f"native decode kernel: {'built' if load_gemv() is not None else 'unavailable (torch matmul serves)'}")
     return 0
 
 

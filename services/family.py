@@ -82,6 +82,7 @@ class Family:
         self.cache_size = max(1, cache_size)
         self._variants: OrderedDict[int, nn.Module] = OrderedDict()
         self._lock = threading.Lock()
+        self._size_info: dict[int, SizeInfo] = {}
         assign_cache_slots(teacher, student, self.spec)
         self.shared_bytes = share_identical_parameters(teacher, student)
         self._template = make_template(teacher, student)
@@ -126,6 +127,12 @@ class Family:
             return list(self._variants)
 
     def size_info(self, num_layers: int) -> SizeInfo:
+        """Parameters and bytes of one size (counted once per size: plans and weights never change)."""
+        if num_layers not in self._size_info:
+            self._size_info[num_layers] = self._count(num_layers)
+        return self._size_info[num_layers]
+
+    def _count(self, num_layers: int) -> SizeInfo:
         plan = self.plan(num_layers)
         sources = {TEACHER: self.teacher, STUDENT: self.student}
         modules = [get_path(sources[ref.source], self.spec.layers)[ref.index] for ref in plan.layers]

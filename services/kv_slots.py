@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from services.kv_buffer import GrowingLayer
 
 
 class SlotCache(DynamicCache):
@@ -18,6 +21,7 @@ class SlotCache(DynamicCache):
 
     def __init__(self, config, slot_to_position: Mapping[int, int]):
         super().__init__(config=config)
+        self.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.slot_to_position = dict(slot_to_position)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

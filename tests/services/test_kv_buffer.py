@@ -1,0 +1,32 @@
+"""The in-place KV layer against plain concatenation: same keys and values, views of one growing buffer."""
+
+import torch
+
+from services.kv_buffer import MIN_CAPACITY, GrowingLayer
+
+
+def _chunks(generator, sizes):
+    return [(torch.randn(2, 3, n, 4, generator=generator), torch.randn(2, 3, n, 4, generator=generator))
+            for n in sizes]
+
+
+def test_appends_like_concatenation_and_reallocates_by_doubling():
+    layer, generator = GrowingLayer(), torch.Generator().manual_seed(0)
+    chunks = _chunks(generator, [50] + [1] * 100)  # a prefill, then decode steps
+    buffers = set()
+    for i, (k, v) in enumerate(chunks):
+        keys, values = layer.update(k, v)
+        buffers.add(layer._key_buffer.data_ptr())
+        torch.testing.assert_close(keys, torch.cat([c[0] for c in chunks[: i + 1]], dim=-2), rtol=0, atol=0)
+        torch.testing.assert_close(values, torch.cat([c[1] for c in chunks[: i + 1]], dim=-2), rtol=0, atol=0)
+    assert layer.get_seq_length() == 150
+    assert len(buffers) == 3 and layer._key_buffer.shape[-2] == 4 * MIN_CAPACITY  # 64 -> 128 -> 256
+
+
+def test_crop_then_update_continues_from_the_cropped_states():
+    layer, generator = GrowingLayer(), torch.Generator().manual_seed(1)
+    (k1, v1), (k2, v2) = _chunks(generator, [10, 3])
+    layer.update(k1, v1)
+    layer.crop(-4)  # keep 6
+    keys, _ = layer.update(k2, v2)
+    torch.testing.assert_close(keys, torch.cat([k1[..., :6, :], k2], dim=-2), rtol=0, atol=0)

@@ -32,7 +32,8 @@ def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
                           max_model_len=settings.max_total_tokens)
     return build_engine(pair=settings.pair, teacher=settings.teacher, student=settings.student,
                         order=settings.order, device=settings.device, dtype=settings.dtype, name=settings.name,
-                        variant_cache_size=settings.variant_cache_size, limits=limits,
+                        variant_cache_size=settings.variant_cache_size, native_kernels=settings.native_kernels,
+                        limits=limits,
                         on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size))
 
 

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 … (default: bf16 on GPU, fp32 on CPU)")
     name: str | None = Field(None, description="family id served (default: the pair's name)")
+    native_kernels: bool = Field(True, description="fp32 CPU decode through the native AVX2 GEMV kernel "
+                                                   "(false: torch's matmul)")
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = no auth")
     max_prompt_tokens: int = Field(4096, ge=1)
     max_total_tokens: int = Field(8192, ge=1, description="prompt + completion")

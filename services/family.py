@@ -149,7 +149,7 @@ class Family:
 def load_family(teacher: str | Path | None = None, student: str | Path | None = None, *,
                 pair: str | Path | None = None, order: str | Sequence[int] | None = None, dtype: str | None = None,
                 device: str | None = None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
-                name: str | None = None) -> Family:
+                name: str | None = None, native_kernels: bool | None = None) -> Family:
     """Load a pair from two HF folders (paper layout) or a `models_store` pair folder (default pair if none)."""
     quality: dict = {}
     if teacher is None and student is None:
@@ -170,7 +170,8 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     teacher_model, student_model = load_model(teacher, torch_dtype, device), load_model(student, torch_dtype, device)
-    if native_kernels_wanted() and torch.device(device).type == "cpu" and torch_dtype == torch.float32:
+    native = native_kernels_wanted() if native_kernels is None else native_kernels
+    if native and torch.device(device).type == "cpu" and torch_dtype == torch.float32:
         enable_fast_linear(teacher_model, student_model)
     return Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
                   tokenizer, cache_size, quality)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", help="student folder (with --teacher)")
     parser.add_argument("--data", default="shakespeare",
                         help="calibration text: the validation rows of this training corpus (never its train rows)")
-    parser.add_argument("--chunks", type=int, default=4, help="rows of calibration text")
+    parser.add_argument("--chunks", type=int, default=16, help="rows of calibration text (the trainer holds out 16)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="the corpus split seed (the trainer's --seed)")
     parser.add_argument("--out", default="runs/calibrate", help="folder for calibration.json")

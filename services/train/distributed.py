@@ -50,13 +50,13 @@ class Distributed:
         if self.world_size == 1:
             return model
         if self.fsdp:
-            return fsdp.shard(model, next(model.parameters()).device.type)
+            return fsdp.shard(model)
         device_ids = [self.local_rank] if torch.cuda.is_available() else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Under FSDP the frozen teacher is sharded too (it is the larger model); otherwise kept whole."""
-        return fsdp.shard(teacher, next(teacher.parameters()).device.type) if self.fsdp else teacher
+        return fsdp.shard(teacher) if self.fsdp else teacher
 
     def close(self) -> None:
         if self.world_size > 1 and torch_dist.is_initialized():

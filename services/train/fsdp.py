@@ -26,9 +26,9 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tenso
 _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # rank 0's full tensors to all
 
 
-def shard(model: nn.Module, device_type: str) -> nn.Module:
+def shard(model: nn.Module) -> nn.Module:
     """Shards every decoder layer, then the rest (embedding, norm, head) as the root unit; in place."""
-    mesh = init_device_mesh(device_type, (torch_dist.get_world_size(),))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (torch_dist.get_world_size(),))
     for layer in get_path(model, spec_for(model.config.model_type).layers):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

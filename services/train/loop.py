@@ -99,11 +99,17 @@ def _prepare_out_dir(config: TrainConfig, out: Path) -> dict | None:
     return None
 
 
+# settings a resumed run must share with its start; the value is what a run saved before the key existed used
+_SAME_RUN_KEYS = {"seed": None, "batch_size": None, "seq_len": None, "grad_accum": None, "first": None,
+                  "every": None, "last": None, "data": None, "fsdp": False}
+
+
 def _check_same_run(saved: dict, config: TrainConfig) -> None:
-    for key in ("seed", "batch_size", "seq_len", "grad_accum", "first", "every", "last", "data", "fsdp"):
-        if saved["config"].get(key, False if key == "fsdp" else None) != getattr(config, key):
+    for key, missing in _SAME_RUN_KEYS.items():
+        before = saved["config"].get(key, missing)
+        if before != getattr(config, key):
             raise TrainingConfigError(
-                f"--resume with a different {key} ({getattr(config, key)!r}) than the run ({saved['config'][key]!r})")
+                f"--resume with a different {key} ({getattr(config, key)!r}) than the run ({before!r})")
 
 
 class Trainer:

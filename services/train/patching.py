@@ -13,7 +13,7 @@ from torch import nn
 
 from services.architectures import spec_for
 from services.assembly import assemble_variant, make_template
-from services.plan import StudentLayout, VariantPlan, patch_sequence, plan_variant
+from services.plan import StudentLayout, VariantPlan, plan_family
 
 
 class PatchedVariants:
@@ -23,8 +23,7 @@ class PatchedVariants:
         self.teacher, self.student = teacher, student
         self.spec = spec_for(teacher.config.model_type)
         self.template = make_template(teacher, student)
-        num_blocks = len(patch_sequence(layout, order))
-        self.plans: list[VariantPlan] = [plan_variant(layout, order, k) for k in range(1, num_blocks)]
+        self.plans: list[VariantPlan] = list(plan_family(layout, order).values())[1:-1]  # not student, teacher
         self.seed = seed
 
     def sample(self, index: int) -> nn.Module:

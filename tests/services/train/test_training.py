@@ -227,3 +227,13 @@ def test_family_aware_term_with_an_unknown_order_is_refused(llama_pair, corpus, 
     weights = LossWeights(patch=1)
     with pytest.raises(BoomerangError, match="patch order"):
         run_training(tiny_config(llama_pair[0], corpus, tmp_path / "run", weights=weights, patch_order="sideways"))
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed_names_the_difference(llama_pair, corpus, tmp_path):
+    out = tmp_path / "run"
+    run_training(tiny_config(llama_pair[0], corpus, out, max_steps=2, save_every=1))
+    state = json.loads((out / "train_state.json").read_text())
+    del state["config"]["fsdp"]  # as written before --fsdp existed
+    (out / "train_state.json").write_text(json.dumps({**state, "finished": False}))
+    with pytest.raises(TrainingConfigError, match="different fsdp"):
+        run_training(tiny_config(llama_pair[0], corpus, out, max_steps=2, resume=True, fsdp=True))

@@ -12,6 +12,7 @@ from services.compat import cache_argument_name
 from services.engine.detokenize import TextTracker
 from services.engine.interface import SamplingParams, StreamDelta, TokenLogprob
 from services.engine.sampling import choose_token, is_greedy, make_generator
+from services.fused_decode import fused_decoder
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DecodeBatch:
         self.cache_arg = cache_argument_name(type(model))
         self.attention_mask: torch.Tensor | None = None  # [batch, seen]
         self.positions: torch.Tensor | None = None  # [batch, 1]
+        self.fused = fused_decoder(model)  # native per-layer decode steps, or None (transformers forward)
         for seq in sequences:
             seq.tracker = TextTracker(tokenizer, seq.params.stop)
             seq.generator = make_generator(seq.params.seed, self.device)
@@ -76,7 +78,11 @@ class DecodeBatch:
         input_ids = self.next_tokens[:, None]  # [batch, 1]
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(input_ids)], dim=1)
         self.positions = self.positions + 1  # [batch, 1]
-        self._advance(self._forward(input_ids, self.positions))
+        if self.fused is not None and self.fused.accepts(len(self.sequences), self.cache):
+            logits = self.fused.step(input_ids, self.positions, self.attention_mask, self.cache)  # [batch, vocab]
+        else:
+            logits = self._forward(input_ids, self.positions)
+        self._advance(logits)
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
         """One token per row; a single argmax for the whole batch when every row is greedy."""

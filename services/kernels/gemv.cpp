@@ -1,6 +1,6 @@
 // y[b, :] = W x[b, :] (+ bias) for a few rows b: fp32, AVX2 + FMA, weight rows streamed once.
 // Decode is bound by reading the weights; ATen's fp32 GEMM path for one or a few rows reads them
-// at about half this machine's bandwidth. Four weight rows at a time share each load of x.
+// at about half this machine's bandwidth. Eight weight rows at a time share each load of x.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,22 +18,27 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(sums, shuffled));
 }
 
-// Rows [first, first + Count) of W against one input row x (Count fixed so the loop unrolls).
+float tail_dot(const float* w, const float* x, int64_t count) {
+  float sum = 0;
+  for (int64_t i = 0; i < count; ++i) sum += w[i] * x[i];
+  return sum;
+}
+
+// Rows [first, first + Count) of W against one input row x (Count fixed so the loop unrolls). Out of line,
+// with the tail (in % 8) added after the reduction: otherwise GCC kept the accumulators on the stack.
 template <int Count>
-inline void dot_rows(const float* W, const float* x, int64_t in, int64_t first, float* y) {
+__attribute__((noinline)) void dot_rows(const float* W, const float* x, int64_t in, int64_t first, float* y) {
+  const int64_t full = in - in % 8;
   __m256 acc[Count];
   for (int r = 0; r < Count; ++r) acc[r] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= in; i += 8) {
+  for (int64_t i = 0; i < full; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
     for (int r = 0; r < Count; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(W + (first + r) * in + i), xv, acc[r]);
   }
-  for (int r = 0; r < Count; ++r) {
-    float sum = horizontal_sum(acc[r]);
-    for (int64_t j = i; j < in; ++j) sum += W[(first + r) * in + j] * x[j];
-    y[first + r] = sum;
-  }
+  for (int r = 0; r < Count; ++r) y[first + r] = horizontal_sum(acc[r]);
+  if (full != in)
+    for (int r = 0; r < Count; ++r) y[first + r] += tail_dot(W + (first + r) * in + full, x + full, in - full);
 }
 
 }  // namespace

@@ -30,3 +30,17 @@ def test_crop_then_update_continues_from_the_cropped_states():
     layer.crop(-4)  # keep 6
     keys, _ = layer.update(k2, v2)
     torch.testing.assert_close(keys, torch.cat([k1[..., :6, :], k2], dim=-2), rtol=0, atol=0)
+
+
+def test_reserve_and_advance_let_a_writer_fill_positions_in_place():
+    layer, generator = GrowingLayer(), torch.Generator().manual_seed(2)
+    (k1, v1), *steps = _chunks(generator, [MIN_CAPACITY - 1, 1, 1, 1])
+    layer.update(k1, v1)
+    for i, (k, v) in enumerate(steps):
+        keys, values, length = layer.reserve(1)  # [batch, kv_heads, capacity, head_dim]
+        assert length == MIN_CAPACITY - 1 + i and keys.shape[-2] > length
+        keys[..., length, :], values[..., length, :] = k[..., 0, :], v[..., 0, :]
+        layer.advance(length + 1)
+    assert layer._key_buffer.shape[-2] == 2 * MIN_CAPACITY  # grew once, keeping what was written
+    torch.testing.assert_close(layer.keys, torch.cat([k1] + [k for k, _ in steps], dim=-2), rtol=0, atol=0)
+    torch.testing.assert_close(layer.values, torch.cat([v1] + [v for _, v in steps], dim=-2), rtol=0, atol=0)

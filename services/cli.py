@@ -18,9 +18,12 @@ def _import_teacher(args: argparse.Namespace) -> int:
     print(f"teacher: {teacher}")
     if manifest.student.get("sha256"):
         print(f"student: {resolve_student(manifest, teacher)}")
+    from services.kernels.decoder_step import load_decoder_step
     from services.kernels.gemv import load_gemv
 
-    print(f"native decode kernel: {'built' if load_gemv() is not None else 'unavailable (torch matmul serves)'}")
+    print(f"native GEMV kernel: {'built' if load_gemv() is not None else 'unavailable (torch matmul serves)'}")
+    built = load_decoder_step() is not None
+    print(f"native decoder-step kernel: {'built' if built else 'unavailable (the transformers forward serves)'}")
     return 0
 
 

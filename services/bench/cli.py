@@ -16,7 +16,6 @@ from services.bench.measure import (
     bandwidth_bound,
     matmul_ceiling,
     memory_and_switching,
-    memory_bandwidth_gbs,
     rss_bytes,
     speed_per_size,
 )
@@ -52,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     steps, batches = (8, [1, 8]) if args.quick else (32, [1, 8])
     speed = speed_per_size(family, references, batches, steps)
     del references
-    bandwidth = memory_bandwidth_gbs(256 if args.quick else 1024)
-    bandwidth_bound(speed, bandwidth)
+    bandwidth = bandwidth_bound(family, speed, rounds=3 if args.quick else 9)
     matmul_ceiling(family, speed)
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
               "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),

@@ -79,11 +79,16 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
     }, dict(zip(sizes, references))
 
 
+def _runner(model, tokenizer, eos: set[int], batch: int, prompt: list[int], max_tokens: int) -> DecodeBatch:
+    """The engine's own batch loop on `batch` greedy copies of `prompt` (not yet prefilled)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    seqs = [Sequence(list(prompt), params, lambda _: None) for _ in range(batch)]
+    return DecodeBatch(model, seqs, tokenizer, eos, pad_id=0)
+
+
 def _ours_decode(model, tokenizer, eos: set[int], batch: int, prompt: list[int], steps: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for `steps` steps) of the engine's own batch loop."""
-    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
-    seqs = [Sequence(list(prompt), params, lambda _: None) for _ in range(batch)]
-    runner = DecodeBatch(model, seqs, tokenizer, eos, pad_id=0)
+    runner = _runner(model, tokenizer, eos, batch, prompt, steps + 1)
     start = time.perf_counter()
     runner.prefill()
     prefilled = time.perf_counter()
@@ -131,20 +136,37 @@ def speed_per_size(family: Family, references: dict, batch_sizes: list[int], ste
     return rows
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth of this machine as torch sees it: a large fp32 sum, all threads."""
-    data = torch.ones(megabytes * 2**20 // 4)
+def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, rounds: int = 9, steps: int = 8,
+                    megabytes: int = 256) -> float:
+    """Adds to each row the batch-1 decode rate that reading every weight once per token allows, and our
+    fraction of it; returns the median bandwidth seen.
+
+    This machine's bandwidth moves with its neighbours' load (26 to 75 GB/s within an hour here), so each
+    round reads it (median of three sums of random data) right before timing `steps` decode steps, and the
+    fraction is the median over rounds of decode rate / bound at that moment.
+    """
+    data = torch.randn(megabytes * 2**20 // 4)
     data.sum()
-    seconds = timed(lambda: data.sum(), repeats=repeats)
-    return data.numel() * 4 / seconds / 1e9
-
-
-def bandwidth_bound(rows: list[dict], bandwidth_gbs: float) -> None:
-    """Adds to each row: the decode rate that reading every weight once per token allows, and our fraction of it."""
+    tokenizer, eos, seen = family.tokenizer, {family.tokenizer.eos_token_id}, []
+    prompt = [10 + i % min(1000, len(tokenizer) - 10) for i in range(prompt_len)]
     for row in rows:
-        bound = bandwidth_gbs * 1e9 / row["bytes"]
-        row["bound_tok_s_b1"] = bound
-        row["fraction_of_bound_b1"] = row["tok_s_b1"] / bound
+        runner = _runner(family.variant(row["num_layers"]), tokenizer, eos, 1, prompt, rounds * steps + 4)
+        runner.prefill()
+        runner.step()
+        fractions, bandwidths = [], []
+        for _ in range(rounds):
+            bandwidth = data.numel() * 4 / timed(lambda: data.sum(), repeats=3) / 1e9
+            start = time.perf_counter()
+            for _ in range(steps):
+                runner.step()
+            seconds = time.perf_counter() - start
+            fractions.append(steps / seconds / (bandwidth * 1e9 / row["bytes"]))
+            bandwidths.append(bandwidth)
+        row["bandwidth_gbs"] = statistics.median(bandwidths)
+        row["bound_tok_s_b1"] = row["bandwidth_gbs"] * 1e9 / row["bytes"]
+        row["fraction_of_bound_b1"] = statistics.median(fractions)
+        seen += bandwidths
+    return statistics.median(seen)
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <cmath>
 #include <vector>
@@ -57,52 +58,52 @@ struct Projection {
 
 constexpr int kRows = 8;  // 8 accumulators + x fit the 16 AVX2 registers
 
-// y = x W^T (+ b) for several projections of the same input x [batch, in], one parallel pass over all rows.
-void project(const std::vector<Projection>& projections, const float* x, int64_t batch, int64_t in,
-             int64_t y_stride) {
+// y = x W^T (+ b) for several projections of the same input x [batch, in]: this thread's share
+// (`part` of `parts`) of all their 8-row groups, so one parallel pass covers them all.
+void project_part(const std::vector<Projection>& projections, const float* x, int64_t batch, int64_t in,
+                  int64_t y_stride, int part, int parts) {
   std::vector<int64_t> first_group{0};
   for (const auto& p : projections) first_group.push_back(first_group.back() + (p.out + kRows - 1) / kRows);
-  at::parallel_for(0, first_group.back(), 8, [&](int64_t begin, int64_t end) {
-    size_t which = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (g >= first_group[which + 1]) ++which;
-      const Projection& p = projections[which];
-      const int64_t row = (g - first_group[which]) * kRows, count = std::min<int64_t>(kRows, p.out - row);
-      const float* rows[kRows];
-      for (int r = 0; r < kRows; ++r) rows[r] = p.weight + (row + std::min<int64_t>(r, count - 1)) * in;
-      for (int64_t b = 0; b < batch; ++b) {
-        float out[kRows];
-        dot_rows<kRows>(rows, x + b * in, in, out);
-        for (int64_t r = 0; r < count; ++r)
-          p.y[b * y_stride + p.offset + row + r] = out[r] + (p.bias ? p.bias[row + r] : 0.f);
-      }
+  const int64_t total = first_group.back(), begin = total * part / parts, end = total * (part + 1) / parts;
+  size_t which = 0;
+  for (int64_t g = begin; g < end; ++g) {
+    while (g >= first_group[which + 1]) ++which;
+    const Projection& p = projections[which];
+    const int64_t row = (g - first_group[which]) * kRows, count = std::min<int64_t>(kRows, p.out - row);
+    const float* rows[kRows];
+    for (int r = 0; r < kRows; ++r) rows[r] = p.weight + (row + std::min<int64_t>(r, count - 1)) * in;
+    for (int64_t b = 0; b < batch; ++b) {
+      float out[kRows];
+      dot_rows<kRows>(rows, x + b * in, in, out);
+      for (int64_t r = 0; r < count; ++r)
+        p.y[b * y_stride + p.offset + row + r] = out[r] + (p.bias ? p.bias[row + r] : 0.f);
     }
-  });
+  }
 }
 
-// act[b, j] = silu(gate_j . x_b) * (up_j . x_b): four gate rows and four up rows share each load of x.
-void gated_mlp_up(const float* gate, const float* up, const float* x, int64_t batch, int64_t in, int64_t inter,
-                  float* act) {
+// act[b, j] = silu(gate_j . x_b) * (up_j . x_b), this thread's share: four gate rows and four up rows
+// share each load of x.
+void gated_mlp_part(const float* gate, const float* up, const float* x, int64_t batch, int64_t in, int64_t inter,
+                    float* act, int part, int parts) {
   constexpr int kHalf = 4;
-  at::parallel_for(0, (inter + kHalf - 1) / kHalf, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t row = g * kHalf, count = std::min<int64_t>(kHalf, inter - row);
-      const float* rows[2 * kHalf];
-      for (int r = 0; r < kHalf; ++r) {
-        const int64_t index = row + std::min<int64_t>(r, count - 1);
-        rows[r] = gate + index * in;
-        rows[kHalf + r] = up + index * in;
-      }
-      for (int64_t b = 0; b < batch; ++b) {
-        float out[2 * kHalf];
-        dot_rows<2 * kHalf>(rows, x + b * in, in, out);
-        for (int64_t r = 0; r < count; ++r) {
-          const float g_value = out[r];
-          act[b * inter + row + r] = g_value / (1.f + std::exp(-g_value)) * out[kHalf + r];
-        }
+  const int64_t total = (inter + kHalf - 1) / kHalf, begin = total * part / parts, end = total * (part + 1) / parts;
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t row = g * kHalf, count = std::min<int64_t>(kHalf, inter - row);
+    const float* rows[2 * kHalf];
+    for (int r = 0; r < kHalf; ++r) {
+      const int64_t index = row + std::min<int64_t>(r, count - 1);
+      rows[r] = gate + index * in;
+      rows[kHalf + r] = up + index * in;
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+      float out[2 * kHalf];
+      dot_rows<2 * kHalf>(rows, x + b * in, in, out);
+      for (int64_t r = 0; r < count; ++r) {
+        const float g_value = out[r];
+        act[b * inter + row + r] = g_value / (1.f + std::exp(-g_value)) * out[kHalf + r];
       }
     }
-  });
+  }
 }
 
 // out[b] = x[b] / rms(x[b]) * weight, over rows of `width` (also used per head, for q/k norms).
@@ -130,13 +131,74 @@ void rotate(float* v, int64_t heads, int64_t head_dim, const float* cos, const f
 
 const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
+// One layer's shapes and the step's scratch buffers.
+struct Step {
+  int64_t batch, width, heads, kv_heads, head_dim, capacity, length, inter;
+  int64_t q_width, kv_width, qkv_width;
+  std::vector<float> normed, qkv, attn, mlp, projected;
+};
+
+// Per row: optional q/k norms, rotary embedding, and this step's keys and values into the cache.
+void position_and_cache(Step& st, const std::vector<torch::Tensor>& weights, double qk_norm_eps,
+                        const float* cos, const float* sin, float* keys, float* values) {
+  for (int64_t b = 0; b < st.batch; ++b) {
+    float* q = st.qkv.data() + b * st.qkv_width;
+    float* k = q + st.q_width;
+    const float* v = k + st.kv_width;
+    if (weights[9].numel()) rms_norm(q, weights[9].data_ptr<float>(), st.heads, st.head_dim, qk_norm_eps, q);
+    if (weights[10].numel()) rms_norm(k, weights[10].data_ptr<float>(), st.kv_heads, st.head_dim, qk_norm_eps, k);
+    rotate(q, st.heads, st.head_dim, cos + b * st.head_dim, sin + b * st.head_dim);
+    rotate(k, st.kv_heads, st.head_dim, cos + b * st.head_dim, sin + b * st.head_dim);
+    for (int64_t kh = 0; kh < st.kv_heads; ++kh) {
+      const int64_t slot = ((b * st.kv_heads + kh) * st.capacity + st.length) * st.head_dim;
+      std::copy(k + kh * st.head_dim, k + (kh + 1) * st.head_dim, keys + slot);
+      std::copy(v + kh * st.head_dim, v + (kh + 1) * st.head_dim, values + slot);
+    }
+  }
+}
+
+// Softmax attention over the cache for (row, head) tasks [begin, end), skipping masked positions.
+void attend(Step& st, int64_t begin, int64_t end, const float* keys, const float* values, const int64_t* allowed,
+            double scaling) {
+  const int64_t seen = st.length + 1, dim = st.head_dim, group = st.heads / st.kv_heads;
+  std::vector<float> scores(seen);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / st.heads, head = task % st.heads, kh = head / group;
+    const float* q = st.qkv.data() + b * st.qkv_width + head * dim;
+    const float* k = keys + (b * st.kv_heads + kh) * st.capacity * dim;
+    const float* v = values + (b * st.kv_heads + kh) * st.capacity * dim;
+    float best = -INFINITY;
+    for (int64_t t = 0; t < seen; ++t) {
+      if (!allowed[b * seen + t]) { scores[t] = -INFINITY; continue; }
+      float dot = 0;
+      for (int64_t i = 0; i < dim; ++i) dot += q[i] * k[t * dim + i];
+      scores[t] = dot * float(scaling);
+      best = std::max(best, scores[t]);
+    }
+    float total = 0;
+    for (int64_t t = 0; t < seen; ++t) total += (scores[t] = std::exp(scores[t] - best));
+    float* out = st.attn.data() + b * st.q_width + head * dim;
+    std::fill(out, out + dim, 0.f);
+    for (int64_t t = 0; t < seen; ++t) {
+      const float p = scores[t] / total;
+      if (p != 0.f)
+        for (int64_t i = 0; i < dim; ++i) out[i] += p * v[t * dim + i];
+    }
+  }
+}
+
+void add_into(float* h, const std::vector<float>& delta) {
+  for (size_t i = 0; i < delta.size(); ++i) h[i] += delta[i];
+}
+
 }  // namespace
 
 // weights: [input_norm, q, q_bias, k, k_bias, v, v_bias, o, o_bias, q_norm, k_norm, post_norm, gate, up, down]
 // (an empty tensor where a layer has none). hidden [B, hidden_size] is updated in place.
 // key_cache, value_cache: [B, kv_heads, capacity, head_dim]; positions < `length` are filled, this step
 // writes position `length`. mask [B, length + 1]: 0 where a (left-padding) position must not be attended.
-// cos, sin: [B, head_dim] for this step's positions.
+// cos, sin: [B, head_dim] for this step's positions. One parallel region for the whole layer: its threads
+// meet at barriers between phases instead of being started for each matmul.
 void decoder_layer_step(torch::Tensor hidden, const std::vector<torch::Tensor>& weights, torch::Tensor key_cache,
                         torch::Tensor value_cache, int64_t length, const torch::Tensor& mask,
                         const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t kv_heads,
@@ -145,71 +207,55 @@ void decoder_layer_step(torch::Tensor hidden, const std::vector<torch::Tensor>& 
   TORCH_CHECK(hidden.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
               mask.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "contiguous inputs only");
   TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.size(1) == length + 1, "mask [B, length + 1], int64");
-  const int64_t batch = hidden.size(0), width = hidden.size(1), head_dim = key_cache.size(3);
-  const int64_t capacity = key_cache.size(2), inter = weights[12].size(0), group = heads / kv_heads;
-  TORCH_CHECK(length < capacity, "KV cache full");
-  const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
+  TORCH_CHECK(length < key_cache.size(2), "KV cache full");
+  Step st;
+  st.batch = hidden.size(0), st.width = hidden.size(1), st.heads = heads, st.kv_heads = kv_heads;
+  st.head_dim = key_cache.size(3), st.capacity = key_cache.size(2), st.length = length;
+  st.inter = weights[12].size(0), st.q_width = heads * st.head_dim, st.kv_width = kv_heads * st.head_dim;
+  st.qkv_width = st.q_width + 2 * st.kv_width;
+  st.normed.resize(st.batch * st.width), st.qkv.resize(st.batch * st.qkv_width);
+  st.attn.resize(st.batch * st.q_width), st.mlp.resize(st.batch * st.inter), st.projected.resize(st.batch * st.width);
   float* h = hidden.data_ptr<float>();
-  std::vector<float> normed(batch * width), qkv(batch * qkv_width), attn(batch * q_width), mlp(batch * inter);
-
-  rms_norm(h, weights[0].data_ptr<float>(), batch, width, norm_eps, normed.data());
-  project({{weights[1].data_ptr<float>(), optional_data(weights[2]), q_width, qkv.data(), 0},
-           {weights[3].data_ptr<float>(), optional_data(weights[4]), kv_width, qkv.data(), q_width},
-           {weights[5].data_ptr<float>(), optional_data(weights[6]), kv_width, qkv.data(), q_width + kv_width}},
-          normed.data(), batch, width, qkv_width);
   float* keys = key_cache.data_ptr<float>();
   float* values = value_cache.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    float* q = qkv.data() + b * qkv_width;
-    float* k = q + q_width;
-    const float* v = k + kv_width;
-    if (weights[9].numel()) rms_norm(q, weights[9].data_ptr<float>(), heads, head_dim, qk_norm_eps, q);
-    if (weights[10].numel()) rms_norm(k, weights[10].data_ptr<float>(), kv_heads, head_dim, qk_norm_eps, k);
-    rotate(q, heads, head_dim, cos.data_ptr<float>() + b * head_dim, sin.data_ptr<float>() + b * head_dim);
-    rotate(k, kv_heads, head_dim, cos.data_ptr<float>() + b * head_dim, sin.data_ptr<float>() + b * head_dim);
-    for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      const int64_t slot = ((b * kv_heads + kh) * capacity + length) * head_dim;
-      std::copy(k + kh * head_dim, k + (kh + 1) * head_dim, keys + slot);
-      std::copy(v + kh * head_dim, v + (kh + 1) * head_dim, values + slot);
+  const std::vector<Projection> qkv{
+      {weights[1].data_ptr<float>(), optional_data(weights[2]), st.q_width, st.qkv.data(), 0},
+      {weights[3].data_ptr<float>(), optional_data(weights[4]), st.kv_width, st.qkv.data(), st.q_width},
+      {weights[5].data_ptr<float>(), optional_data(weights[6]), st.kv_width, st.qkv.data(), st.q_width + st.kv_width}};
+  const std::vector<Projection> o{{weights[7].data_ptr<float>(), optional_data(weights[8]), st.width,
+                                   st.projected.data(), 0}};
+  const std::vector<Projection> down{{weights[14].data_ptr<float>(), nullptr, st.width, st.projected.data(), 0}};
+  const int64_t tasks = st.batch * heads;
+  const bool parallel_attention = (length + 1) * st.head_dim * tasks >= (1 << 15);  // short contexts: one thread
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+#pragma omp single
+    rms_norm(h, weights[0].data_ptr<float>(), st.batch, st.width, norm_eps, st.normed.data());
+    project_part(qkv, st.normed.data(), st.batch, st.width, st.qkv_width, part, parts);
+#pragma omp barrier
+#pragma omp single
+    position_and_cache(st, weights, qk_norm_eps, cos.data_ptr<float>(), sin.data_ptr<float>(), keys, values);
+    if (parallel_attention) {
+      attend(st, tasks * part / parts, tasks * (part + 1) / parts, keys, values, mask.data_ptr<int64_t>(), scaling);
+    } else if (part == 0) {
+      attend(st, 0, tasks, keys, values, mask.data_ptr<int64_t>(), scaling);
     }
+#pragma omp barrier
+    project_part(o, st.attn.data(), st.batch, st.q_width, st.width, part, parts);
+#pragma omp barrier
+#pragma omp single
+    {
+      add_into(h, st.projected);
+      rms_norm(h, weights[11].data_ptr<float>(), st.batch, st.width, norm_eps, st.normed.data());
+    }
+    gated_mlp_part(weights[12].data_ptr<float>(), weights[13].data_ptr<float>(), st.normed.data(), st.batch,
+                   st.width, st.inter, st.mlp.data(), part, parts);
+#pragma omp barrier
+    project_part(down, st.mlp.data(), st.batch, st.inter, st.width, part, parts);
   }
-  const int64_t* allowed = mask.data_ptr<int64_t>();
-  const int64_t attention_grain = std::max<int64_t>(1, (1 << 15) / ((length + 1) * head_dim));  // short: 1 thread
-  at::parallel_for(0, batch * heads, attention_grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(length + 1);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, head = task % heads, kh = head / group;
-      const float* q = qkv.data() + b * qkv_width + head * head_dim;
-      const float* k = keys + (b * kv_heads + kh) * capacity * head_dim;
-      const float* v = values + (b * kv_heads + kh) * capacity * head_dim;
-      float best = -INFINITY;
-      for (int64_t t = 0; t <= length; ++t) {
-        if (!allowed[b * (length + 1) + t]) { scores[t] = -INFINITY; continue; }
-        float dot = 0;
-        for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * k[t * head_dim + i];
-        scores[t] = dot * float(scaling);
-        best = std::max(best, scores[t]);
-      }
-      float total = 0;
-      for (int64_t t = 0; t <= length; ++t) total += (scores[t] = std::exp(scores[t] - best));
-      float* out = attn.data() + b * q_width + head * head_dim;
-      std::fill(out, out + head_dim, 0.f);
-      for (int64_t t = 0; t <= length; ++t) {
-        const float p = scores[t] / total;
-        if (p != 0.f)
-          for (int64_t i = 0; i < head_dim; ++i) out[i] += p * v[t * head_dim + i];
-      }
-    }
-  });
-  std::vector<float> projected(batch * width);
-  project({{weights[7].data_ptr<float>(), optional_data(weights[8]), width, projected.data(), 0}},
-          attn.data(), batch, q_width, width);
-  for (int64_t i = 0; i < batch * width; ++i) h[i] += projected[i];
-  rms_norm(h, weights[11].data_ptr<float>(), batch, width, norm_eps, normed.data());
-  gated_mlp_up(weights[12].data_ptr<float>(), weights[13].data_ptr<float>(), normed.data(), batch, width, inter,
-               mlp.data());
-  project({{weights[14].data_ptr<float>(), nullptr, width, projected.data(), 0}}, mlp.data(), batch, inter, width);
-  for (int64_t i = 0; i < batch * width; ++i) h[i] += projected[i];
+  add_into(h, st.projected);
 }
 
 // Final norm and output layer for a few rows: logits [B, vocab].
@@ -219,8 +265,9 @@ torch::Tensor norm_and_head(const torch::Tensor& hidden, const torch::Tensor& no
   std::vector<float> normed(batch * width);
   rms_norm(hidden.data_ptr<float>(), norm_weight.data_ptr<float>(), batch, width, eps, normed.data());
   auto logits = torch::empty({batch, vocab}, hidden.options());
-  project({{head_weight.data_ptr<float>(), nullptr, vocab, logits.data_ptr<float>(), 0}}, normed.data(), batch,
-          width, vocab);
+  const std::vector<Projection> head{{head_weight.data_ptr<float>(), nullptr, vocab, logits.data_ptr<float>(), 0}};
+#pragma omp parallel num_threads(at::get_num_threads())
+  project_part(head, normed.data(), batch, width, vocab, omp_get_thread_num(), omp_get_num_threads());
   return logits;
 }
 

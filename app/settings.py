@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(16, ge=1, description="sequences decoding at once")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_concurrent; more get 429")
     max_batch_size: int = Field(8, ge=1)
+    mix_sizes: bool = Field(True, description="requests of different sizes share decode batches (native decode "
+                                              "step only); false: one batch per size")
     batch_wait_ms: float = Field(5.0, ge=0)
     variant_cache_size: int = Field(32, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)

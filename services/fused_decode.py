@@ -52,7 +52,8 @@ class FusedLayer:
     scaling: float
 
 
-def _fused_layer(layer: nn.Module) -> FusedLayer | None:
+def fused_layer(layer: nn.Module) -> FusedLayer | None:
+    """The kernel's view of one decoder layer, or None where the kernel cannot run it."""
     tensors = layer_tensors(layer)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
@@ -121,7 +122,7 @@ def _build(model: nn.Module) -> FusedDecoder | None:
     if type(head) is not FastLinear or head.bias is not None:  # native kernels off for this model, or a biased head
         return None
     kernel = load_decoder_step()
-    layers = [_fused_layer(layer) for layer in get_path(model, spec.layers)]
+    layers = [fused_layer(layer) for layer in get_path(model, spec.layers)]
     if kernel is None or any(layer is None for layer in layers):
         return None
     return FusedDecoder(model, layers, kernel)

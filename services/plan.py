@@ -223,3 +223,22 @@ def plan_family(layout: StudentLayout, order: Order | str | Sequence[int]) -> di
     """Every reachable layer count mapped to its plan, smallest first."""
     plans = [plan_variant(layout, order, k) for k in range(len(_multi_layer_blocks(layout)) + 1)]
     return {plan.num_layers: plan for plan in plans}
+
+
+def block_choices(layout: StudentLayout, plan: VariantPlan) -> tuple[bool, ...]:
+    """Per student block, whether the plan runs the teacher's layers for it (patched) or the student's layer.
+
+    Every plan walks the student's blocks in order, which is what lets sizes share a decode batch.
+    """
+    choices, position = [], 0
+    for index, block in enumerate(layout.blocks):
+        if plan.layers[position] == LayerRef(STUDENT, index):
+            choices.append(False)
+            position += 1
+        elif plan.layers[position:position + len(block)] == tuple(LayerRef(TEACHER, t) for t in block):
+            choices.append(True)
+            position += len(block)
+        else:
+            raise AssertionError(f"plan of {plan.num_layers} layers does not follow the student's blocks")
+    assert position == len(plan.layers), "plan has layers beyond the student's blocks"
+    return tuple(choices)

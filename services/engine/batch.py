@@ -26,6 +26,7 @@ class Sequence:
     finished: bool = False
     tracker: TextTracker | None = None
     generator: torch.Generator | None = None
+    num_layers: int | None = None  # the size asked for (needed where a batch mixes sizes)
 
     @property
     def done(self) -> bool:

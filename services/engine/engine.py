@@ -12,9 +12,12 @@ import torch
 
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.interface import ModelCard, SamplingParams, ScoreResult, StreamDelta
+from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import Scheduler, SchedulerLimits
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
+
+MIXED = "mixed"  # the scheduler key of batches that mix sizes
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,14 @@ class EngineLimits:
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     max_model_len: int | None = None
+    mix_sizes: bool = True  # requests of different sizes share decode batches (where the native step serves)
 
 
 class InferenceEngine:
     """Implements `services.engine.interface.Engine` for a loaded `Family`."""
 
     def __init__(self, family: Family, limits: EngineLimits = EngineLimits(),
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int | str, int], None] | None = None):
         self.family, self.limits = family, limits
         self.tokenizer = family.tokenizer
         self.family_name = family.name
@@ -39,6 +43,7 @@ class InferenceEngine:
         eos = family.teacher.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.mix_sizes = limits.mix_sizes and mixable(family)
         self._in_flight = 0
         self._lock = threading.Lock()
         self.scheduler = Scheduler(self._make_batch, SchedulerLimits(
@@ -115,8 +120,10 @@ class InferenceEngine:
                 f"of {self.max_model_len} tokens", param="max_tokens")
 
     # -- generation -------------------------------------------------------------------------------------------
-    def _make_batch(self, num_layers: int, sequences: list[Sequence]) -> DecodeBatch:
-        return DecodeBatch(self.family.variant(num_layers), sequences, self.tokenizer, self.eos_ids, self.pad_id)
+    def _make_batch(self, key: int | str, sequences: list[Sequence]) -> DecodeBatch:
+        if key == MIXED:
+            return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id)
+        return DecodeBatch(self.family.variant(key), sequences, self.tokenizer, self.eos_ids, self.pad_id)
 
     async def generate(self, num_layers: int, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[StreamDelta]:
@@ -128,9 +135,10 @@ class InferenceEngine:
             return
         self._admit()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        seq = Sequence(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        seq = Sequence(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                       num_layers=num_layers)
         try:
-            self.scheduler.submit(num_layers, seq)
+            self.scheduler.submit(MIXED if self.mix_sizes else num_layers, seq)
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

@@ -1,7 +1,8 @@
 """The worker thread: groups waiting requests by size into batches and advances all batches fairly.
 
-Each loop admits new batches (requests of one size that arrived within a short window; while a size has a
-batch running, its new requests gather for its next batch), then runs one decode step of every active
+Each loop admits new batches (requests of one key that arrived within a short window; while a key has a
+batch running, its new requests gather for its next batch; the key is a size, or "mixed" for batches
+that mix sizes), then runs one decode step of every active
 batch in turn, so sizes interleave step by step and none starves.
 """
 
@@ -34,12 +35,12 @@ class _Job:
 
 
 class Scheduler:
-    def __init__(self, make_batch: Callable[[int, list[Sequence]], DecodeBatch], limits: SchedulerLimits,
-                 on_batch: Callable[[int, int], None] | None = None):
+    def __init__(self, make_batch: Callable[[int | str, list[Sequence]], DecodeBatch], limits: SchedulerLimits,
+                 on_batch: Callable[[int | str, int], None] | None = None):
         self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
-        self.waiting: OrderedDict[int, deque[tuple[float, Sequence]]] = OrderedDict()
+        self.waiting: OrderedDict[int | str, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
-        self.active: list[tuple[int, DecodeBatch]] = []
+        self.active: list[tuple[int | str, DecodeBatch]] = []
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
@@ -53,7 +54,7 @@ class Scheduler:
             self.wake.notify()
         self.thread.join(timeout=10)
 
-    def submit(self, num_layers: int, seq: Sequence) -> None:
+    def submit(self, num_layers: int | str, seq: Sequence) -> None:
         with self.wake:
             self.waiting.setdefault(num_layers, deque()).append((time.monotonic(), seq))
             self.wake.notify()

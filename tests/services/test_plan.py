@@ -8,6 +8,7 @@ from services.plan import (
     TEACHER,
     LayerRef,
     PatchOrder,
+    block_choices,
     layout_from_rule,
     layout_from_student_config,
     order_to_json,
@@ -103,3 +104,14 @@ def test_orders_parse_from_manifest_and_command_line_forms():
 def test_an_order_must_name_every_multi_layer_block_once(order):
     with pytest.raises(InvalidPairError, match="exactly once"):
         plan_family(layout_from_rule(30), order)
+
+
+@pytest.mark.parametrize("order", ["last", "first", (5, 2, 3, 4, 9, 10, 11, 0, 1, 13, 12, 7, 8, 6)])
+def test_every_plan_walks_the_student_blocks_in_order(order):
+    layout = layout_from_rule(30)
+    for n, plan in plan_family(layout, order).items():
+        choices = block_choices(layout, plan)
+        assert len(choices) == layout.num_student_layers
+        assert sum(len(block) if patched else 1 for block, patched in zip(layout.blocks, choices)) == n
+    plans = plan_family(layout, order)
+    assert not any(block_choices(layout, plans[min(plans)])) and all(block_choices(layout, plans[max(plans)]))

@@ -124,7 +124,8 @@ def test_overload_is_refused_and_limits_checked(engine):
 def test_mixed_sizes_batch_per_size_and_late_arrivals_join_the_next_batch(llama_pair):
     batches: list[tuple[int, int]] = []
     engine = InferenceEngine(load_family(*llama_pair, device="cpu", name="tiny"),
-                             EngineLimits(max_concurrent=16, max_queue=16, max_batch_size=8, batch_wait_ms=50),
+                             EngineLimits(max_concurrent=16, max_queue=16, max_batch_size=8, batch_wait_ms=50,
+                                         mix_sizes=False),
                              on_batch=lambda n, size: batches.append((n, size)))
     sizes = engine.family.sizes[:3]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

@@ -1,0 +1,178 @@
+"""One batch of sequences of different sizes of a family, decoded together.
+
+Every size is the student with some blocks patched back, so rows of any size walk the same student blocks
+in the same order: at block i, the rows whose size keeps student layer i run it as one batch, and the rows
+whose size patched it run the teacher layers of that block as another. A step reads each weight its rows
+need once for the whole batch, where one batch per size would read the shared layers once per size.
+Prefill runs per size through the transformers forward; each layer's KV rows are then copied into one
+buffer per layer module (the rows that use it), which the native decode step appends to in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.architectures import get_path
+from services.compat import cache_argument_name
+from services.engine.batch import DecodeBatch, Sequence
+from services.family import Family
+from services.fused_decode import FusedLayer, fused_decoder, fused_layer
+from services.kernels.decoder_step import load_decoder_step
+from services.plan import STUDENT, TEACHER, block_choices
+
+
+@dataclass
+class _Group:
+    """Rows taking one branch of a block, and the layers of that branch with their KV buffers."""
+
+    rows: torch.Tensor  # [rows] batch indices
+    layers: list[FusedLayer]
+    keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
+    values: list[torch.Tensor]
+
+
+def mixable(family: Family) -> bool:
+    """Whether the family's sizes can share decode batches (the native decode step serves its layers)."""
+    return load_decoder_step() is not None and all(
+        fused_decoder(family.variant(n)) is not None for n in (family.sizes[0], family.sizes[-1]))
+
+
+class MixedBatch(DecodeBatch):
+    """Sequences of any sizes of `family` (`Sequence.num_layers`) that advance together."""
+
+    def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int):
+        super().__init__(family.variant(sequences[0].num_layers), sequences, tokenizer, eos_ids, pad_id)
+        self.family, self.kernel = family, load_decoder_step()
+        self.sizes = [seq.num_layers for seq in sequences]
+        self.sources = {TEACHER: family.teacher, STUDENT: family.student}
+        self.groups: list[list[_Group]] = []  # per student block
+        self.length = 0  # KV positions filled
+
+    def _rows(self, predicate) -> torch.Tensor:
+        return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long)
+
+    def _layer(self, source: str, index: int):
+        return get_path(self.sources[source], self.family.spec.layers)[index]
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        longest = max(len(seq.prompt_ids) for seq in self.sequences)
+        capacity = longest + max(seq.params.max_tokens for seq in self.sequences) + 1
+        rows = [[self.pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in self.sequences]
+        masks = [[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in self.sequences]
+        input_ids = torch.tensor(rows, device=self.device)  # [batch, longest]
+        self.attention_mask = torch.tensor(masks, device=self.device)  # [batch, longest]
+        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [batch, longest]
+        self.positions = position_ids[:, -1:]  # [batch, 1]
+        prefilled = {}  # size -> (its rows, its cache)
+        logits = None
+        for n in sorted(set(self.sizes)):
+            size_rows = self._rows(lambda m, n=n: m == n)
+            model = self.family.variant(n)
+            cache = model.new_cache()
+            out = model(input_ids=input_ids[size_rows], attention_mask=self.attention_mask[size_rows],
+                        position_ids=position_ids[size_rows], use_cache=True, logits_to_keep=1,
+                        **{cache_argument_name(type(model)): cache})
+            size_logits = out.logits[:, -1].float()  # [rows of size n, vocab]
+            logits = size_logits.new_empty(len(self.sizes), size_logits.shape[-1]) if logits is None else logits
+            logits[size_rows] = size_logits
+            prefilled[n] = (size_rows, cache)
+        self._build_groups(prefilled, capacity, longest)
+        self.length = longest
+        self._advance(logits)
+
+    def _build_groups(self, prefilled: dict, capacity: int, longest: int) -> None:
+        """Per block and branch: its rows, fused layers and KV buffers filled from the per-size prefill."""
+        choices = {n: block_choices(self.family.layout, self.family.plan(n)) for n in set(self.sizes)}
+        depth = {n: 0 for n in choices}  # position of the next layer in each size's plan
+        for block, teacher_layers in enumerate(self.family.layout.blocks):
+            branches = []
+            for patched in (False, True):
+                sizes = [n for n in choices if choices[n][block] == patched]
+                if not sizes:
+                    continue
+                refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
+                group = _Group(self._rows(lambda m, sizes=sizes: m in sizes), [], [], [])
+                for offset, ref in enumerate(refs):
+                    group.layers.append(fused_layer(self._layer(*ref)))
+                    keys, values = self._gather_kv(group.rows, sizes, prefilled, depth, offset, capacity, longest)
+                    group.keys.append(keys)
+                    group.values.append(values)
+                for n in sizes:
+                    depth[n] += len(refs)
+                branches.append(group)
+            self.groups.append(branches)
+
+    def _gather_kv(self, rows: torch.Tensor, sizes: list[int], prefilled: dict, depth: dict, offset: int,
+                   capacity: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's KV buffers for `rows`, with each size's prefilled keys and values copied in."""
+        where = {int(row): i for i, row in enumerate(rows)}
+        keys = values = None
+        for n in sizes:
+            size_rows, cache = prefilled[n]
+            layer = cache.layers[depth[n] + offset]  # keys: [rows of size n, kv_heads, longest, head_dim]
+            if keys is None:
+                shape = (len(rows), layer.keys.shape[1], capacity, layer.keys.shape[-1])
+                keys, values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+            index = torch.tensor([where[int(row)] for row in size_rows], dtype=torch.long)
+            keys[index, :, :longest] = layer.keys
+            values[index, :, :longest] = layer.values
+        return keys, values
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        input_ids = self.next_tokens  # [batch]
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(input_ids)[:, None]], dim=1)
+        self.positions = self.positions + 1  # [batch, 1]
+        hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
+        mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
+        config = self.family.teacher.config
+        for branches in self.groups:
+            for group in branches:
+                h = hidden[group.rows].contiguous()  # [rows, hidden_size]
+                m, c, s = mask[group.rows].contiguous(), cos[group.rows].contiguous(), sin[group.rows].contiguous()
+                for layer, keys, values in zip(group.layers, group.keys, group.values):
+                    self.kernel.decoder_layer_step(h, layer.tensors, keys, values, self.length, m, c, s,
+                                                   config.num_attention_heads, config.num_key_value_heads,
+                                                   layer.norm_eps, layer.qk_norm_eps, layer.scaling)
+                hidden[group.rows] = h
+        self.length += 1
+        self._advance(self._head(hidden))
+
+    def _by_source(self, part: str) -> dict[str, torch.Tensor]:
+        """Rows grouped by which model supplies `part` (embed, norm, head, rotary) of their size."""
+        plans = {n: self.family.plan(n) for n in set(self.sizes)}
+        groups = {}
+        for source in (TEACHER, STUDENT):
+            rows = self._rows(lambda n, source=source: getattr(plans[n], part) == source)
+            if len(rows):
+                groups[source] = rows
+        return groups
+
+    def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec, width = self.family.spec, self.family.teacher.config.hidden_size
+        hidden = torch.empty(len(self.sizes), width, dtype=self.family.dtype)  # [batch, hidden_size]
+        for source, rows in self._by_source("embed").items():
+            hidden[rows] = get_path(self.sources[source], spec.embed)(input_ids[rows])
+        cos = sin = None
+        for source, rows in self._by_source("rotary").items():
+            rotary = get_path(self.sources[source], spec.rotary)
+            c, s = rotary(hidden[rows][:, None], self.positions[rows])  # [rows, 1, head_dim]
+            cos = c.new_empty(len(self.sizes), c.shape[-1]) if cos is None else cos
+            sin = s.new_empty(len(self.sizes), s.shape[-1]) if sin is None else sin
+            cos[rows], sin[rows] = c[:, 0].float(), s[:, 0].float()
+        return hidden, cos, sin
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab]: final norm and output layer of each row's size."""
+        spec, logits = self.family.spec, None
+        for source, rows in self._by_source("head").items():
+            model = self.sources[source]
+            norm, head = get_path(model, spec.norm), get_path(model, spec.head)
+            part = self.kernel.norm_and_head(hidden[rows].contiguous(), norm.weight.detach(), norm.variance_epsilon,
+                                             head.weight.detach())  # [rows, vocab]
+            logits = part.new_empty(len(self.sizes), part.shape[-1]) if logits is None else logits
+            logits[rows] = part
+        return logits

@@ -1,0 +1,90 @@
+"""Batches that mix sizes: the same tokens as one batch per size, through one shared decode step."""
+
+import asyncio
+
+import pytest
+import torch
+
+from services.engine.batch import DecodeBatch, Sequence
+from services.engine.engine import EngineLimits, InferenceEngine
+from services.engine.interface import SamplingParams
+from services.engine.mixed import MixedBatch, mixable
+from services.family import load_family
+from services.kernels.decoder_step import load_decoder_step
+
+pytestmark = pytest.mark.skipif(load_decoder_step() is None, reason="no C++ compiler or no AVX2/FMA here")
+
+PROMPTS = [[5, 17, 42], [99, 7, 3, 250, 61, 11, 8], [12], [40, 41, 42, 43, 44], [8, 9]]
+
+
+def _collect(sizes, prompts, max_tokens):
+    outputs = [[] for _ in prompts]
+    seqs = [Sequence(list(p), SamplingParams(max_tokens=m, temperature=0, ignore_eos=True),
+                     lambda delta, out=out: out.extend(delta.token_ids), num_layers=n)
+            for n, p, m, out in zip(sizes, prompts, max_tokens, outputs)]
+    return seqs, outputs
+
+
+def _run(batch) -> None:
+    batch.prefill()
+    while not batch.done:
+        batch.step()
+
+
+def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
+    family = load_family(*tiny_pair, device="cpu")
+    assert mixable(family)
+    sizes = [family.sizes[i % len(family.sizes)] for i in range(len(PROMPTS))]
+    max_tokens = [7, 4, 9, 6, 8]
+    seqs, mixed = _collect(sizes, PROMPTS, max_tokens)
+    _run(MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0))
+    for n, prompt, m, got in zip(sizes, PROMPTS, max_tokens, mixed):
+        alone, (want,) = _collect([n], [prompt], [m])
+        batch = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
+        batch.fused = None  # the transformers forward, as reference
+        _run(batch)
+        assert got == want, (n, prompt)
+
+
+def test_log_probs_match_the_per_size_batch(llama_pair):
+    family = load_family(*llama_pair, device="cpu")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2)
+    infos = {"mixed": [], "alone": []}
+    sizes = [family.sizes[0], family.sizes[-1]]
+    seqs = [Sequence(list(PROMPTS[1]), params, lambda d, n=n: infos["mixed"].append((n, d.logprobs)),
+                     num_layers=n)
+            for n in sizes]
+    _run(MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0))
+    for n in sizes:
+        seq = Sequence(list(PROMPTS[1]), params, lambda d, n=n: infos["alone"].append((n, d.logprobs)))
+        _run(DecodeBatch(family.variant(n), [seq], family.tokenizer, {2}, pad_id=0))
+    for n in sizes:
+        got = [info[0].logprob for m, info in infos["mixed"] if m == n]
+        want = [info[0].logprob for m, info in infos["alone"] if m == n]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair):
+    batches = []
+    family = load_family(*llama_pair, device="cpu", name="tiny")
+    engine = InferenceEngine(family, EngineLimits(max_batch_size=8, batch_wait_ms=50),
+                             on_batch=lambda key, size: batches.append((key, size)))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def run(n, prompt):
+        return [t async for delta in engine.generate(n, prompt, params) for t in delta.token_ids]
+
+    async def together():
+        return await asyncio.gather(*[run(n, p) for n, p in zip(family.sizes, PROMPTS)])
+
+    try:
+        results = asyncio.run(together())
+    finally:
+        engine.close()
+    assert batches == [("mixed", len(family.sizes))]
+    for n, prompt, tokens in zip(family.sizes, PROMPTS, results):
+        seqs, (want,) = _collect([n], [prompt], [6])
+        batch = DecodeBatch(family.variant(n), seqs, family.tokenizer, {2}, pad_id=0)
+        batch.fused = None
+        _run(batch)
+        assert tokens == want

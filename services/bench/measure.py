@@ -136,14 +136,27 @@ def speed_per_size(family: Family, references: dict, batch_sizes: list[int], ste
     return rows
 
 
+def _matmuls_alone(family: Family, num_layers: int) -> Callable[[], None]:
+    """Every Linear of a size once on one row, nothing else (each runs as the variant runs it)."""
+    linears = [m for m in family.variant(num_layers).modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, m.in_features, dtype=family.dtype) for m in linears}  # [1, in]
+
+    @torch.inference_mode()
+    def run() -> None:
+        for module in linears:
+            module(inputs[module.in_features])  # [1, out]
+    return run
+
+
 def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, rounds: int = 9, steps: int = 8,
                     megabytes: int = 256) -> float:
-    """Adds to each row the batch-1 decode rate that reading every weight once per token allows, and our
-    fraction of it; returns the median bandwidth seen.
+    """Adds to each row the batch-1 decode rate that reading every weight once per token allows, our
+    fraction of it, and the same for the weight matmuls alone; returns the median bandwidth seen.
 
     This machine's bandwidth moves with its neighbours' load (26 to 75 GB/s within an hour here), so each
-    round reads it (median of three sums of random data) right before timing `steps` decode steps, and the
-    fraction is the median over rounds of decode rate / bound at that moment.
+    round reads it (median of three sums of random data) right before timing `steps` decode steps and one
+    pass of the matmuls alone, and each fraction is the median over rounds of rate / bound at that moment.
+    The matmuls alone bound what any decode loop over these kernels can reach.
     """
     data = torch.randn(megabytes * 2**20 // 4)
     data.sum()
@@ -153,39 +166,22 @@ def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, roun
         runner = _runner(family.variant(row["num_layers"]), tokenizer, eos, 1, prompt, rounds * steps + 4)
         runner.prefill()
         runner.step()
-        fractions, bandwidths = [], []
+        matmuls = _matmuls_alone(family, row["num_layers"])
+        matmuls()
+        fractions, matmul_fractions, bandwidths = [], [], []
         for _ in range(rounds):
             bandwidth = data.numel() * 4 / timed(lambda: data.sum(), repeats=3) / 1e9
+            bound = bandwidth * 1e9 / row["bytes"]  # tokens/s
             start = time.perf_counter()
             for _ in range(steps):
                 runner.step()
-            seconds = time.perf_counter() - start
-            fractions.append(steps / seconds / (bandwidth * 1e9 / row["bytes"]))
+            fractions.append(steps / (time.perf_counter() - start) / bound)
+            matmul_fractions.append(1 / timed(matmuls, repeats=1) / bound)
             bandwidths.append(bandwidth)
         row["bandwidth_gbs"] = statistics.median(bandwidths)
         row["bound_tok_s_b1"] = row["bandwidth_gbs"] * 1e9 / row["bytes"]
         row["fraction_of_bound_b1"] = statistics.median(fractions)
+        row["matmul_only_fraction_of_bound"] = statistics.median(matmul_fractions)
+        row["matmul_only_tok_s_b1"] = row["matmul_only_fraction_of_bound"] * row["bound_tok_s_b1"]
         seen += bandwidths
     return statistics.median(seen)
-
-
-@torch.inference_mode()
-def matmul_ceiling(family: Family, rows: list[dict], repeats: int = 5) -> None:
-    """Adds the batch-1 rate of a size's weight matmuls alone (every Linear once, nothing else), and fractions.
-
-    Each Linear runs as the variant runs it (the native GEMV where enabled). No decode loop over these
-    kernels can beat this rate; it separates the kernels' distance from the bandwidth bound from the
-    loop's (framework) overhead.
-    """
-    for row in rows:
-        linears = [m for m in family.variant(row["num_layers"]).modules() if isinstance(m, torch.nn.Linear)]
-        inputs = {m.in_features: torch.randn(1, m.in_features, dtype=family.dtype) for m in linears}  # [1, in]
-
-        def matmuls(linears=linears, inputs=inputs) -> None:
-            for module in linears:
-                module(inputs[module.in_features])  # [1, out]
-        matmuls()
-        seconds = statistics.median(timed(matmuls, repeats=1) for _ in range(repeats))
-        row["matmul_only_tok_s_b1"] = 1 / seconds
-        row["matmul_only_fraction_of_bound"] = row["matmul_only_tok_s_b1"] / row["bound_tok_s_b1"]
-        row["fraction_of_matmul_only_b1"] = row["tok_s_b1"] / row["matmul_only_tok_s_b1"]

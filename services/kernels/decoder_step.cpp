@@ -29,6 +29,14 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(sums, shuffled));
 }
 
+// a . b over n floats (attention scores): eight lanes, then the tail.
+inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t full = n - n % 8;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < full; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  return horizontal_sum(acc) + tail_dot(a + full, b + full, n - full);
+}
+
 // out[r] = rows[r] . x for Count weight rows of length `in`: every load of x feeds Count FMAs.
 // Kept out of line, and the tail (in % 8) added once the accumulators are reduced: inlined into its callers'
 // loops, or with scalar work keeping them live, GCC stored the accumulators to the stack on every iteration
@@ -170,9 +178,7 @@ void attend(Step& st, int64_t begin, int64_t end, const float* keys, const float
     float best = -INFINITY;
     for (int64_t t = 0; t < seen; ++t) {
       if (!allowed[b * seen + t]) { scores[t] = -INFINITY; continue; }
-      float dot = 0;
-      for (int64_t i = 0; i < dim; ++i) dot += q[i] * k[t * dim + i];
-      scores[t] = dot * float(scaling);
+      scores[t] = dot(q, k + t * dim, dim) * float(scaling);
       best = std::max(best, scores[t]);
     }
     float total = 0;
@@ -226,7 +232,6 @@ void decoder_layer_step(torch::Tensor hidden, const std::vector<torch::Tensor>& 
                                    st.projected.data(), 0}};
   const std::vector<Projection> down{{weights[14].data_ptr<float>(), nullptr, st.width, st.projected.data(), 0}};
   const int64_t tasks = st.batch * heads;
-  const bool parallel_attention = (length + 1) * st.head_dim * tasks >= (1 << 15);  // short contexts: one thread
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -237,11 +242,7 @@ void decoder_layer_step(torch::Tensor hidden, const std::vector<torch::Tensor>& 
 #pragma omp barrier
 #pragma omp single
     position_and_cache(st, weights, qk_norm_eps, cos.data_ptr<float>(), sin.data_ptr<float>(), keys, values);
-    if (parallel_attention) {
-      attend(st, tasks * part / parts, tasks * (part + 1) / parts, keys, values, mask.data_ptr<int64_t>(), scaling);
-    } else if (part == 0) {
-      attend(st, 0, tasks, keys, values, mask.data_ptr<int64_t>(), scaling);
-    }
+    attend(st, tasks * part / parts, tasks * (part + 1) / parts, keys, values, mask.data_ptr<int64_t>(), scaling);
 #pragma omp barrier
     project_part(o, st.attn.data(), st.batch, st.q_width, st.width, part, parts);
 #pragma omp barrier

@@ -22,7 +22,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tpot = Histogram("boomerang_time_per_output_token_seconds", "Time per output token after the first",
                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("boomerang_batch_size", "Sequences per batch", ["model"],
+        self.batch_size = Histogram("boomerang_batch_size", "Sequences per batch (model: its layer count, or "
+                                    "'mixed' for a batch of several sizes)", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.queue_depth = Gauge("boomerang_queue_depth", "Requests waiting for a slot", registry=self.registry)
         self.running = Gauge("boomerang_running", "Sequences decoding now", registry=self.registry)

@@ -37,22 +37,22 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return horizontal_sum(acc) + tail_dot(a + full, b + full, n - full);
 }
 
-// out[r] = rows[r] . x for Count weight rows of length `in`: every load of x feeds Count FMAs.
-// Kept out of line, and the tail (in % 8) added once the accumulators are reduced: inlined into its callers'
-// loops, or with scalar work keeping them live, GCC stored the accumulators to the stack on every iteration
-// and reloaded row pointers, which cost a quarter of the bandwidth.
-template <int Count>
-__attribute__((noinline)) void dot_rows(const float* const* rows, const float* x, int64_t in, float* out) {
-  const int64_t full = in - in % 8;
-  __m256 acc[Count];
-  for (int r = 0; r < Count; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < full; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < Count; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + i), xv, acc[r]);
+// w . x over one weight row, read front to back: one sequential stream per thread is what the hardware
+// prefetchers follow best (a whole decode step measured here at 0.91-0.95 of a plain sum's bandwidth,
+// against 0.80-0.86 with eight interleaved rows per pass). Four accumulators hide the FMA latency. Kept
+// out of line, with the tail added after the reduction: inlined into the callers' loops, or with scalar
+// work keeping them live, GCC kept the accumulators on the stack (a quarter of the bandwidth).
+__attribute__((noinline)) float row_dot(const float* w, const float* x, int64_t in) {
+  const int64_t full = in - in % 32;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < full; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
   }
-  for (int r = 0; r < Count; ++r) out[r] = horizontal_sum(acc[r]);
-  if (full != in)
-    for (int r = 0; r < Count; ++r) out[r] += tail_dot(rows[r] + full, x + full, in - full);
+  const float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  return sum + (full != in ? dot(w + full, x + full, in - full) : 0.f);
 }
 
 // A weight matrix [out, in] applied to `batch` input rows, written to y [batch, y_stride] at `offset`.
@@ -64,52 +64,33 @@ struct Projection {
   int64_t offset;
 };
 
-constexpr int kRows = 8;  // 8 accumulators + x fit the 16 AVX2 registers
-
 // y = x W^T (+ b) for several projections of the same input x [batch, in]: this thread's share
-// (`part` of `parts`) of all their 8-row groups, so one parallel pass covers them all.
+// (`part` of `parts`) of all their rows, so one parallel pass covers them all. A weight row stays in L1
+// while it meets each input row.
 void project_part(const std::vector<Projection>& projections, const float* x, int64_t batch, int64_t in,
                   int64_t y_stride, int part, int parts) {
-  std::vector<int64_t> first_group{0};
-  for (const auto& p : projections) first_group.push_back(first_group.back() + (p.out + kRows - 1) / kRows);
-  const int64_t total = first_group.back(), begin = total * part / parts, end = total * (part + 1) / parts;
+  std::vector<int64_t> first_row{0};
+  for (const auto& p : projections) first_row.push_back(first_row.back() + p.out);
+  const int64_t total = first_row.back(), begin = total * part / parts, end = total * (part + 1) / parts;
   size_t which = 0;
-  for (int64_t g = begin; g < end; ++g) {
-    while (g >= first_group[which + 1]) ++which;
+  for (int64_t r = begin; r < end; ++r) {
+    while (r >= first_row[which + 1]) ++which;
     const Projection& p = projections[which];
-    const int64_t row = (g - first_group[which]) * kRows, count = std::min<int64_t>(kRows, p.out - row);
-    const float* rows[kRows];
-    for (int r = 0; r < kRows; ++r) rows[r] = p.weight + (row + std::min<int64_t>(r, count - 1)) * in;
-    for (int64_t b = 0; b < batch; ++b) {
-      float out[kRows];
-      dot_rows<kRows>(rows, x + b * in, in, out);
-      for (int64_t r = 0; r < count; ++r)
-        p.y[b * y_stride + p.offset + row + r] = out[r] + (p.bias ? p.bias[row + r] : 0.f);
-    }
+    const int64_t row = r - first_row[which];
+    const float* w = p.weight + row * in;
+    const float bias = p.bias ? p.bias[row] : 0.f;
+    for (int64_t b = 0; b < batch; ++b) p.y[b * y_stride + p.offset + row] = row_dot(w, x + b * in, in) + bias;
   }
 }
 
-// act[b, j] = silu(gate_j . x_b) * (up_j . x_b), this thread's share: four gate rows and four up rows
-// share each load of x.
+// act[b, j] = silu(gate_j . x_b) * (up_j . x_b), this thread's share of j.
 void gated_mlp_part(const float* gate, const float* up, const float* x, int64_t batch, int64_t in, int64_t inter,
                     float* act, int part, int parts) {
-  constexpr int kHalf = 4;
-  const int64_t total = (inter + kHalf - 1) / kHalf, begin = total * part / parts, end = total * (part + 1) / parts;
-  for (int64_t g = begin; g < end; ++g) {
-    const int64_t row = g * kHalf, count = std::min<int64_t>(kHalf, inter - row);
-    const float* rows[2 * kHalf];
-    for (int r = 0; r < kHalf; ++r) {
-      const int64_t index = row + std::min<int64_t>(r, count - 1);
-      rows[r] = gate + index * in;
-      rows[kHalf + r] = up + index * in;
-    }
+  const int64_t begin = inter * part / parts, end = inter * (part + 1) / parts;
+  for (int64_t j = begin; j < end; ++j) {
     for (int64_t b = 0; b < batch; ++b) {
-      float out[2 * kHalf];
-      dot_rows<2 * kHalf>(rows, x + b * in, in, out);
-      for (int64_t r = 0; r < count; ++r) {
-        const float g_value = out[r];
-        act[b * inter + row + r] = g_value / (1.f + std::exp(-g_value)) * out[kHalf + r];
-      }
+      const float g = row_dot(gate + j * in, x + b * in, in);
+      act[b * inter + j] = g / (1.f + std::exp(-g)) * row_dot(up + j * in, x + b * in, in);
     }
   }
 }

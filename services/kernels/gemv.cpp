@@ -1,13 +1,12 @@
 // y[b, :] = W x[b, :] (+ bias) for a few rows b: fp32, AVX2 + FMA, weight rows streamed once.
 // Decode is bound by reading the weights; ATen's fp32 GEMM path for one or a few rows reads them
-// at about half this machine's bandwidth. Eight weight rows at a time share each load of x.
+// at about a third of this machine's bandwidth. Each thread reads its share of W front to back, one row
+// at a time, and a row stays in L1 while it meets every input row.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 namespace {
-
-constexpr int kRows = 8;  // weight rows per group: 8 accumulators + x fit the 16 AVX2 registers
 
 inline float horizontal_sum(__m256 v) {
   __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
@@ -18,27 +17,22 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(sums, shuffled));
 }
 
-float tail_dot(const float* w, const float* x, int64_t count) {
-  float sum = 0;
-  for (int64_t i = 0; i < count; ++i) sum += w[i] * x[i];
-  return sum;
-}
-
-// Rows [first, first + Count) of W against one input row x (Count fixed so the loop unrolls). Out of line,
-// with the tail (in % 8) added after the reduction: otherwise GCC kept the accumulators on the stack.
-template <int Count>
-__attribute__((noinline)) void dot_rows(const float* W, const float* x, int64_t in, int64_t first, float* y) {
-  const int64_t full = in - in % 8;
-  __m256 acc[Count];
-  for (int r = 0; r < Count; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < full; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < Count; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(W + (first + r) * in + i), xv, acc[r]);
+// w . x over one row: one sequential stream, which the hardware prefetchers follow best (measured here
+// 0.91-0.95 of a plain sum's bandwidth in a decode step, against 0.80-0.86 for eight interleaved rows
+// per pass). Four accumulators hide the FMA latency. Out of line, with the tail added after the
+// reduction: inlined into the callers' loops, GCC kept the accumulators on the stack.
+__attribute__((noinline)) float row_dot(const float* w, const float* x, int64_t in) {
+  const int64_t full = in - in % 32;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < full; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
   }
-  for (int r = 0; r < Count; ++r) y[first + r] = horizontal_sum(acc[r]);
-  if (full != in)
-    for (int r = 0; r < Count; ++r) y[first + r] += tail_dot(W + (first + r) * in + full, x + full, in - full);
+  float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (int64_t i = full; i < in; ++i) sum += w[i] * x[i];
+  return sum;
 }
 
 }  // namespace
@@ -52,18 +46,9 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c1
   const float* W = wc.data_ptr<float>();
   const float* X = xc.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int64_t groups = (out + kRows - 1) / kRows;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kRows;
-      for (int64_t b = 0; b < rows; ++b) {
-        if (first + kRows <= out) {
-          dot_rows<kRows>(W, X + b * in, in, first, Y + b * out);
-        } else {
-          for (int64_t r = first; r < out; ++r) dot_rows<1>(W, X + b * in, in, r, Y + b * out);
-        }
-      }
-    }
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < rows; ++b) Y[b * out + r] = row_dot(W + r * in, X + b * in, in);
   });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;

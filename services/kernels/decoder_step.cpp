@@ -9,50 +9,21 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "dot.h"
+
 #include <cmath>
 #include <vector>
 
 namespace {
-
-float tail_dot(const float* w, const float* x, int64_t count) {
-  float sum = 0;
-  for (int64_t i = 0; i < count; ++i) sum += w[i] * x[i];
-  return sum;
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
-  low = _mm_add_ps(low, high);
-  __m128 shuffled = _mm_movehdup_ps(low);
-  __m128 sums = _mm_add_ps(low, shuffled);
-  shuffled = _mm_movehl_ps(shuffled, sums);
-  return _mm_cvtss_f32(_mm_add_ss(sums, shuffled));
-}
 
 // a . b over n floats (attention scores): eight lanes, then the tail.
 inline float dot(const float* a, const float* b, int64_t n) {
   const int64_t full = n - n % 8;
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < full; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  return horizontal_sum(acc) + tail_dot(a + full, b + full, n - full);
-}
-
-// w . x over one weight row, read front to back: one sequential stream per thread is what the hardware
-// prefetchers follow best (a whole decode step measured here at 0.91-0.95 of a plain sum's bandwidth,
-// against 0.80-0.86 with eight interleaved rows per pass). Four accumulators hide the FMA latency. Kept
-// out of line, with the tail added after the reduction: inlined into the callers' loops, or with scalar
-// work keeping them live, GCC kept the accumulators on the stack (a quarter of the bandwidth).
-__attribute__((noinline)) float row_dot(const float* w, const float* x, int64_t in) {
-  const int64_t full = in - in % 32;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i < full; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-  }
-  const float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  return sum + (full != in ? dot(w + full, x + full, in - full) : 0.f);
+  float sum = boomerang::horizontal_sum(acc);
+  for (int64_t i = full; i < n; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
 // A weight matrix [out, in] applied to `batch` input rows, written to y [batch, y_stride] at `offset`.
@@ -65,34 +36,38 @@ struct Projection {
 };
 
 // y = x W^T (+ b) for several projections of the same input x [batch, in]: this thread's share
-// (`part` of `parts`) of all their rows, so one parallel pass covers them all. A weight row stays in L1
-// while it meets each input row.
+// (`part` of `parts`) of all their rows, so one parallel pass covers them all.
 void project_part(const std::vector<Projection>& projections, const float* x, int64_t batch, int64_t in,
                   int64_t y_stride, int part, int parts) {
-  std::vector<int64_t> first_row{0};
-  for (const auto& p : projections) first_row.push_back(first_row.back() + p.out);
-  const int64_t total = first_row.back(), begin = total * part / parts, end = total * (part + 1) / parts;
-  size_t which = 0;
-  for (int64_t r = begin; r < end; ++r) {
-    while (r >= first_row[which + 1]) ++which;
-    const Projection& p = projections[which];
-    const int64_t row = r - first_row[which];
-    const float* w = p.weight + row * in;
-    const float bias = p.bias ? p.bias[row] : 0.f;
-    for (int64_t b = 0; b < batch; ++b) p.y[b * y_stride + p.offset + row] = row_dot(w, x + b * in, in) + bias;
+  int64_t total = 0;
+  for (const auto& p : projections) total += p.out;
+  const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
+  int64_t first_row = 0;  // of the current projection, in the concatenation of all
+  for (const auto& p : projections) {
+    const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + p.out) - first_row;
+    first_row += p.out;
+    if (lo >= hi) continue;
+    float* y = p.y + p.offset + lo;
+    boomerang::matvec_rows(p.weight, lo, hi, in, x, batch, y, y_stride);
+    if (p.bias)
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t r = lo; r < hi; ++r) y[b * y_stride + r - lo] += p.bias[r];
   }
 }
 
 // act[b, j] = silu(gate_j . x_b) * (up_j . x_b), this thread's share of j.
 void gated_mlp_part(const float* gate, const float* up, const float* x, int64_t batch, int64_t in, int64_t inter,
                     float* act, int part, int parts) {
-  const int64_t begin = inter * part / parts, end = inter * (part + 1) / parts;
-  for (int64_t j = begin; j < end; ++j) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const float g = row_dot(gate + j * in, x + b * in, in);
-      act[b * inter + j] = g / (1.f + std::exp(-g)) * row_dot(up + j * in, x + b * in, in);
+  const int64_t begin = inter * part / parts, end = inter * (part + 1) / parts, count = end - begin;
+  if (count <= 0) return;
+  std::vector<float> gated(batch * count), linear(batch * count);  // [batch, count]
+  boomerang::matvec_rows(gate, begin, end, in, x, batch, gated.data(), count);
+  boomerang::matvec_rows(up, begin, end, in, x, batch, linear.data(), count);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < count; ++j) {
+      const float g = gated[b * count + j];
+      act[b * inter + begin + j] = g / (1.f + std::exp(-g)) * linear[b * count + j];
     }
-  }
 }
 
 // out[b] = x[b] / rms(x[b]) * weight, over rows of `width` (also used per head, for q/k norms).

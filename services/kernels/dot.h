@@ -1,0 +1,75 @@
+// Dot products over fp32 weight rows (AVX2 + FMA), shared by the kernels in this folder.
+//
+// Decode reads every weight once per token, so each thread reads its share of a weight matrix front to
+// back, one row at a time: one sequential stream is what the hardware prefetchers follow best (a whole
+// decode step measured here at 0.85-0.95 of a plain sum's bandwidth, against 0.76-0.86 with eight
+// interleaved rows per pass).
+// Functions stay out of line and reduce before any scalar tail: inlined into the callers' loops, or with
+// scalar work keeping them live, GCC kept the accumulators on the stack (a quarter of the bandwidth).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace boomerang {
+
+inline float horizontal_sum(__m256 v) {
+  __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
+  low = _mm_add_ps(low, high);
+  __m128 shuffled = _mm_movehdup_ps(low);
+  __m128 sums = _mm_add_ps(low, shuffled);
+  shuffled = _mm_movehl_ps(shuffled, sums);
+  return _mm_cvtss_f32(_mm_add_ss(sums, shuffled));
+}
+
+// w . x over n floats; four accumulators hide the FMA latency.
+__attribute__((noinline)) inline float row_dot(const float* w, const float* x, int64_t n) {
+  const int64_t full = n - n % 32;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < full; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  }
+  float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (int64_t i = full; i < n; ++i) sum += w[i] * x[i];
+  return sum;
+}
+
+// out[r] = w_r . x for eight consecutive weight rows w_r = w + r * n: each load of x feeds eight FMAs.
+__attribute__((noinline)) inline void dot8(const float* w, int64_t n, const float* x, float* out) {
+  const int64_t full = n - n % 8;
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * n + i), xv, acc[r]);
+  }
+  for (int r = 0; r < 8; ++r) out[r] = horizontal_sum(acc[r]);
+  for (int64_t i = full; i < n; ++i)
+    for (int r = 0; r < 8; ++r) out[r] += w[r * n + i] * x[i];
+}
+
+// y[b * y_stride + (r - first)] = w_r . x_b for weight rows [first, last) of w [rows, n] and input rows
+// x [batch, n]. One input row: each weight row is one sequential stream (bandwidth-bound decode). More:
+// eight weight rows per pass, re-read from L1 for each input row, so loads of x do not dominate (measured
+// at batch 8: 0.43 of the sum's rate, against 0.31 for one row at a time).
+inline void matvec_rows(const float* w, int64_t first, int64_t last, int64_t n, const float* x, int64_t batch,
+                        float* y, int64_t y_stride) {
+  int64_t r = first;
+  if (batch > 1) {
+    for (; r + 8 <= last; r += 8) {
+      for (int64_t b = 0; b < batch; ++b) {
+        float out[8];
+        dot8(w + r * n, n, x + b * n, out);
+        for (int j = 0; j < 8; ++j) y[b * y_stride + r - first + j] = out[j];
+      }
+    }
+  }
+  for (; r < last; ++r)
+    for (int64_t b = 0; b < batch; ++b) y[b * y_stride + r - first] = row_dot(w + r * n, x + b * n, n);
+}
+
+}  // namespace boomerang

@@ -153,7 +153,7 @@ def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, roun
     """Adds to each row the batch-1 decode rate that reading every weight once per token allows, our
     fraction of it, and the same for the weight matmuls alone; returns the median bandwidth seen.
 
-    This machine's bandwidth moves with its neighbours' load (26 to 75 GB/s within an hour here), so each
+    This machine's bandwidth moves with its neighbours' load (26 to 81 GB/s within an hour here), so each
     round reads it (median of three sums of random data) right before timing `steps` decode steps and one
     pass of the matmuls alone, and each fraction is the median over rounds of rate / bound at that moment.
     The matmuls alone bound what any decode loop over these kernels can reach.

@@ -20,6 +20,7 @@ from services.engine.batch import DecodeBatch, Sequence
 from services.family import Family
 from services.fused_decode import FusedLayer, fused_decoder, fused_layer
 from services.kernels.decoder_step import load_decoder_step
+from services.kv_buffer import MIN_CAPACITY
 from services.plan import STUDENT, TEACHER, block_choices
 
 
@@ -59,7 +60,7 @@ class MixedBatch(DecodeBatch):
     @torch.inference_mode()
     def prefill(self) -> None:
         longest = max(len(seq.prompt_ids) for seq in self.sequences)
-        capacity = longest + max(seq.params.max_tokens for seq in self.sequences) + 1
+        capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
         rows = [[self.pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in self.sequences]
         masks = [[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in self.sequences]
         input_ids = torch.tensor(rows, device=self.device)  # [batch, longest]
@@ -129,6 +130,7 @@ class MixedBatch(DecodeBatch):
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
         mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
         config = self.family.teacher.config
+        self._make_room()
         for branches in self.groups:
             for group in branches:
                 h = hidden[group.rows].contiguous()  # [rows, hidden_size]
@@ -140,6 +142,20 @@ class MixedBatch(DecodeBatch):
                 hidden[group.rows] = h
         self.length += 1
         self._advance(self._head(hidden))
+
+    def _make_room(self) -> None:
+        """Room for this step's keys and values: buffers double when full (like `GrowingLayer`), so a long
+        `max_tokens` costs memory only as the batch actually grows."""
+        for branches in self.groups:
+            for group in branches:
+                capacity = group.keys[0].shape[2]
+                if self.length < capacity:
+                    continue
+                for buffers in (group.keys, group.values):
+                    for i, old in enumerate(buffers):
+                        grown = old.new_empty((*old.shape[:2], 2 * capacity, old.shape[-1]))
+                        grown[:, :, :self.length] = old[:, :, :self.length]
+                        buffers[i] = grown
 
     def _by_source(self, part: str) -> dict[str, torch.Tensor]:
         """Rows grouped by which model supplies `part` (embed, norm, head, rotary) of their size."""

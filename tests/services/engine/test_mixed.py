@@ -11,6 +11,7 @@ from services.engine.interface import SamplingParams
 from services.engine.mixed import MixedBatch, mixable
 from services.family import load_family
 from services.kernels.decoder_step import load_decoder_step
+from services.kv_buffer import MIN_CAPACITY
 
 pytestmark = pytest.mark.skipif(load_decoder_step() is None, reason="no C++ compiler or no AVX2/FMA here")
 
@@ -35,9 +36,12 @@ def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
     family = load_family(*tiny_pair, device="cpu")
     assert mixable(family)
     sizes = [family.sizes[i % len(family.sizes)] for i in range(len(PROMPTS))]
-    max_tokens = [7, 4, 9, 6, 8]
+    max_tokens = [7, 4, 9, 6, 80]  # 80: the KV buffers outgrow their first capacity
     seqs, mixed = _collect(sizes, PROMPTS, max_tokens)
-    _run(MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0))
+    batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    _run(batch)
+    first_capacity = max(map(len, PROMPTS)) + MIN_CAPACITY + 1
+    assert all(keys.shape[2] == 2 * first_capacity for group in batch.groups[0] for keys in group.keys)
     for n, prompt, m, got in zip(sizes, PROMPTS, max_tokens, mixed):
         alone, (want,) = _collect([n], [prompt], [m])
         batch = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)

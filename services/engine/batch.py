@@ -63,8 +63,8 @@ class DecodeBatch:
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
         return out.logits[:, -1].float()  # [batch, vocab]
 
-    @torch.inference_mode()
-    def prefill(self) -> None:
+    def _left_padded_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, position_ids), both [batch, longest]; sets the attention mask and last positions."""
         longest = max(len(seq.prompt_ids) for seq in self.sequences)
         rows = [[self.pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in self.sequences]
         masks = [[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in self.sequences]
@@ -72,7 +72,11 @@ class DecodeBatch:
         self.attention_mask = torch.tensor(masks, device=self.device)  # [batch, longest]
         position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [batch, longest]
         self.positions = position_ids[:, -1:]  # [batch, 1]
-        self._advance(self._forward(input_ids, position_ids))
+        return input_ids, position_ids
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        self._advance(self._forward(*self._left_padded_prompts()))
 
     @torch.inference_mode()
     def step(self) -> None:

@@ -59,14 +59,9 @@ class MixedBatch(DecodeBatch):
 
     @torch.inference_mode()
     def prefill(self) -> None:
-        longest = max(len(seq.prompt_ids) for seq in self.sequences)
+        input_ids, position_ids = self._left_padded_prompts()  # [batch, longest] each
+        longest = input_ids.shape[1]
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
-        rows = [[self.pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in self.sequences]
-        masks = [[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in self.sequences]
-        input_ids = torch.tensor(rows, device=self.device)  # [batch, longest]
-        self.attention_mask = torch.tensor(masks, device=self.device)  # [batch, longest]
-        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [batch, longest]
-        self.positions = position_ids[:, -1:]  # [batch, 1]
         prefilled = {}  # size -> (its rows, its cache)
         logits = None
         for n in sorted(set(self.sizes)):

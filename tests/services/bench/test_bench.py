@@ -25,5 +25,6 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
     assert report["machine"]["bandwidth_gbs"] > 0
     for row in report["speed"]:  # each fraction is against the bandwidth read beside it
         assert row["bandwidth_gbs"] > 0 and row["fraction_of_bound_b1"] > 0 and row["matmul_only_tok_s_b1"] > 0
+        assert row["rounds_tok_s_b1"] > 0
         assert abs(row["bound_tok_s_b1"] - row["bandwidth_gbs"] * 1e9 / row["bytes"]) < 1e-6 * row["bound_tok_s_b1"]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

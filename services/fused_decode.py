@@ -51,6 +51,12 @@ class FusedLayer:
     qk_norm_eps: float
     scaling: float
 
+    def run(self, kernel, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+            mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int) -> None:
+        """One decode step of this layer: `hidden` [rows, hidden_size] in place, KV written at `length`."""
+        kernel.decoder_layer_step(hidden, self.tensors, keys, values, length, mask, cos, sin, heads, kv_heads,
+                                  self.norm_eps, self.qk_norm_eps, self.scaling)
+
 
 def fused_layer(layer: nn.Module) -> FusedLayer | None:
     """The kernel's view of one decoder layer, or None where the kernel cannot run it."""
@@ -97,8 +103,7 @@ class FusedDecoder:
         mask = attention_mask.to(torch.long).contiguous()  # [batch, seen]
         for layer, cache_layer in zip(self.layers, cache.layers):
             keys, values, length = cache_layer.reserve(1)  # [batch, kv_heads, capacity, head_dim]
-            self.kernel.decoder_layer_step(hidden, layer.tensors, keys, values, length, mask, cos, sin, self.heads,
-                                           self.kv_heads, layer.norm_eps, layer.qk_norm_eps, layer.scaling)
+            layer.run(self.kernel, hidden, keys, values, length, mask, cos, sin, self.heads, self.kv_heads)
             cache_layer.advance(length + 1)
         return self.kernel.norm_and_head(hidden, self.norm_weight, self.norm_eps, self.head_weight)  # [batch, vocab]
 

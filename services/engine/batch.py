@@ -78,11 +78,16 @@ class DecodeBatch:
     def prefill(self) -> None:
         self._advance(self._forward(*self._left_padded_prompts()))
 
-    @torch.inference_mode()
-    def step(self) -> None:
+    def _next_input(self) -> torch.Tensor:
+        """The tokens chosen last step, [batch, 1]; extends the attention mask and advances the positions."""
         input_ids = self.next_tokens[:, None]  # [batch, 1]
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(input_ids)], dim=1)
         self.positions = self.positions + 1  # [batch, 1]
+        return input_ids
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        input_ids = self._next_input()  # [batch, 1]
         if self.fused is not None and self.fused.accepts(len(self.sequences), self.cache):
             logits = self.fused.step(input_ids, self.positions, self.attention_mask, self.cache)  # [batch, vocab]
         else:

@@ -50,6 +50,7 @@ class MixedBatch(DecodeBatch):
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}
         self.groups: list[list[_Group]] = []  # per student block
         self.length = 0  # KV positions filled
+        self.rows_by_source = {part: self._by_source(part) for part in ("embed", "rotary", "head")}
 
     def _rows(self, predicate) -> torch.Tensor:
         return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long)
@@ -119,9 +120,7 @@ class MixedBatch(DecodeBatch):
 
     @torch.inference_mode()
     def step(self) -> None:
-        input_ids = self.next_tokens  # [batch]
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(input_ids)[:, None]], dim=1)
-        self.positions = self.positions + 1  # [batch, 1]
+        input_ids = self._next_input()[:, 0]  # [batch]
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
         mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
         config = self.family.teacher.config
@@ -131,9 +130,8 @@ class MixedBatch(DecodeBatch):
                 h = hidden[group.rows].contiguous()  # [rows, hidden_size]
                 m, c, s = mask[group.rows].contiguous(), cos[group.rows].contiguous(), sin[group.rows].contiguous()
                 for layer, keys, values in zip(group.layers, group.keys, group.values):
-                    self.kernel.decoder_layer_step(h, layer.tensors, keys, values, self.length, m, c, s,
-                                                   config.num_attention_heads, config.num_key_value_heads,
-                                                   layer.norm_eps, layer.qk_norm_eps, layer.scaling)
+                    layer.run(self.kernel, h, keys, values, self.length, m, c, s, config.num_attention_heads,
+                              config.num_key_value_heads)
                 hidden[group.rows] = h
         self.length += 1
         self._advance(self._head(hidden))
@@ -153,7 +151,8 @@ class MixedBatch(DecodeBatch):
                         buffers[i] = grown
 
     def _by_source(self, part: str) -> dict[str, torch.Tensor]:
-        """Rows grouped by which model supplies `part` (embed, norm, head, rotary) of their size."""
+        """Rows grouped by which model supplies `part` (embed, norm, head, rotary) of their size (see
+        `rows_by_source`: computed once per batch)."""
         plans = {n: self.family.plan(n) for n in set(self.sizes)}
         groups = {}
         for source in (TEACHER, STUDENT):
@@ -165,10 +164,10 @@ class MixedBatch(DecodeBatch):
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         spec, width = self.family.spec, self.family.teacher.config.hidden_size
         hidden = torch.empty(len(self.sizes), width, dtype=self.family.dtype)  # [batch, hidden_size]
-        for source, rows in self._by_source("embed").items():
+        for source, rows in self.rows_by_source["embed"].items():
             hidden[rows] = get_path(self.sources[source], spec.embed)(input_ids[rows])
         cos = sin = None
-        for source, rows in self._by_source("rotary").items():
+        for source, rows in self.rows_by_source["rotary"].items():
             rotary = get_path(self.sources[source], spec.rotary)
             c, s = rotary(hidden[rows][:, None], self.positions[rows])  # [rows, 1, head_dim]
             cos = c.new_empty(len(self.sizes), c.shape[-1]) if cos is None else cos
@@ -179,7 +178,7 @@ class MixedBatch(DecodeBatch):
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocab]: final norm and output layer of each row's size."""
         spec, logits = self.family.spec, None
-        for source, rows in self._by_source("head").items():
+        for source, rows in self.rows_by_source["head"].items():
             model = self.sources[source]
             norm, head = get_path(model, spec.norm), get_path(model, spec.head)
             part = self.kernel.norm_and_head(hidden[rows].contiguous(), norm.weight.detach(), norm.variance_epsilon,

@@ -6,7 +6,6 @@
 // Weights are the modules' own tensors (never copied); each weight row is read once per step.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <omp.h>
 
 #include "dot.h"
@@ -15,16 +14,6 @@
 #include <vector>
 
 namespace {
-
-// a . b over n floats (attention scores): eight lanes, then the tail.
-inline float dot(const float* a, const float* b, int64_t n) {
-  const int64_t full = n - n % 8;
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < full; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float sum = boomerang::horizontal_sum(acc);
-  for (int64_t i = full; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 // A weight matrix [out, in] applied to `batch` input rows, written to y [batch, y_stride] at `offset`.
 struct Projection {
@@ -134,7 +123,7 @@ void attend(Step& st, int64_t begin, int64_t end, const float* keys, const float
     float best = -INFINITY;
     for (int64_t t = 0; t < seen; ++t) {
       if (!allowed[b * seen + t]) { scores[t] = -INFINITY; continue; }
-      scores[t] = dot(q, k + t * dim, dim) * float(scaling);
+      scores[t] = boomerang::row_dot(q, k + t * dim, dim) * float(scaling);
       best = std::max(best, scores[t]);
     }
     float total = 0;

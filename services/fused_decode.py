@@ -1,16 +1,15 @@
-"""Decode steps of Llama-style variants with one native call per layer (`services/kernels/decoder_step.cpp`).
+"""Decode steps of Llama-style variants in one native call for all layers (`services/kernels/decoder_step.cpp`).
 
 A transformers forward spends more time in per-module Python than a small layer spends reading its weights.
 Here a decode step is: embed in torch, rotary cos/sin from the model's own rotary module, then one kernel
-call per layer and one for norm + output layer. The model is untouched: its modules' tensors are read in
-place, and the KV cache is the batch's own `SlotCache` (its `GrowingLayer` buffers), so prefill, scoring
-and every other path keep using the transformers forward. Used for fp32 CPU batches of up to `MAX_ROWS`
-rows when native kernels are on (the variant's layers are `FastLinear`), else the caller falls back.
+call for all the layers (`LayerStack.step`) and one for norm + output layer. The model is untouched: its
+modules' tensors are read in place, and the KV cache is the batch's own `SlotCache` (its `GrowingLayer`
+buffers), so prefill, scoring and every other path keep using the transformers forward. Used for fp32 CPU
+batches of up to `MAX_ROWS` rows when native kernels are on (the variant's layers are `FastLinear`), else
+the caller falls back.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,7 +31,7 @@ def _tensor(module: nn.Module | None, name: str) -> torch.Tensor:
 
 
 def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
-    """A decoder layer's tensors in the kernel's slot order (see `decoder_layer_step`)."""
+    """A decoder layer's tensors in the kernel's slot order (`Layer` in decoder_step.cpp)."""
     attn, mlp = layer.self_attn, layer.mlp
     return [_tensor(layer.input_layernorm, "weight"),
             _tensor(attn.q_proj, "weight"), _tensor(attn.q_proj, "bias"),
@@ -44,30 +43,27 @@ def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
             _tensor(mlp.gate_proj, "weight"), _tensor(mlp.up_proj, "weight"), _tensor(mlp.down_proj, "weight")]
 
 
-@dataclass(frozen=True)
-class FusedLayer:
-    tensors: list[torch.Tensor]
-    norm_eps: float
-    qk_norm_eps: float
-    scaling: float
-
-    def run(self, kernel, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
-            mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int) -> None:
-        """One decode step of this layer: `hidden` [rows, hidden_size] in place, KV written at `length`."""
-        kernel.decoder_layer_step(hidden, self.tensors, keys, values, length, mask, cos, sin, heads, kv_heads,
-                                  self.norm_eps, self.qk_norm_eps, self.scaling)
-
-
-def fused_layer(layer: nn.Module) -> FusedLayer | None:
-    """The kernel's view of one decoder layer, or None where the kernel cannot run it."""
+def _layer_supported(layer: nn.Module) -> bool:
     tensors = layer_tensors(layer)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        return None
-    if any(getattr(layer.mlp, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
-        return None
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and all(
+        getattr(layer.mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _constants(layer: nn.Module) -> tuple[float, float, float]:
+    """(RMSNorm eps, q/k norm eps, attention scaling) of one layer."""
     q_norm = getattr(layer.self_attn, "q_norm", None)
-    return FusedLayer(tensors, layer.input_layernorm.variance_epsilon,
-                      q_norm.variance_epsilon if q_norm is not None else 0.0, layer.self_attn.scaling)
+    return (layer.input_layernorm.variance_epsilon, q_norm.variance_epsilon if q_norm is not None else 0.0,
+            layer.self_attn.scaling)
+
+
+def layer_stack(kernel, layers: list[nn.Module], config):
+    """The kernel's `LayerStack` over these decoder layers (their own tensors), or None where it cannot run
+    them all: a layer in another dtype or device, MLP biases, or layers that differ in norm eps or scaling."""
+    constants = {_constants(layer) for layer in layers}
+    if not layers or len(constants) != 1 or not all(_layer_supported(layer) for layer in layers):
+        return None
+    return kernel.LayerStack([layer_tensors(layer) for layer in layers], config.num_attention_heads,
+                             config.num_key_value_heads, *constants.pop())
 
 
 def _config_supported(config) -> bool:
@@ -79,18 +75,17 @@ def _config_supported(config) -> bool:
 class FusedDecoder:
     """The decode step of one variant; build with `fused_decoder(model)`."""
 
-    def __init__(self, model: nn.Module, layers: list[FusedLayer], kernel):
+    def __init__(self, model: nn.Module, stack, kernel):
         spec = spec_for(model.config.model_type)
-        self.kernel, self.layers = kernel, layers
+        self.kernel, self.stack = kernel, stack
         self.embed, self.rotary = get_path(model, spec.embed), get_path(model, spec.rotary)
         norm = get_path(model, spec.norm)
         self.norm_weight, self.norm_eps = norm.weight.detach(), norm.variance_epsilon
         self.head_weight = get_path(model, spec.head).weight.detach()
-        self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
 
     def accepts(self, batch_size: int, cache) -> bool:
         """Whether this batch can take fused steps (few rows; a prefilled in-place KV cache)."""
-        return batch_size <= MAX_ROWS and len(cache.layers) == len(self.layers) and all(
+        return batch_size <= MAX_ROWS and len(cache.layers) == len(self.stack) and all(
             type(layer) is GrowingLayer and layer.is_initialized and layer.keys.numel() for layer in cache.layers)
 
     @torch.inference_mode()
@@ -101,10 +96,12 @@ class FusedDecoder:
         cos, sin = self.rotary(hidden[:, None], positions)  # [batch, 1, head_dim] each
         cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # [batch, head_dim]
         mask = attention_mask.to(torch.long).contiguous()  # [batch, seen]
-        for layer, cache_layer in zip(self.layers, cache.layers):
-            keys, values, length = cache_layer.reserve(1)  # [batch, kv_heads, capacity, head_dim]
-            layer.run(self.kernel, hidden, keys, values, length, mask, cos, sin, self.heads, self.kv_heads)
-            cache_layer.advance(length + 1)
+        reserved = [cache_layer.reserve(1) for cache_layer in cache.layers]  # (keys, values, length) per layer
+        keys, values, lengths = zip(*reserved)  # keys, values: [batch, kv_heads, capacity, head_dim] each
+        assert len(set(lengths)) == 1, "layers of one batch hold the same positions"
+        self.stack.step(hidden, list(keys), list(values), lengths[0], mask, cos, sin)
+        for cache_layer in cache.layers:
+            cache_layer.advance(lengths[0] + 1)
         return self.kernel.norm_and_head(hidden, self.norm_weight, self.norm_eps, self.head_weight)  # [batch, vocab]
 
 
@@ -127,7 +124,5 @@ def _build(model: nn.Module) -> FusedDecoder | None:
     if type(head) is not FastLinear or head.bias is not None:  # native kernels off for this model, or a biased head
         return None
     kernel = load_decoder_step()
-    layers = [fused_layer(layer) for layer in get_path(model, spec.layers)]
-    if kernel is None or any(layer is None for layer in layers):
-        return None
-    return FusedDecoder(model, layers, kernel)
+    stack = layer_stack(kernel, list(get_path(model, spec.layers)), config) if kernel is not None else None
+    return FusedDecoder(model, stack, kernel) if stack is not None else None

@@ -18,7 +18,7 @@ from services.architectures import get_path
 from services.compat import cache_argument_name
 from services.engine.batch import DecodeBatch, Sequence
 from services.family import Family
-from services.fused_decode import FusedLayer, fused_decoder, fused_layer
+from services.fused_decode import fused_decoder, layer_stack
 from services.kernels.decoder_step import load_decoder_step
 from services.kv_buffer import MIN_CAPACITY
 from services.plan import STUDENT, TEACHER, block_choices
@@ -29,7 +29,7 @@ class _Group:
     """Rows taking one branch of a block, and the layers of that branch with their KV buffers."""
 
     rows: torch.Tensor  # [rows] batch indices
-    layers: list[FusedLayer]
+    stack: object  # the kernel's LayerStack over the branch's layers
     keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
 
@@ -91,9 +91,10 @@ class MixedBatch(DecodeBatch):
                 if not sizes:
                     continue
                 refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
-                group = _Group(self._rows(lambda m, sizes=sizes: m in sizes), [], [], [])
-                for offset, ref in enumerate(refs):
-                    group.layers.append(fused_layer(self._layer(*ref)))
+                layers = [self._layer(*ref) for ref in refs]
+                stack = layer_stack(self.kernel, layers, self.family.teacher.config)
+                group = _Group(self._rows(lambda m, sizes=sizes: m in sizes), stack, [], [])
+                for offset in range(len(refs)):
                     keys, values = self._gather_kv(group.rows, sizes, prefilled, depth, offset, capacity, longest)
                     group.keys.append(keys)
                     group.values.append(values)
@@ -123,15 +124,12 @@ class MixedBatch(DecodeBatch):
         input_ids = self._next_input()[:, 0]  # [batch]
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
         mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
-        config = self.family.teacher.config
         self._make_room()
         for branches in self.groups:
             for group in branches:
                 h = hidden[group.rows].contiguous()  # [rows, hidden_size]
                 m, c, s = mask[group.rows].contiguous(), cos[group.rows].contiguous(), sin[group.rows].contiguous()
-                for layer, keys, values in zip(group.layers, group.keys, group.values):
-                    layer.run(self.kernel, h, keys, values, self.length, m, c, s, config.num_attention_heads,
-                              config.num_key_value_heads)
+                group.stack.step(h, group.keys, group.values, self.length, m, c, s)
                 hidden[group.rows] = h
         self.length += 1
         self._advance(self._head(hidden))

@@ -1,9 +1,12 @@
-// One decode step of a Llama-style decoder layer in one call: fp32, AVX2 + FMA, a few rows (batch).
+// Decode steps of Llama-style decoder layers in one call: fp32, AVX2 + FMA, a few rows (batch).
 //
 // The per-module Python of a transformers forward costs more than reading a small layer's weights, so
-// this does the whole layer natively: RMSNorm, q/k/v, optional per-head q/k norm (Qwen3), rotary
-// embedding, appending to the KV cache, attention over the cache, o_proj, RMSNorm, SiLU-gated MLP.
-// Weights are the modules' own tensors (never copied); each weight row is read once per step.
+// this runs whole layers natively: RMSNorm, q/k/v, optional per-head q/k norm (Qwen3), rotary embedding,
+// appending to the KV cache, attention over the cache, o_proj, RMSNorm, SiLU-gated MLP. A `LayerStack`
+// holds pointers to the modules' own tensors (never copied) and runs all its layers in one parallel
+// region: threads meet at five barriers per layer, and nothing runs on one thread while the others wait
+// (each thread computes the small per-row work, norms and rotations, for itself). Each weight row is
+// read once per step.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -15,49 +18,45 @@
 
 namespace {
 
-// A weight matrix [out, in] applied to `batch` input rows, written to y [batch, y_stride] at `offset`.
-struct Projection {
-  const float* weight;
-  const float* bias;  // nullptr: none
-  int64_t out;
-  float* y;
-  int64_t offset;
+constexpr int kSlots = 15;  // weight slots of a layer, in the order `layer_tensors` (Python) lists them
+
+// One decoder layer's weights; nullptr where the layer has none (biases, q/k norms).
+struct Layer {
+  const float *input_norm, *q, *q_bias, *k, *k_bias, *v, *v_bias, *o, *o_bias, *q_norm, *k_norm, *post_norm,
+      *gate, *up, *down;
+  int64_t inter;
 };
 
-// y = x W^T (+ b) for several projections of the same input x [batch, in]: this thread's share
-// (`part` of `parts`) of all their rows, so one parallel pass covers them all.
-void project_part(const std::vector<Projection>& projections, const float* x, int64_t batch, int64_t in,
-                  int64_t y_stride, int part, int parts) {
-  int64_t total = 0;
-  for (const auto& p : projections) total += p.out;
-  const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
-  int64_t first_row = 0;  // of the current projection, in the concatenation of all
-  for (const auto& p : projections) {
-    const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + p.out) - first_row;
-    first_row += p.out;
-    if (lo >= hi) continue;
-    float* y = p.y + p.offset + lo;
-    boomerang::matvec_rows(p.weight, lo, hi, in, x, batch, y, y_stride);
-    if (p.bias)
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t r = lo; r < hi; ++r) y[b * y_stride + r - lo] += p.bias[r];
-  }
+const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+Layer layer_view(const std::vector<torch::Tensor>& w) {
+  TORCH_CHECK(w.size() == kSlots, "LayerStack: 15 weight slots per layer");
+  for (const auto& t : w)
+    TORCH_CHECK(!t.numel() || (t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu()),
+                "LayerStack: contiguous fp32 CPU weights only");
+  return {w[0].data_ptr<float>(),  w[1].data_ptr<float>(),  optional_data(w[2]),     w[3].data_ptr<float>(),
+          optional_data(w[4]),     w[5].data_ptr<float>(),  optional_data(w[6]),     w[7].data_ptr<float>(),
+          optional_data(w[8]),     optional_data(w[9]),     optional_data(w[10]),    w[11].data_ptr<float>(),
+          w[12].data_ptr<float>(), w[13].data_ptr<float>(), w[14].data_ptr<float>(), w[12].size(0)};
 }
 
-// act[b, j] = silu(gate_j . x_b) * (up_j . x_b), this thread's share of j.
-void gated_mlp_part(const float* gate, const float* up, const float* x, int64_t batch, int64_t in, int64_t inter,
-                    float* act, int part, int parts) {
-  const int64_t begin = inter * part / parts, end = inter * (part + 1) / parts, count = end - begin;
-  if (count <= 0) return;
-  std::vector<float> gated(batch * count), linear(batch * count);  // [batch, count]
-  boomerang::matvec_rows(gate, begin, end, in, x, batch, gated.data(), count);
-  boomerang::matvec_rows(up, begin, end, in, x, batch, linear.data(), count);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t j = 0; j < count; ++j) {
-      const float g = gated[b * count + j];
-      act[b * inter + begin + j] = g / (1.f + std::exp(-g)) * linear[b * count + j];
-    }
-}
+// Sizes of one step; `length` KV positions are filled before it, the step writes position `length`.
+struct Shapes {
+  int64_t batch, width, heads, kv_heads, head_dim, length;
+  int64_t q_width() const { return heads * head_dim; }
+  int64_t kv_width() const { return kv_heads * head_dim; }
+  int64_t qkv_width() const { return q_width() + 2 * kv_width(); }
+};
+
+struct Norms {
+  double eps, qk_eps, scaling;
+};
+
+// Rows [begin, end) of `parts` equal shares of `count`: this thread's share of a parallel phase.
+struct Share {
+  int64_t begin, end;
+};
+Share share_of(int64_t count, int part, int parts) { return {count * part / parts, count * (part + 1) / parts}; }
 
 // out[b] = x[b] / rms(x[b]) * weight, over rows of `width` (also used per head, for q/k norms).
 void rms_norm(const float* x, const float* weight, int64_t rows, int64_t width, double eps, float* out) {
@@ -66,6 +65,30 @@ void rms_norm(const float* x, const float* weight, int64_t rows, int64_t width, 
     for (int64_t i = 0; i < width; ++i) squares += double(x[b * width + i]) * x[b * width + i];
     const float scale = 1.f / std::sqrt(float(squares / width) + float(eps));
     for (int64_t i = 0; i < width; ++i) out[b * width + i] = weight[i] * (x[b * width + i] * scale);
+  }
+}
+
+// y[b, r] = w_r . x_b (+ bias_r) for rows r in `share` of w [out, in]; y [batch, y_stride], rows at `offset`.
+void project(const float* w, const float* bias, Share share, int64_t in, const float* x, int64_t batch, float* y,
+             int64_t y_stride, int64_t offset = 0) {
+  if (share.begin >= share.end) return;
+  float* first = y + offset + share.begin;
+  boomerang::matvec_rows(w, share.begin, share.end, in, x, batch, first, y_stride);
+  if (bias)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t r = share.begin; r < share.end; ++r) first[b * y_stride + r - share.begin] += bias[r];
+}
+
+// This thread's share of the concatenated q/k/v rows: qkv [batch, qkv_width] = normed x [Wq; Wk; Wv]^T.
+void project_qkv(const Layer& l, const Shapes& s, const float* normed, float* qkv, int part, int parts) {
+  const Share all = share_of(s.qkv_width(), part, parts);
+  const int64_t starts[3] = {0, s.q_width(), s.q_width() + s.kv_width()}, outs[3] = {s.q_width(), s.kv_width(),
+                                                                                        s.kv_width()};
+  const float* weights[3] = {l.q, l.k, l.v};
+  const float* biases[3] = {l.q_bias, l.k_bias, l.v_bias};
+  for (int i = 0; i < 3; ++i) {
+    const Share mine{std::max(all.begin, starts[i]) - starts[i], std::min(all.end, starts[i] + outs[i]) - starts[i]};
+    project(weights[i], biases[i], mine, s.width, normed, s.batch, qkv, s.qkv_width(), starts[i]);
   }
 }
 
@@ -82,127 +105,176 @@ void rotate(float* v, int64_t heads, int64_t head_dim, const float* cos, const f
   }
 }
 
-const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
-
-// One layer's shapes and the step's scratch buffers.
-struct Step {
-  int64_t batch, width, heads, kv_heads, head_dim, capacity, length, inter;
-  int64_t q_width, kv_width, qkv_width;
-  std::vector<float> normed, qkv, attn, mlp, projected;
-};
-
-// Per row: optional q/k norms, rotary embedding, and this step's keys and values into the cache.
-void position_and_cache(Step& st, const std::vector<torch::Tensor>& weights, double qk_norm_eps,
-                        const float* cos, const float* sin, float* keys, float* values) {
-  for (int64_t b = 0; b < st.batch; ++b) {
-    float* q = st.qkv.data() + b * st.qkv_width;
-    float* k = q + st.q_width;
-    const float* v = k + st.kv_width;
-    if (weights[9].numel()) rms_norm(q, weights[9].data_ptr<float>(), st.heads, st.head_dim, qk_norm_eps, q);
-    if (weights[10].numel()) rms_norm(k, weights[10].data_ptr<float>(), st.kv_heads, st.head_dim, qk_norm_eps, k);
-    rotate(q, st.heads, st.head_dim, cos + b * st.head_dim, sin + b * st.head_dim);
-    rotate(k, st.kv_heads, st.head_dim, cos + b * st.head_dim, sin + b * st.head_dim);
-    for (int64_t kh = 0; kh < st.kv_heads; ++kh) {
-      const int64_t slot = ((b * st.kv_heads + kh) * st.capacity + st.length) * st.head_dim;
-      std::copy(k + kh * st.head_dim, k + (kh + 1) * st.head_dim, keys + slot);
-      std::copy(v + kh * st.head_dim, v + (kh + 1) * st.head_dim, values + slot);
-    }
+// Optional q/k norms and rotary embedding of every row of qkv [batch, qkv_width], in place.
+void position(const Layer& l, const Shapes& s, const Norms& n, const float* cos, const float* sin, float* qkv) {
+  for (int64_t b = 0; b < s.batch; ++b) {
+    float* q = qkv + b * s.qkv_width();
+    float* k = q + s.q_width();
+    if (l.q_norm) rms_norm(q, l.q_norm, s.heads, s.head_dim, n.qk_eps, q);
+    if (l.k_norm) rms_norm(k, l.k_norm, s.kv_heads, s.head_dim, n.qk_eps, k);
+    rotate(q, s.heads, s.head_dim, cos + b * s.head_dim, sin + b * s.head_dim);
+    rotate(k, s.kv_heads, s.head_dim, cos + b * s.head_dim, sin + b * s.head_dim);
   }
 }
 
-// Softmax attention over the cache for (row, head) tasks [begin, end), skipping masked positions.
-void attend(Step& st, int64_t begin, int64_t end, const float* keys, const float* values, const int64_t* allowed,
-            double scaling) {
-  const int64_t seen = st.length + 1, dim = st.head_dim, group = st.heads / st.kv_heads;
-  std::vector<float> scores(seen);
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / st.heads, head = task % st.heads, kh = head / group;
-    const float* q = st.qkv.data() + b * st.qkv_width + head * dim;
-    const float* k = keys + (b * st.kv_heads + kh) * st.capacity * dim;
-    const float* v = values + (b * st.kv_heads + kh) * st.capacity * dim;
+// The KV cache of one layer: keys, values [batch, kv_heads, capacity, head_dim].
+struct Cache {
+  float *keys, *values;
+  int64_t capacity;
+  float* slot(float* base, const Shapes& s, int64_t b, int64_t kh, int64_t t) const {
+    return base + ((b * s.kv_heads + kh) * capacity + t) * s.head_dim;
+  }
+};
+
+// This thread's share of the (row, kv head) pairs: their new key and value into the cache at `length`.
+void append(const Shapes& s, const float* qkv, const Cache& c, int part, int parts) {
+  const Share mine = share_of(s.batch * s.kv_heads, part, parts);
+  for (int64_t task = mine.begin; task < mine.end; ++task) {
+    const int64_t b = task / s.kv_heads, kh = task % s.kv_heads;
+    const float* k = qkv + b * s.qkv_width() + s.q_width() + kh * s.head_dim;
+    std::copy(k, k + s.head_dim, c.slot(c.keys, s, b, kh, s.length));
+    std::copy(k + s.kv_width(), k + s.kv_width() + s.head_dim, c.slot(c.values, s, b, kh, s.length));
+  }
+}
+
+// Softmax attention for this thread's share of (row, head) pairs into out [batch, q_width]. Positions
+// before `length` come from the cache, the new one from this thread's own qkv (another thread may be
+// the one writing it to the cache); masked (left-padding) positions are skipped.
+void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, float* out,
+            std::vector<float>& scores, int part, int parts) {
+  const int64_t seen = s.length + 1, dim = s.head_dim, group = s.heads / s.kv_heads;
+  const Share mine = share_of(s.batch * s.heads, part, parts);
+  for (int64_t task = mine.begin; task < mine.end; ++task) {
+    const int64_t b = task / s.heads, head = task % s.heads, kh = head / group;
+    const float* q = qkv + b * s.qkv_width() + head * dim;
+    const float* new_key = qkv + b * s.qkv_width() + s.q_width() + kh * dim;
+    const float* new_value = new_key + s.kv_width();
+    const float* keys = c.slot(c.keys, s, b, kh, 0);
+    const float* values = c.slot(c.values, s, b, kh, 0);
     float best = -INFINITY;
     for (int64_t t = 0; t < seen; ++t) {
-      if (!allowed[b * seen + t]) { scores[t] = -INFINITY; continue; }
-      scores[t] = boomerang::row_dot(q, k + t * dim, dim) * float(scaling);
+      if (!mask[b * seen + t]) { scores[t] = -INFINITY; continue; }
+      scores[t] = boomerang::row_dot(q, t < s.length ? keys + t * dim : new_key, dim) * float(n.scaling);
       best = std::max(best, scores[t]);
     }
     float total = 0;
     for (int64_t t = 0; t < seen; ++t) total += (scores[t] = std::exp(scores[t] - best));
-    float* out = st.attn.data() + b * st.q_width + head * dim;
-    std::fill(out, out + dim, 0.f);
+    float* o = out + b * s.q_width() + head * dim;
+    std::fill(o, o + dim, 0.f);
     for (int64_t t = 0; t < seen; ++t) {
       const float p = scores[t] / total;
+      const float* v = t < s.length ? values + t * dim : new_value;
       if (p != 0.f)
-        for (int64_t i = 0; i < dim; ++i) out[i] += p * v[t * dim + i];
+        for (int64_t i = 0; i < dim; ++i) o[i] += p * v[i];
     }
   }
 }
 
-void add_into(float* h, const std::vector<float>& delta) {
-  for (size_t i = 0; i < delta.size(); ++i) h[i] += delta[i];
+// Buffers every thread reads, each filled in shares between barriers.
+struct Shared {
+  std::vector<float> qkv, attn, projected, act;  // [batch, qkv_width], [batch, q_width], [batch, width], [batch, inter]
+};
+
+// Each thread's own buffers.
+struct Own {
+  std::vector<float> normed, qkv, residual, gated, linear, down, scores;
+};
+
+// act[b, j] = silu(gate_j . x_b) * (up_j . x_b) for this thread's share of j.
+void gated_mlp(const Layer& l, const Shapes& s, const float* x, float* act, Own& own, int part, int parts) {
+  const Share mine = share_of(l.inter, part, parts);
+  const int64_t count = mine.end - mine.begin;
+  if (count <= 0) return;
+  boomerang::matvec_rows(l.gate, mine.begin, mine.end, s.width, x, s.batch, own.gated.data(), count);
+  boomerang::matvec_rows(l.up, mine.begin, mine.end, s.width, x, s.batch, own.linear.data(), count);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t j = 0; j < count; ++j) {
+      const float g = own.gated[b * count + j];
+      act[b * l.inter + mine.begin + j] = g / (1.f + std::exp(-g)) * own.linear[b * count + j];
+    }
 }
+
+// One layer's decode step, run by every thread of the region; hidden h [batch, width] is updated in place
+// and is complete for all threads on return.
+void layer_step(const Layer& l, const Shapes& s, const Norms& n, const Cache& c, const int64_t* mask,
+                const float* cos, const float* sin, float* h, Shared& shared, Own& own, int part, int parts) {
+  rms_norm(h, l.input_norm, s.batch, s.width, n.eps, own.normed.data());
+  project_qkv(l, s, own.normed.data(), shared.qkv.data(), part, parts);
+#pragma omp barrier
+  own.qkv.assign(shared.qkv.begin(), shared.qkv.end());
+  position(l, s, n, cos, sin, own.qkv.data());
+  append(s, own.qkv.data(), c, part, parts);
+  attend(s, n, own.qkv.data(), c, mask, shared.attn.data(), own.scores, part, parts);
+#pragma omp barrier
+  project(l.o, l.o_bias, share_of(s.width, part, parts), s.q_width(), shared.attn.data(), s.batch,
+          shared.projected.data(), s.width);
+#pragma omp barrier
+  for (int64_t i = 0; i < s.batch * s.width; ++i) own.residual[i] = h[i] + shared.projected[i];
+  rms_norm(own.residual.data(), l.post_norm, s.batch, s.width, n.eps, own.normed.data());
+  gated_mlp(l, s, own.normed.data(), shared.act.data(), own, part, parts);
+#pragma omp barrier
+  const Share rows = share_of(s.width, part, parts);
+  project(l.down, nullptr, rows, l.inter, shared.act.data(), s.batch, own.down.data(), s.width);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t r = rows.begin; r < rows.end; ++r)
+      h[b * s.width + r] = own.residual[b * s.width + r] + own.down[b * s.width + r];
+#pragma omp barrier
+}
+
+// A model's decoder layers (or a run of them), over the modules' own tensors.
+class LayerStack {
+ public:
+  LayerStack(std::vector<std::vector<torch::Tensor>> layers, int64_t heads, int64_t kv_heads, double norm_eps,
+             double qk_norm_eps, double scaling)
+      : tensors_(std::move(layers)), heads_(heads), kv_heads_(kv_heads), norms_{norm_eps, qk_norm_eps, scaling} {
+    for (const auto& w : tensors_) layers_.push_back(layer_view(w));
+    for (const auto& l : layers_) max_inter_ = std::max(max_inter_, l.inter);
+  }
+
+  // hidden [B, hidden_size] is updated in place. keys[i], values[i]: layer i's cache [B, kv_heads, capacity,
+  // head_dim]; positions < `length` are filled, this step writes position `length`. mask [B, length + 1]:
+  // 0 where a (left-padding) position must not be attended. cos, sin: [B, head_dim] for this step.
+  void step(torch::Tensor hidden, const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+            int64_t length, const torch::Tensor& mask, const torch::Tensor& cos, const torch::Tensor& sin) const {
+    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one KV cache per layer");
+    TORCH_CHECK(hidden.scalar_type() == torch::kFloat && hidden.is_contiguous() && mask.is_contiguous() &&
+                cos.is_contiguous() && sin.is_contiguous(), "contiguous inputs only");
+    TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.size(1) == length + 1, "mask [B, length + 1], int64");
+    const Shapes s{hidden.size(0), hidden.size(1), heads_, kv_heads_, keys.at(0).size(3), length};
+    std::vector<Cache> caches;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].sizes() == values[i].sizes(),
+                  "contiguous KV caches of one shape");
+      TORCH_CHECK(keys[i].size(0) == s.batch && keys[i].size(1) == kv_heads_ && keys[i].size(3) == s.head_dim,
+                  "KV cache [B, kv_heads, capacity, head_dim]");
+      TORCH_CHECK(length < keys[i].size(2), "KV cache full");
+      caches.push_back({keys[i].data_ptr<float>(), values[i].data_ptr<float>(), keys[i].size(2)});
+    }
+    Shared shared{std::vector<float>(s.batch * s.qkv_width()), std::vector<float>(s.batch * s.q_width()),
+                  std::vector<float>(s.batch * s.width), std::vector<float>(s.batch * max_inter_)};
+    float* h = hidden.data_ptr<float>();
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+      Own own{std::vector<float>(s.batch * s.width), {}, std::vector<float>(s.batch * s.width),
+              std::vector<float>(s.batch * max_inter_), std::vector<float>(s.batch * max_inter_),
+              std::vector<float>(s.batch * s.width), std::vector<float>(length + 1)};
+      for (size_t i = 0; i < layers_.size(); ++i)
+        layer_step(layers_[i], s, norms_, caches[i], mask.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                   sin.data_ptr<float>(), h, shared, own, part, parts);
+    }
+  }
+
+  int64_t size() const { return int64_t(layers_.size()); }
+
+ private:
+  std::vector<std::vector<torch::Tensor>> tensors_;  // keeps the weights alive while `layers_` points at them
+  std::vector<Layer> layers_;
+  int64_t heads_, kv_heads_, max_inter_ = 0;
+  Norms norms_;
+};
 
 }  // namespace
-
-// weights: [input_norm, q, q_bias, k, k_bias, v, v_bias, o, o_bias, q_norm, k_norm, post_norm, gate, up, down]
-// (an empty tensor where a layer has none). hidden [B, hidden_size] is updated in place.
-// key_cache, value_cache: [B, kv_heads, capacity, head_dim]; positions < `length` are filled, this step
-// writes position `length`. mask [B, length + 1]: 0 where a (left-padding) position must not be attended.
-// cos, sin: [B, head_dim] for this step's positions. One parallel region for the whole layer: its threads
-// meet at barriers between phases instead of being started for each matmul.
-void decoder_layer_step(torch::Tensor hidden, const std::vector<torch::Tensor>& weights, torch::Tensor key_cache,
-                        torch::Tensor value_cache, int64_t length, const torch::Tensor& mask,
-                        const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t kv_heads,
-                        double norm_eps, double qk_norm_eps, double scaling) {
-  TORCH_CHECK(weights.size() == 15, "decoder_layer_step: 15 weight slots");
-  TORCH_CHECK(hidden.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
-              mask.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "contiguous inputs only");
-  TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.size(1) == length + 1, "mask [B, length + 1], int64");
-  TORCH_CHECK(length < key_cache.size(2), "KV cache full");
-  Step st;
-  st.batch = hidden.size(0), st.width = hidden.size(1), st.heads = heads, st.kv_heads = kv_heads;
-  st.head_dim = key_cache.size(3), st.capacity = key_cache.size(2), st.length = length;
-  st.inter = weights[12].size(0), st.q_width = heads * st.head_dim, st.kv_width = kv_heads * st.head_dim;
-  st.qkv_width = st.q_width + 2 * st.kv_width;
-  st.normed.resize(st.batch * st.width), st.qkv.resize(st.batch * st.qkv_width);
-  st.attn.resize(st.batch * st.q_width), st.mlp.resize(st.batch * st.inter), st.projected.resize(st.batch * st.width);
-  float* h = hidden.data_ptr<float>();
-  float* keys = key_cache.data_ptr<float>();
-  float* values = value_cache.data_ptr<float>();
-  const std::vector<Projection> qkv{
-      {weights[1].data_ptr<float>(), optional_data(weights[2]), st.q_width, st.qkv.data(), 0},
-      {weights[3].data_ptr<float>(), optional_data(weights[4]), st.kv_width, st.qkv.data(), st.q_width},
-      {weights[5].data_ptr<float>(), optional_data(weights[6]), st.kv_width, st.qkv.data(), st.q_width + st.kv_width}};
-  const std::vector<Projection> o{{weights[7].data_ptr<float>(), optional_data(weights[8]), st.width,
-                                   st.projected.data(), 0}};
-  const std::vector<Projection> down{{weights[14].data_ptr<float>(), nullptr, st.width, st.projected.data(), 0}};
-  const int64_t tasks = st.batch * heads;
-
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-#pragma omp single
-    rms_norm(h, weights[0].data_ptr<float>(), st.batch, st.width, norm_eps, st.normed.data());
-    project_part(qkv, st.normed.data(), st.batch, st.width, st.qkv_width, part, parts);
-#pragma omp barrier
-#pragma omp single
-    position_and_cache(st, weights, qk_norm_eps, cos.data_ptr<float>(), sin.data_ptr<float>(), keys, values);
-    attend(st, tasks * part / parts, tasks * (part + 1) / parts, keys, values, mask.data_ptr<int64_t>(), scaling);
-#pragma omp barrier
-    project_part(o, st.attn.data(), st.batch, st.q_width, st.width, part, parts);
-#pragma omp barrier
-#pragma omp single
-    {
-      add_into(h, st.projected);
-      rms_norm(h, weights[11].data_ptr<float>(), st.batch, st.width, norm_eps, st.normed.data());
-    }
-    gated_mlp_part(weights[12].data_ptr<float>(), weights[13].data_ptr<float>(), st.normed.data(), st.batch,
-                   st.width, st.inter, st.mlp.data(), part, parts);
-#pragma omp barrier
-    project_part(down, st.mlp.data(), st.batch, st.inter, st.width, part, parts);
-  }
-  add_into(h, st.projected);
-}
 
 // Final norm and output layer for a few rows: logits [B, vocab].
 torch::Tensor norm_and_head(const torch::Tensor& hidden, const torch::Tensor& norm_weight, double eps,
@@ -211,13 +283,16 @@ torch::Tensor norm_and_head(const torch::Tensor& hidden, const torch::Tensor& no
   std::vector<float> normed(batch * width);
   rms_norm(hidden.data_ptr<float>(), norm_weight.data_ptr<float>(), batch, width, eps, normed.data());
   auto logits = torch::empty({batch, vocab}, hidden.options());
-  const std::vector<Projection> head{{head_weight.data_ptr<float>(), nullptr, vocab, logits.data_ptr<float>(), 0}};
 #pragma omp parallel num_threads(at::get_num_threads())
-  project_part(head, normed.data(), batch, width, vocab, omp_get_thread_num(), omp_get_num_threads());
+  project(head_weight.data_ptr<float>(), nullptr, share_of(vocab, omp_get_thread_num(), omp_get_num_threads()), width,
+          normed.data(), batch, logits.data_ptr<float>(), vocab);
   return logits;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decoder_layer_step", &decoder_layer_step, "one decode step of a Llama-style layer (fp32, AVX2/FMA)");
+  pybind11::class_<LayerStack>(m, "LayerStack", "decoder layers whose decode steps run natively (fp32, AVX2/FMA)")
+      .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, double, double, double>())
+      .def("step", &LayerStack::step, "one decode step of every layer, in order")
+      .def("__len__", &LayerStack::size);
   m.def("norm_and_head", &norm_and_head, "final RMSNorm and output layer for a few rows");
 }

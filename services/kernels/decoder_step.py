@@ -1,4 +1,4 @@
-"""The fused decoder-layer decode step (`decoder_step.cpp`): built once per machine, `None` where it cannot be."""
+"""The fused decode step of decoder layers (`decoder_step.cpp`): built once per machine, `None` where it cannot be."""
 
 from __future__ import annotations
 
@@ -13,5 +13,5 @@ SOURCE = Path(__file__).with_name("decoder_step.cpp")
 
 @functools.cache
 def load_decoder_step() -> ModuleType | None:
-    """The module with `decoder_layer_step` and `norm_and_head`, or None (no compiler, no AVX2/FMA)."""
+    """The module with `LayerStack` and `norm_and_head`, or None (no compiler, no AVX2/FMA)."""
     return build("boomerang_decoder_step", SOURCE)

@@ -1,7 +1,7 @@
 """Decode steps of Llama-style variants in one native call for all layers (`services/kernels/decoder_step.cpp`).
 
 A transformers forward spends more time in per-module Python than a small layer spends reading its weights.
-Here a decode step is: embed in torch, rotary cos/sin from the model's own rotary module, then one kernel
+Here a decode step is: embed in torch, rotary cos/sin looked up (`rotary_table`), then one kernel
 call for all the layers (`LayerStack.step`) and one for norm + output layer. The model is untouched: its
 modules' tensors are read in place, and the KV cache is the batch's own `SlotCache` (its `GrowingLayer`
 buffers), so prefill, scoring and every other path keep using the transformers forward. Used for fp32 CPU
@@ -18,6 +18,7 @@ from services.architectures import get_path, spec_for
 from services.fast_linear import MAX_ROWS, FastLinear
 from services.kernels.decoder_step import load_decoder_step
 from services.kv_buffer import GrowingLayer
+from services.rotary_table import rotary_lookup
 
 # Architectures whose decoder layer is Llama's (pre-norm, rotate-half RoPE, SiLU-gated MLP), with the same
 # module names; Qwen2 adds q/k/v biases and Qwen3 per-head q/k RMSNorms, both handled by the kernel.
@@ -78,7 +79,7 @@ class FusedDecoder:
     def __init__(self, model: nn.Module, stack, kernel):
         spec = spec_for(model.config.model_type)
         self.kernel, self.stack = kernel, stack
-        self.embed, self.rotary = get_path(model, spec.embed), get_path(model, spec.rotary)
+        self.embed, self.rotary = get_path(model, spec.embed), rotary_lookup(get_path(model, spec.rotary))
         norm = get_path(model, spec.norm)
         self.norm_weight, self.norm_eps = norm.weight.detach(), norm.variance_epsilon
         self.head_weight = get_path(model, spec.head).weight.detach()
@@ -86,15 +87,14 @@ class FusedDecoder:
     def accepts(self, batch_size: int, cache) -> bool:
         """Whether this batch can take fused steps (few rows; a prefilled in-place KV cache)."""
         return batch_size <= MAX_ROWS and len(cache.layers) == len(self.stack) and all(
-            type(layer) is GrowingLayer and layer.is_initialized and layer.keys.numel() for layer in cache.layers)
+            type(layer) is GrowingLayer and layer.filled() for layer in cache.layers)
 
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
              cache) -> torch.Tensor:
         """Logits [batch, vocab] of one decode step; appends this step's keys and values to `cache`."""
         hidden = self.embed(input_ids[:, 0]).contiguous()  # [batch, hidden_size], updated in place below
-        cos, sin = self.rotary(hidden[:, None], positions)  # [batch, 1, head_dim] each
-        cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # [batch, head_dim]
+        cos, sin = self.rotary(positions[:, 0])  # [batch, head_dim] each
         mask = attention_mask.to(torch.long).contiguous()  # [batch, seen]
         reserved = [cache_layer.reserve(1) for cache_layer in cache.layers]  # (keys, values, length) per layer
         keys, values, lengths = zip(*reserved)  # keys, values: [batch, kv_heads, capacity, head_dim] each

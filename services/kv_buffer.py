@@ -4,7 +4,8 @@
 step, O(n^2) per request. Here each step writes only its new positions; the buffer is reallocated
 (doubling) about log2(n) times. `keys`/`values` stay views of the filled part, so everything that
 reads a `DynamicLayer` (masks, sequence length, crop, reorder) still works; after such a method
-replaces them, the next update starts a new buffer from them.
+replaces them, the next update starts a new buffer from them. A native writer that appends every step
+(`reserve`, then `advance`) only records the filled length: the views are made when next read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,41 @@ MIN_CAPACITY = 64  # positions allocated at first: a short request never realloc
 
 
 class GrowingLayer(DynamicLayer):
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if self._filled is not None:
+            self._make_views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._make_views()
+        self._keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if self._filled is not None:
+            self._make_views()
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._make_views()
+        self._values = value
+
+    def _make_views(self) -> None:
+        """Turns a recorded `advance` into the views (a no-op when there is none pending)."""
+        filled, self._filled = getattr(self, "_filled", None), None
+        if filled is not None:
+            self._keys = self._key_buffer[..., :filled, :]  # [batch, kv_heads, filled, head_dim]
+            self._values = self._value_buffer[..., :filled, :]
+
+    def filled(self) -> int:
+        """Positions held (0 before the first update), without making views."""
+        if self._filled is not None:
+            return self._filled
+        return self._keys.shape[-2] if self.is_initialized and self._keys.numel() else 0
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states, value_states: [batch, kv_heads, new, head_dim]
         if not self.is_initialized:
@@ -31,14 +67,16 @@ class GrowingLayer(DynamicLayer):
     def reserve(self, new: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """For a writer that fills positions itself: (key buffer, value buffer, filled length), with room for
         `new` more positions; buffers are [batch, kv_heads, capacity, head_dim]. Call `advance` after writing."""
+        length = self._filled
+        if length is not None and length + new <= self._key_buffer.shape[-2]:
+            return self._key_buffer, self._value_buffer, length  # the common case: room, views not yet made
         length = self.keys.shape[-2]
         self._make_room(self.keys, self.values, length, length + new)
         return self._key_buffer, self._value_buffer, length
 
     def advance(self, length: int) -> None:
-        """Positions [0, length) of the buffers are filled: `keys`/`values` become views of them."""
-        self.keys = self._key_buffer[..., :length, :]  # [batch, kv_heads, length, head_dim]
-        self.values = self._value_buffer[..., :length, :]
+        """Positions [0, length) of the buffers are filled: `keys`/`values` become views of them (when read)."""
+        self._filled = length
 
     def _make_room(self, keys: torch.Tensor, values: torch.Tensor, length: int, needed: int) -> None:
         if not self._is_view_of_buffer(length):

@@ -22,6 +22,7 @@ from services.fused_decode import fused_decoder, layer_stack
 from services.kernels.decoder_step import load_decoder_step
 from services.kv_buffer import MIN_CAPACITY
 from services.plan import STUDENT, TEACHER, block_choices
+from services.rotary_table import rotary_lookup
 
 
 @dataclass
@@ -166,11 +167,10 @@ class MixedBatch(DecodeBatch):
             hidden[rows] = get_path(self.sources[source], spec.embed)(input_ids[rows])
         cos = sin = None
         for source, rows in self.rows_by_source["rotary"].items():
-            rotary = get_path(self.sources[source], spec.rotary)
-            c, s = rotary(hidden[rows][:, None], self.positions[rows])  # [rows, 1, head_dim]
-            cos = c.new_empty(len(self.sizes), c.shape[-1]) if cos is None else cos
+            c, s = rotary_lookup(get_path(self.sources[source], spec.rotary))(self.positions[rows, 0])
+            cos = c.new_empty(len(self.sizes), c.shape[-1]) if cos is None else cos  # [batch, head_dim]
             sin = s.new_empty(len(self.sizes), s.shape[-1]) if sin is None else sin
-            cos[rows], sin[rows] = c[:, 0].float(), s[:, 0].float()
+            cos[rows], sin[rows] = c, s
         return hidden, cos, sin
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:

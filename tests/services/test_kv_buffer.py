@@ -41,6 +41,21 @@ def test_reserve_and_advance_let_a_writer_fill_positions_in_place():
         assert length == MIN_CAPACITY - 1 + i and keys.shape[-2] > length
         keys[..., length, :], values[..., length, :] = k[..., 0, :], v[..., 0, :]
         layer.advance(length + 1)
+        assert layer.filled() == length + 1
     assert layer._key_buffer.shape[-2] == 2 * MIN_CAPACITY  # grew once, keeping what was written
     torch.testing.assert_close(layer.keys, torch.cat([k1] + [k for k, _ in steps], dim=-2), rtol=0, atol=0)
     torch.testing.assert_close(layer.values, torch.cat([v1] + [v for _, v in steps], dim=-2), rtol=0, atol=0)
+
+
+def test_a_recorded_advance_reads_and_crops_like_a_filled_cache():
+    layer, generator = GrowingLayer(), torch.Generator().manual_seed(3)
+    (k1, v1), (k2, v2), (k3, v3) = _chunks(generator, [5, 1, 2])
+    layer.update(k1, v1)
+    keys, values, length = layer.reserve(1)
+    keys[..., length, :], values[..., length, :] = k2[..., 0, :], v2[..., 0, :]
+    layer.advance(length + 1)
+    assert layer.get_seq_length() == 6
+    layer.crop(-2)  # keep 4
+    out_keys, out_values = layer.update(k3, v3)
+    torch.testing.assert_close(out_keys, torch.cat([k1[..., :4, :], k3], dim=-2), rtol=0, atol=0)
+    torch.testing.assert_close(out_values, torch.cat([v1[..., :4, :], v3], dim=-2), rtol=0, atol=0)

@@ -58,12 +58,24 @@ struct Share {
 };
 Share share_of(int64_t count, int part, int parts) { return {count * part / parts, count * (part + 1) / parts}; }
 
+// x . x over n floats (fp32 accumulation, as transformers' RMSNorm computes its variance).
+float sum_of_squares(const float* x, int64_t n) {
+  const int64_t full = n - n % 16;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(u, u, a0);
+    a1 = _mm256_fmadd_ps(v, v, a1);
+  }
+  float sum = boomerang::horizontal_sum(_mm256_add_ps(a0, a1));
+  for (int64_t i = full; i < n; ++i) sum += x[i] * x[i];
+  return sum;
+}
+
 // out[b] = x[b] / rms(x[b]) * weight, over rows of `width` (also used per head, for q/k norms).
 void rms_norm(const float* x, const float* weight, int64_t rows, int64_t width, double eps, float* out) {
   for (int64_t b = 0; b < rows; ++b) {
-    double squares = 0;
-    for (int64_t i = 0; i < width; ++i) squares += double(x[b * width + i]) * x[b * width + i];
-    const float scale = 1.f / std::sqrt(float(squares / width) + float(eps));
+    const float scale = 1.f / std::sqrt(sum_of_squares(x + b * width, width) / float(width) + float(eps));
     for (int64_t i = 0; i < width; ++i) out[b * width + i] = weight[i] * (x[b * width + i] * scale);
   }
 }
@@ -137,6 +149,36 @@ void append(const Shapes& s, const float* qkv, const Cache& c, int part, int par
   }
 }
 
+// exp(x) for 8 floats (Cephes' polynomial, ~1 ulp); 0 where x is -inf (masked positions).
+__m256 exp8(__m256 x) {
+  const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // x / ln 2, rounded
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);                  // x - n ln 2, in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));  // exp(r)
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));  // exp(r) * 2^n
+}
+
+// scores[t] = exp(scores[t] - best) for t < count; returns their sum.
+float exponentiate(float* scores, int64_t count, float best) {
+  const int64_t full = count - count % 8;
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t t = 0; t < full; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(best)));
+    _mm256_storeu_ps(scores + t, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = boomerang::horizontal_sum(total);
+  for (int64_t t = full; t < count; ++t) sum += (scores[t] = std::exp(scores[t] - best));
+  return sum;
+}
+
 // Softmax attention for this thread's share of (row, head) pairs into out [batch, q_width]. Positions
 // before `length` come from the cache, the new one from this thread's own qkv (another thread may be
 // the one writing it to the cache); masked (left-padding) positions are skipped.
@@ -154,15 +196,14 @@ void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, c
     float best = -INFINITY;
     for (int64_t t = 0; t < seen; ++t) {
       if (!mask[b * seen + t]) { scores[t] = -INFINITY; continue; }
-      scores[t] = boomerang::row_dot(q, t < s.length ? keys + t * dim : new_key, dim) * float(n.scaling);
+      scores[t] = boomerang::short_dot(q, t < s.length ? keys + t * dim : new_key, dim) * float(n.scaling);
       best = std::max(best, scores[t]);
     }
-    float total = 0;
-    for (int64_t t = 0; t < seen; ++t) total += (scores[t] = std::exp(scores[t] - best));
+    const float inverse_total = 1.f / exponentiate(scores.data(), seen, best);
     float* o = out + b * s.q_width() + head * dim;
     std::fill(o, o + dim, 0.f);
     for (int64_t t = 0; t < seen; ++t) {
-      const float p = scores[t] / total;
+      const float p = scores[t] * inverse_total;
       const float* v = t < s.length ? values + t * dim : new_value;
       if (p != 0.f)
         for (int64_t i = 0; i < dim; ++i) o[i] += p * v[i];

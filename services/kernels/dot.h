@@ -38,6 +38,19 @@ __attribute__((noinline)) inline float row_dot(const float* w, const float* x, i
   return sum;
 }
 
+// w . x over a few floats (an attention head): inlined, no call per key.
+inline float short_dot(const float* w, const float* x, int64_t n) {
+  const int64_t full = n - n % 16;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (int64_t i = 0; i < full; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+  }
+  float sum = horizontal_sum(_mm256_add_ps(a0, a1));
+  for (int64_t i = full; i < n; ++i) sum += w[i] * x[i];
+  return sum;
+}
+
 // out[r] = w_r . x for eight consecutive weight rows w_r = w + r * n: each load of x feeds eight FMAs.
 __attribute__((noinline)) inline void dot8(const float* w, int64_t n, const float* x, float* out) {
   const int64_t full = n - n % 8;

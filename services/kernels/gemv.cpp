@@ -3,6 +3,7 @@
 // at about a third of this machine's bandwidth. Each thread reads its share of W front to back (dot.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include "dot.h"
 
@@ -22,4 +23,23 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c1
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv, "few-row fp32 GEMV (AVX2/FMA)"); }
+// Sum of a contiguous fp32 tensor, each thread streaming its share with the GEMV's read loop: a second
+// probe of the machine's read bandwidth for `boomerang bench`, beside torch's own sum.
+double stream_sum(const torch::Tensor& data) {
+  TORCH_CHECK(data.scalar_type() == torch::kFloat && data.is_contiguous(), "stream_sum: contiguous fp32");
+  const float* p = data.data_ptr<float>();
+  const int64_t n = data.numel();
+  double total = 0;
+#pragma omp parallel num_threads(at::get_num_threads()) reduction(+ : total)
+  {
+    const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+    const int64_t begin = n * part / parts, end = n * (part + 1) / parts;
+    total += boomerang::stream_sum(p + begin, end - begin);
+  }
+  return total;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "few-row fp32 GEMV (AVX2/FMA)");
+  m.def("stream_sum", &stream_sum, "sum of an fp32 tensor read like GEMV weights (a bandwidth probe)");
+}

@@ -26,5 +26,7 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
     for row in report["speed"]:  # each fraction is against the bandwidth read beside it
         assert row["bandwidth_gbs"] > 0 and row["fraction_of_bound_b1"] > 0 and row["matmul_only_tok_s_b1"] > 0
         assert row["rounds_tok_s_b1"] > 0
+        probes = row["bandwidth_probes_gbs"]  # the bound is the faster read of each round
+        assert "torch_sum" in probes and row["bandwidth_gbs"] >= max(probes.values()) * (1 - 1e-9)
         assert abs(row["bound_tok_s_b1"] - row["bandwidth_gbs"] * 1e9 / row["bytes"]) < 1e-6 * row["bound_tok_s_b1"]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

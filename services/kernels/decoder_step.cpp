@@ -179,6 +179,34 @@ float exponentiate(float* scores, int64_t count, float best) {
   return sum;
 }
 
+// o = sum over t <= length of weights[t] * scale * v_t, v_t = values[t] (t < length) or new_value (t = length),
+// o [dim]. Blocks of 32 dims stay in registers across all positions.
+void weighted_sum(const float* weights, float scale, const float* values, const float* new_value, int64_t length,
+                  int64_t dim, float* o) {
+  const int64_t full = dim - dim % 32;
+  for (int64_t d = 0; d < full; d += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t t = 0; t <= length; ++t) {
+      if (weights[t] == 0.f) continue;
+      const __m256 p = _mm256_set1_ps(weights[t] * scale);
+      const float* v = (t < length ? values + t * dim : new_value) + d;
+      a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), a0);
+      a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), a1);
+      a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), a2);
+      a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), a3);
+    }
+    _mm256_storeu_ps(o + d, a0);
+    _mm256_storeu_ps(o + d + 8, a1);
+    _mm256_storeu_ps(o + d + 16, a2);
+    _mm256_storeu_ps(o + d + 24, a3);
+  }
+  for (int64_t i = full; i < dim; ++i) {
+    float sum = 0;
+    for (int64_t t = 0; t <= length; ++t) sum += weights[t] * scale * (t < length ? values[t * dim + i] : new_value[i]);
+    o[i] = sum;
+  }
+}
+
 // Softmax attention for this thread's share of (row, head) pairs into out [batch, q_width]. Positions
 // before `length` come from the cache, the new one from this thread's own qkv (another thread may be
 // the one writing it to the cache); masked (left-padding) positions are skipped.
@@ -200,14 +228,7 @@ void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, c
       best = std::max(best, scores[t]);
     }
     const float inverse_total = 1.f / exponentiate(scores.data(), seen, best);
-    float* o = out + b * s.q_width() + head * dim;
-    std::fill(o, o + dim, 0.f);
-    for (int64_t t = 0; t < seen; ++t) {
-      const float p = scores[t] * inverse_total;
-      const float* v = t < s.length ? values + t * dim : new_value;
-      if (p != 0.f)
-        for (int64_t i = 0; i < dim; ++i) o[i] += p * v[i];
-    }
+    weighted_sum(scores.data(), inverse_total, values, new_value, s.length, dim, out + b * s.q_width() + head * dim);
   }
 }
 

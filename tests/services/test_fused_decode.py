@@ -15,11 +15,12 @@ from services.kv_slots import SlotCache
 
 pytestmark = pytest.mark.skipif(load_decoder_step() is None, reason="no C++ compiler or no AVX2/FMA here")
 
-# Even sizes, and odd ones: rows not a multiple of 8, inputs with a tail after the 8-wide loop.
+# Even sizes, and odd ones: rows not a multiple of 8, inputs with a tail after the 8-wide loop, a head
+# dimension with a tail after the 32-wide blocks of the attention's weighted sum.
 SHAPES = {"even": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16),
+                       head_dim=32),
           "odd": dict(hidden_size=44, intermediate_size=90, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=22)}
+                      head_dim=38)}
 
 
 def _model(model_type: str, shape: str, **extra):

@@ -19,6 +19,12 @@ from services.engine.batch import DecodeBatch, Sequence
 
 log = logging.getLogger(__name__)
 
+# A burst of requests (clients answered by the same step send their next ones together) reaches the
+# engine over tens of milliseconds; a fixed window from the first of them split it into a small batch
+# and a remainder that waited for that batch to finish. The window now restarts with each arrival,
+# capped at this many windows after the oldest request.
+MAX_WINDOWS = 8
+
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -89,12 +95,14 @@ class Scheduler:
 
     def _ready(self, num_layers: int, queue: deque, now: float) -> bool:
         """Waiting requests of a size form a batch when they would fill one, or when that size has no batch
-        running and its oldest request has waited the batching window (else they join its next batch)."""
+        running and the batching window has passed since the newest one arrived (a burst gathers while it
+        keeps coming, up to `MAX_WINDOWS` windows after the oldest); else they join its next batch."""
         if len(queue) >= self.limits.max_batch_size:
             return True
         if any(n == num_layers for n, _ in self.active):
             return False
-        return now - queue[0][0] >= self.limits.batch_wait_s
+        window = self.limits.batch_wait_s
+        return now - queue[-1][0] >= window or now - queue[0][0] >= MAX_WINDOWS * window
 
     def _take(self) -> tuple[int, list[Sequence]] | None:
         """The next size, in round-robin order, whose waiting requests are ready to form a batch."""

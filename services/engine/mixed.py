@@ -4,8 +4,9 @@ Every size is the student with some blocks patched back, so rows of any size wal
 in the same order: at block i, the rows whose size keeps student layer i run it as one batch, and the rows
 whose size patched it run the teacher layers of that block as another. A step reads each weight its rows
 need once for the whole batch, where one batch per size would read the shared layers once per size.
-Prefill runs per size through the transformers forward; each layer's KV rows are then copied into one
-buffer per layer module (the rows that use it), which the native decode step appends to in place.
+Prefill walks the blocks the same way with the models' own decoder layers (one call per branch, not one
+forward per size), writing each layer's keys and values into one buffer per layer module (the rows that
+use it), which the native decode step then appends to in place.
 """
 
 from __future__ import annotations
@@ -30,9 +31,25 @@ class _Group:
     """Rows taking one branch of a block, and the layers of that branch with their KV buffers."""
 
     rows: torch.Tensor  # [rows] batch indices
-    stack: object  # the kernel's LayerStack over the branch's layers
+    modules: list[torch.nn.Module]  # the branch's decoder layers (prefill runs them)
+    stack: object  # the kernel's LayerStack over them (decode steps run it)
     keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
+
+
+class _CaptureKV:
+    """Stands in for a KV cache during the prefill of one layer: writes its keys and values into the
+    group's buffers (`into`) and hands them back for the layer's attention."""
+
+    def into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # key_states, value_states: [rows, kv_heads, longest, head_dim]
+        length = key_states.shape[-2]
+        self.keys[:, :, :length] = key_states
+        self.values[:, :, :length] = value_states
+        return key_states, value_states
 
 
 def mixable(family: Family) -> bool:
@@ -64,27 +81,29 @@ class MixedBatch(DecodeBatch):
         input_ids, position_ids = self._left_padded_prompts()  # [batch, longest] each
         longest = input_ids.shape[1]
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
-        prefilled = {}  # size -> (its rows, its cache)
-        logits = None
-        for n in sorted(set(self.sizes)):
-            size_rows = self._rows(lambda m, n=n: m == n)
-            model = self.family.variant(n)
-            cache = model.new_cache()
-            out = model(input_ids=input_ids[size_rows], attention_mask=self.attention_mask[size_rows],
-                        position_ids=position_ids[size_rows], use_cache=True, logits_to_keep=1,
-                        **{cache_argument_name(type(model)): cache})
-            size_logits = out.logits[:, -1].float()  # [rows of size n, vocab]
-            logits = size_logits.new_empty(len(self.sizes), size_logits.shape[-1]) if logits is None else logits
-            logits[size_rows] = size_logits
-            prefilled[n] = (size_rows, cache)
-        self._build_groups(prefilled, capacity, longest)
+        self._build_groups(capacity)
+        hidden, position_embeddings = self._embed_prompts(input_ids, position_ids)  # [batch, longest, hidden]
+        mask = self._prompt_mask()  # [batch, 1, longest, longest]
+        capture = _CaptureKV()
+        for branches in self.groups:
+            for group in branches:
+                h = hidden[group.rows]  # [rows, longest, hidden_size]
+                cos, sin = (part[group.rows] for part in position_embeddings)  # [rows, longest, head_dim]
+                for layer, keys, values in zip(group.modules, group.keys, group.values):
+                    capture.into(keys, values)
+                    h = layer(h, attention_mask=mask[group.rows], position_ids=position_ids[group.rows],
+                              position_embeddings=(cos, sin), use_cache=True,
+                              **{cache_argument_name(type(layer)): capture})
+                hidden[group.rows] = h
         self.length = longest
-        self._advance(logits)
+        self._advance(self._head(hidden[:, -1].contiguous()))
 
-    def _build_groups(self, prefilled: dict, capacity: int, longest: int) -> None:
-        """Per block and branch: its rows, fused layers and KV buffers filled from the per-size prefill."""
+    def _build_groups(self, capacity: int) -> None:
+        """Per block and branch: its rows, layers (modules and the kernel's stack) and empty KV buffers."""
         choices = {n: block_choices(self.family.layout, self.family.plan(n)) for n in set(self.sizes)}
-        depth = {n: 0 for n in choices}  # position of the next layer in each size's plan
+        config = self.family.teacher.config
+        shape = (config.num_key_value_heads, capacity, getattr(config, "head_dim", None)
+                 or config.hidden_size // config.num_attention_heads)
         for block, teacher_layers in enumerate(self.family.layout.blocks):
             branches = []
             for patched in (False, True):
@@ -92,33 +111,36 @@ class MixedBatch(DecodeBatch):
                 if not sizes:
                     continue
                 refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
-                layers = [self._layer(*ref) for ref in refs]
-                stack = layer_stack(self.kernel, layers, self.family.teacher.config)
-                group = _Group(self._rows(lambda m, sizes=sizes: m in sizes), stack, [], [])
-                for offset in range(len(refs)):
-                    keys, values = self._gather_kv(group.rows, sizes, prefilled, depth, offset, capacity, longest)
-                    group.keys.append(keys)
-                    group.values.append(values)
-                for n in sizes:
-                    depth[n] += len(refs)
-                branches.append(group)
+                modules = [self._layer(*ref) for ref in refs]
+                rows = self._rows(lambda m, sizes=sizes: m in sizes)
+                buffers = [torch.empty(len(rows), *shape, dtype=self.family.dtype) for _ in range(2 * len(refs))]
+                branches.append(_Group(rows, modules, layer_stack(self.kernel, modules, config),
+                                       buffers[::2], buffers[1::2]))
             self.groups.append(branches)
 
-    def _gather_kv(self, rows: torch.Tensor, sizes: list[int], prefilled: dict, depth: dict, offset: int,
-                   capacity: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's KV buffers for `rows`, with each size's prefilled keys and values copied in."""
-        where = {int(row): i for i, row in enumerate(rows)}
-        keys = values = None
-        for n in sizes:
-            size_rows, cache = prefilled[n]
-            layer = cache.layers[depth[n] + offset]  # keys: [rows of size n, kv_heads, longest, head_dim]
-            if keys is None:
-                shape = (len(rows), layer.keys.shape[1], capacity, layer.keys.shape[-1])
-                keys, values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
-            index = torch.tensor([where[int(row)] for row in size_rows], dtype=torch.long)
-            keys[index, :, :longest] = layer.keys
-            values[index, :, :longest] = layer.values
-        return keys, values
+    def _embed_prompts(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        """Prompt embeddings [batch, longest, hidden_size] and rotary (cos, sin) [batch, longest, head_dim],
+        each row from the model its size takes them from."""
+        spec, hidden, cos, sin = self.family.spec, None, None, None
+        for source, rows in self.rows_by_source["embed"].items():
+            part = get_path(self.sources[source], spec.embed)(input_ids[rows])  # [rows, longest, hidden_size]
+            hidden = part.new_empty(len(self.sizes), *part.shape[1:]) if hidden is None else hidden
+            hidden[rows] = part
+        for source, rows in self.rows_by_source["rotary"].items():
+            c, s = get_path(self.sources[source], spec.rotary)(hidden[rows], position_ids[rows])
+            cos = c.new_empty(len(self.sizes), *c.shape[1:]) if cos is None else cos
+            sin = s.new_empty(len(self.sizes), *s.shape[1:]) if sin is None else sin
+            cos[rows], sin[rows] = c, s
+        return hidden, (cos, sin)
+
+    def _prompt_mask(self) -> torch.Tensor:
+        """Additive attention mask [batch, 1, longest, longest]: causal, and no left-padding key attended
+        (a padding query row attends nothing useful; its keys are masked for every later position)."""
+        longest = self.attention_mask.shape[1]
+        causal = torch.ones(longest, longest, dtype=torch.bool).tril()  # [query, key]
+        allowed = causal[None] & self.attention_mask.bool()[:, None, :]  # [batch, query, key]
+        mask = torch.zeros(allowed.shape, dtype=self.family.dtype)
+        return mask.masked_fill_(~allowed, torch.finfo(self.family.dtype).min)[:, None]
 
     @torch.inference_mode()
     def step(self) -> None:

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     mix_sizes: bool = Field(True, description="requests of different sizes share decode batches (native decode "
                                               "step only); false: one batch per size")
-    batch_wait_ms: float = Field(5.0, ge=0)
+    batch_wait_ms: float = Field(5.0, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)")
     variant_cache_size: int = Field(32, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1024)

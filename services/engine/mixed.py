@@ -83,15 +83,15 @@ class MixedBatch(DecodeBatch):
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
         self._build_groups(capacity)
         hidden, position_embeddings = self._embed_prompts(input_ids, position_ids)  # [batch, longest, hidden]
-        mask = self._prompt_mask()  # [batch, 1, longest, longest]
         capture = _CaptureKV()
         for branches in self.groups:
             for group in branches:
                 h = hidden[group.rows]  # [rows, longest, hidden_size]
                 cos, sin = (part[group.rows] for part in position_embeddings)  # [rows, longest, head_dim]
+                mask = self._prompt_mask(group.rows)  # [rows, 1, longest, longest]
                 for layer, keys, values in zip(group.modules, group.keys, group.values):
                     capture.into(keys, values)
-                    h = layer(h, attention_mask=mask[group.rows], position_ids=position_ids[group.rows],
+                    h = layer(h, attention_mask=mask, position_ids=position_ids[group.rows],
                               position_embeddings=(cos, sin), use_cache=True,
                               **{cache_argument_name(type(layer)): capture})
                 hidden[group.rows] = h
@@ -133,12 +133,16 @@ class MixedBatch(DecodeBatch):
             cos[rows], sin[rows] = c, s
         return hidden, (cos, sin)
 
-    def _prompt_mask(self) -> torch.Tensor:
-        """Additive attention mask [batch, 1, longest, longest]: causal, and no left-padding key attended
-        (a padding query row attends nothing useful; its keys are masked for every later position)."""
+    def _prompt_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Attention mask [rows, 1, longest, longest] of the prompts: causal, no left-padding key attended
+        (a padding query attends itself only, so no row of the softmax is empty). Boolean (True: attend)
+        for SDPA, as transformers builds it; additive for the other attention implementations."""
         longest = self.attention_mask.shape[1]
         causal = torch.ones(longest, longest, dtype=torch.bool).tril()  # [query, key]
-        allowed = causal[None] & self.attention_mask.bool()[:, None, :]  # [batch, query, key]
+        allowed = causal[None] & self.attention_mask[rows].bool()[:, None, :]  # [rows, query, key]
+        allowed |= torch.eye(longest, dtype=torch.bool)[None]
+        if self.family.teacher.config._attn_implementation == "sdpa":
+            return allowed[:, None]
         mask = torch.zeros(allowed.shape, dtype=self.family.dtype)
         return mask.masked_fill_(~allowed, torch.finfo(self.family.dtype).min)[:, None]
 

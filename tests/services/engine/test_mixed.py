@@ -50,21 +50,23 @@ def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
         assert got == want, (n, prompt)
 
 
-def test_log_probs_match_the_per_size_batch(llama_pair):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the prefill's mask: boolean, then additive
+def test_log_probs_match_the_per_size_batch(llama_pair, attention):
     family = load_family(*llama_pair, device="cpu")
+    for model in (family.teacher, family.student):
+        model.set_attn_implementation(attention)
+    assert family.teacher.config._attn_implementation == attention
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2)
-    infos = {"mixed": [], "alone": []}
-    sizes = [family.sizes[0], family.sizes[-1]]
-    seqs = [Sequence(list(PROMPTS[1]), params, lambda d, n=n: infos["mixed"].append((n, d.logprobs)),
-                     num_layers=n)
-            for n in sizes]
+    rows = [(family.sizes[0], PROMPTS[1]), (family.sizes[-1], PROMPTS[1]), (family.sizes[0], PROMPTS[0])]
+    mixed, alone = ([[] for _ in rows] for _ in range(2))  # per row: the chosen token's log-prob per step
+    seqs = [Sequence(list(prompt), params, lambda d, out=out: out.append(d.logprobs[0].logprob), num_layers=n)
+            for (n, prompt), out in zip(rows, mixed)]  # the shorter prompt is left-padded in the batch
     _run(MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0))
-    for n in sizes:
-        seq = Sequence(list(PROMPTS[1]), params, lambda d, n=n: infos["alone"].append((n, d.logprobs)))
+    for (n, prompt), out in zip(rows, alone):
+        seq = Sequence(list(prompt), params, lambda d, out=out: out.append(d.logprobs[0].logprob))
         _run(DecodeBatch(family.variant(n), [seq], family.tokenizer, {2}, pad_id=0))
-    for n in sizes:
-        got = [info[0].logprob for m, info in infos["mixed"] if m == n]
-        want = [info[0].logprob for m, info in infos["alone"] if m == n]
+    for got, want in zip(mixed, alone):
+        assert len(got) == params.max_tokens
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
 
 

@@ -1,6 +1,10 @@
 """Incremental detokenisation against decoding everything at once."""
 
-from services.engine.detokenize import TextTracker
+import random
+
+import pytest
+
+from services.engine.detokenize import TextTracker, text_decoder
 from tests.conftest import make_tokenizer
 
 TEXT = "héllo wörld, 日本語 and ünïcödé — to be, or not to be! 🙂 done"
@@ -27,3 +31,14 @@ def test_stop_string_is_found_across_tokens_and_never_emitted():
         if stopped:
             break
     assert stopped and emitted == TEXT[: TEXT.find("or not")]
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_the_decoder_matches_the_tokenizer_with_special_tokens_skipped(clean_up):
+    tokenizer = make_tokenizer()
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    decode, rng = text_decoder(tokenizer), random.Random(0)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id, tokenizer.bos_token_id]
+    for _ in range(50):
+        window = [rng.choice(ids) for _ in range(rng.randint(1, 8))]
+        assert decode(window) == tokenizer.decode(window, skip_special_tokens=True)

@@ -16,28 +16,28 @@ from transformers.cache_utils import DynamicLayer
 MIN_CAPACITY = 64  # positions allocated at first: a short request never reallocates
 
 
+class _View:
+    """`keys` or `values` of a `GrowingLayer`: a view of the filled part of its buffer, made when read after
+    an `advance` (and before any assignment, so the other one stays consistent)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        if layer._filled is not None:
+            layer._make_views()
+        return getattr(layer, self.slot)
+
+    def __set__(self, layer, value: torch.Tensor | None) -> None:
+        layer._make_views()
+        setattr(layer, self.slot, value)
+
+
 class GrowingLayer(DynamicLayer):
-    @property
-    def keys(self) -> torch.Tensor | None:
-        if self._filled is not None:
-            self._make_views()
-        return self._keys
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self._make_views()
-        self._keys = value
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        if self._filled is not None:
-            self._make_views()
-        return self._values
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self._make_views()
-        self._values = value
+    keys = _View()
+    values = _View()
 
     def _make_views(self) -> None:
         """Turns a recorded `advance` into the views (a no-op when there is none pending)."""

@@ -58,6 +58,13 @@ class Distributed:
         """Under FSDP the frozen teacher is sharded too (it is the larger model); otherwise kept whole."""
         return fsdp.shard(teacher) if self.fsdp else teacher
 
+    def finish(self) -> None:
+        """After a run that ended well: every rank waits here until rank 0 has written the student, so no
+        rank tears its process group down while another still uses it (rank 0 then aborted now and then
+        with "terminate called without an active exception" under load)."""
+        if self.world_size > 1 and torch_dist.is_initialized():
+            torch_dist.barrier()
+
     def close(self) -> None:
         if self.world_size > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()

@@ -300,7 +300,9 @@ def run_training(config: TrainConfig) -> dict:
         trainer = Trainer(config, dist)
         if config.resume:
             trainer.restore()
-        return _loop(trainer)
+        summary = _loop(trainer)
+        dist.finish()
+        return summary
     finally:
         dist.close()
 

@@ -153,7 +153,14 @@ def _torchrun(teacher: Path, corpus: Path, out: Path, port: int, *extra: str) ->
            "--device", "cpu", "--no-progress", *extra]
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, _rank_errors(result.stderr)
+
+
+def _rank_errors(stderr: str) -> str:
+    """What the ranks said before torchrun's summary (whose tail alone hides the cause)."""
+    markers = ("error", "exception", "terminate", "abort", "traceback", "raise", "failed")
+    lines = [line for line in stderr.splitlines() if any(m in line.lower() for m in markers)]
+    return "\n".join(lines[:60]) + "\n...\n" + stderr[-1500:]
 
 
 def test_ddp_with_two_gloo_processes_trains_and_writes_one_student(llama_pair, corpus, tmp_path):

@@ -58,24 +58,12 @@ struct Share {
 };
 Share share_of(int64_t count, int part, int parts) { return {count * part / parts, count * (part + 1) / parts}; }
 
-// x . x over n floats (fp32 accumulation, as transformers' RMSNorm computes its variance).
-float sum_of_squares(const float* x, int64_t n) {
-  const int64_t full = n - n % 16;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-  for (int64_t i = 0; i < full; i += 16) {
-    const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
-    a0 = _mm256_fmadd_ps(u, u, a0);
-    a1 = _mm256_fmadd_ps(v, v, a1);
-  }
-  float sum = boomerang::horizontal_sum(_mm256_add_ps(a0, a1));
-  for (int64_t i = full; i < n; ++i) sum += x[i] * x[i];
-  return sum;
-}
-
-// out[b] = x[b] / rms(x[b]) * weight, over rows of `width` (also used per head, for q/k norms).
+// out[b] = x[b] / rms(x[b]) * weight, over rows of `width` (also used per head, for q/k norms); the sum of
+// squares in fp32, as transformers' RMSNorm computes its variance.
 void rms_norm(const float* x, const float* weight, int64_t rows, int64_t width, double eps, float* out) {
   for (int64_t b = 0; b < rows; ++b) {
-    const float scale = 1.f / std::sqrt(sum_of_squares(x + b * width, width) / float(width) + float(eps));
+    const float* row = x + b * width;
+    const float scale = 1.f / std::sqrt(boomerang::short_dot(row, row, width) / float(width) + float(eps));
     for (int64_t i = 0; i < width; ++i) out[b * width + i] = weight[i] * (x[b * width + i] * scale);
   }
 }

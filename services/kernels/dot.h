@@ -65,7 +65,7 @@ __attribute__((noinline)) inline float stream_sum(const float* p, int64_t n) {
   return sum;
 }
 
-// w . x over a few floats (an attention head): inlined, no call per key.
+// w . x over a few floats (an attention head, a row to normalise): inlined, no call per key.
 inline float short_dot(const float* w, const float* x, int64_t n) {
   const int64_t full = n - n % 16;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0;

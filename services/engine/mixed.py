@@ -121,17 +121,11 @@ class MixedBatch(DecodeBatch):
     def _embed_prompts(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
         """Prompt embeddings [batch, longest, hidden_size] and rotary (cos, sin) [batch, longest, head_dim],
         each row from the model its size takes them from."""
-        spec, hidden, cos, sin = self.family.spec, None, None, None
-        for source, rows in self.rows_by_source["embed"].items():
-            part = get_path(self.sources[source], spec.embed)(input_ids[rows])  # [rows, longest, hidden_size]
-            hidden = part.new_empty(len(self.sizes), *part.shape[1:]) if hidden is None else hidden
-            hidden[rows] = part
-        for source, rows in self.rows_by_source["rotary"].items():
-            c, s = get_path(self.sources[source], spec.rotary)(hidden[rows], position_ids[rows])
-            cos = c.new_empty(len(self.sizes), *c.shape[1:]) if cos is None else cos
-            sin = s.new_empty(len(self.sizes), *s.shape[1:]) if sin is None else sin
-            cos[rows], sin[rows] = c, s
-        return hidden, (cos, sin)
+        spec = self.family.spec
+        hidden, = self._per_source("embed", lambda model, rows: (get_path(model, spec.embed)(input_ids[rows]),))
+        position_embeddings = self._per_source(
+            "rotary", lambda model, rows: get_path(model, spec.rotary)(hidden[rows], position_ids[rows]))
+        return hidden, position_embeddings
 
     def _prompt_mask(self, rows: torch.Tensor) -> torch.Tensor:
         """Attention mask [rows, 1, longest, longest] of the prompts: causal, no left-padding key attended
@@ -186,27 +180,32 @@ class MixedBatch(DecodeBatch):
                 groups[source] = rows
         return groups
 
+    def _per_source(self, part: str, compute) -> tuple[torch.Tensor, ...]:
+        """`compute(model, rows)` -> tensors [rows, ...] for each model that supplies `part` to some rows,
+        put together as tensors [batch, ...] in row order."""
+        whole = None
+        for source, rows in self.rows_by_source[part].items():
+            pieces = compute(self.sources[source], rows)
+            if whole is None:
+                whole = tuple(piece.new_empty(len(self.sizes), *piece.shape[1:]) for piece in pieces)
+            for target, piece in zip(whole, pieces):
+                target[rows] = piece
+        return whole
+
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        spec, width = self.family.spec, self.family.teacher.config.hidden_size
-        hidden = torch.empty(len(self.sizes), width, dtype=self.family.dtype)  # [batch, hidden_size]
-        for source, rows in self.rows_by_source["embed"].items():
-            hidden[rows] = get_path(self.sources[source], spec.embed)(input_ids[rows])
-        cos = sin = None
-        for source, rows in self.rows_by_source["rotary"].items():
-            c, s = rotary_lookup(get_path(self.sources[source], spec.rotary))(self.positions[rows, 0])
-            cos = c.new_empty(len(self.sizes), c.shape[-1]) if cos is None else cos  # [batch, head_dim]
-            sin = s.new_empty(len(self.sizes), s.shape[-1]) if sin is None else sin
-            cos[rows], sin[rows] = c, s
+        """This step's hidden states [batch, hidden_size] and rotary cos, sin [batch, head_dim]."""
+        spec = self.family.spec
+        hidden, = self._per_source("embed", lambda model, rows: (get_path(model, spec.embed)(input_ids[rows]),))
+        cos, sin = self._per_source(
+            "rotary", lambda model, rows: rotary_lookup(get_path(model, spec.rotary))(self.positions[rows, 0]))
         return hidden, cos, sin
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocab]: final norm and output layer of each row's size."""
-        spec, logits = self.family.spec, None
-        for source, rows in self.rows_by_source["head"].items():
-            model = self.sources[source]
+        spec = self.family.spec
+
+        def logits(model, rows):
             norm, head = get_path(model, spec.norm), get_path(model, spec.head)
-            part = self.kernel.norm_and_head(hidden[rows].contiguous(), norm.weight.detach(), norm.variance_epsilon,
-                                             head.weight.detach())  # [rows, vocab]
-            logits = part.new_empty(len(self.sizes), part.shape[-1]) if logits is None else logits
-            logits[rows] = part
-        return logits
+            return (self.kernel.norm_and_head(hidden[rows].contiguous(), norm.weight.detach(), norm.variance_epsilon,
+                                              head.weight.detach()),)  # [rows, vocab]
+        return self._per_source("head", logits)[0]

@@ -67,6 +67,14 @@ def _add_train(sub) -> None:
     parser.set_defaults(handler=_train)
 
 
+def _add_synth(sub) -> None:
+    from services.train.cli import add_synth_arguments, run_synth
+
+    parser = sub.add_parser("synth", help="sample the teacher into JSONL training text (its own distribution)")
+    add_synth_arguments(parser)
+    parser.set_defaults(handler=run_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--pair", help="models_store pair folder (default: the default pair)")
     teacher.set_defaults(handler=_import_teacher)
     _add_train(sub)
+    _add_synth(sub)
     pack = sub.add_parser("pack", help="ship a trained student into a models_store pair (int8, shared tensors)")
     pack.add_argument("--student", required=True, help="the output folder of `boomerang train`")
     pack.add_argument("--pair", help="models_store pair folder (default: the default pair)")

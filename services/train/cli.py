@@ -10,6 +10,7 @@ import sys
 from services.errors import BoomerangError
 from services.train.loop import TrainConfig, run_training
 from services.train.losses import LossWeights
+from services.train.synth import SynthConfig, synthesize
 
 DEFAULT_TEACHER = "default"
 _DEFAULTS = TrainConfig(teacher="", data="", out="")
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: becomes the student")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--max-minutes", type=float,
+                        help="wall-clock budget: the step count is fitted to it from the first steps' time "
+                             "(with --max-steps/--max-tokens: whichever ends first)")
     for name in ("save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum", "warmup_steps",
                  "first", "every", "last"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(_DEFAULTS, name))
@@ -52,19 +56,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    teacher = args.teacher
-    if teacher == DEFAULT_TEACHER:
-        from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
+def teacher_folder(teacher: str) -> str:
+    """The teacher folder an argument names ('default': the default pair's, imported once)."""
+    if teacher != DEFAULT_TEACHER:
+        return teacher
+    from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
 
-        teacher = str(resolve_teacher(Manifest.read(DEFAULT_PAIR)))
-    names = ("max_steps", "max_tokens", "save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum",
-             "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
+    return str(resolve_teacher(Manifest.read(DEFAULT_PAIR)))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    teacher = teacher_folder(args.teacher)
+    names = ("max_steps", "max_tokens", "max_minutes", "save_every", "eval_every", "seed", "batch_size", "seq_len",
+             "grad_accum", "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
              "freeze_embeddings", "patch_order", "fsdp", "resume", "overwrite", "device", "init_student")
     weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature,
                           mse=args.w_mse, patch=args.w_patch)
     return TrainConfig(teacher=teacher, data=args.data, out=args.out, weights=weights,
                        progress=not args.no_progress, **{n: getattr(args, n) for n in names})
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SynthConfig(teacher="", out="", tokens=0)
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER,
+                        help="HF teacher folder, or 'default' for the default pair's teacher")
+    parser.add_argument("--out", required=True, help="the JSONL file to write (a training --data source)")
+    parser.add_argument("--tokens", type=int, required=True, help="stop once this many tokens are written")
+    for name in ("batch_size", "max_new_tokens", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--max-minutes", type=float, help="or stop after the round that passes this budget")
+    parser.add_argument("--device")
+    parser.add_argument("--resume", action="store_true", help="continue an existing file with the next round")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    try:
+        config = SynthConfig(teacher=teacher_folder(args.teacher), out=args.out, tokens=args.tokens,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, seed=args.seed, max_minutes=args.max_minutes,
+                             device=args.device, resume=args.resume)
+        summary = synthesize(config)
+    except BoomerangError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

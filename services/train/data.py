@@ -34,13 +34,13 @@ def shakespeare_files(held_out: str = DEFAULT_HELD_OUT_PLAY, *, held_out_only: b
 
 
 def resolve_paths(spec: str) -> list[Path]:
-    """`spec` is 'shakespeare', or comma-separated files, folders or globs."""
-    if spec == "shakespeare":
-        return shakespeare_files()
+    """`spec` is comma-separated files, folders, globs or 'shakespeare' (the plays, The Tempest held out)."""
     paths: list[Path] = []
     for part in filter(None, spec.split(",")):
         path = Path(part)
-        if path.is_dir():
+        if part == "shakespeare":
+            paths += shakespeare_files()
+        elif path.is_dir():
             paths += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".md"))
         elif path.exists():
             paths.append(path)

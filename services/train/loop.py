@@ -19,6 +19,7 @@ from services.integrity import hash_weights
 from services.loading import load_model, load_tokenizer
 from services.plan import layout_from_rule
 from services.train import fsdp
+from services.train.budget import TimeBudget
 from services.train.checkpoint import load_latest, save_checkpoint
 from services.train.data import PackedData, build_data
 from services.train.distributed import Distributed
@@ -27,6 +28,7 @@ from services.train.patching import PatchedVariants
 from services.train.student_init import init_student, load_student_weights, save_student
 
 log = logging.getLogger(__name__)
+UNFITTED_STEPS = 10**9  # the provisional length of a run bounded by --max-minutes alone
 STATE_FILE, LOG_FILE, ENTRY_FILE = "train_state.json", "training_log.jsonl", "manifest_entry.json"
 
 
@@ -39,6 +41,7 @@ class TrainConfig:
     out: str
     max_steps: int | None = None
     max_tokens: int | None = None
+    max_minutes: float | None = None  # fit the step count to this wall-clock budget (timed on the first steps)
     save_every: int = 50
     eval_every: int = 50
     seed: int = 0
@@ -67,9 +70,14 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
 
-    def total_steps(self, world_size: int = 1) -> int:
+    def total_steps(self, world_size: int = 1) -> int | None:
+        """The step budget; None when only --max-minutes bounds the run (fitted once steps are timed)."""
         if self.max_steps is None and self.max_tokens is None:
-            raise TrainingConfigError("give a budget: --max-steps or --max-tokens")
+            if self.max_minutes is not None:
+                return None
+            raise TrainingConfigError("give a budget: --max-steps, --max-tokens or --max-minutes")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise TrainingConfigError("--max-minutes must be positive")
         steps = self.max_steps if self.max_steps is not None else self.max_tokens // (self.tokens_per_step * world_size)
         if steps < 1:
             raise TrainingConfigError(
@@ -138,7 +146,11 @@ class Trainer:
             if dist.world_size > 1:
                 raise TrainingConfigError("--w-patch runs in one process only (not yet under DDP or FSDP)")
             self.patched = PatchedVariants(self.teacher, self.student, self.layout, config.patch_order, config.seed)
-        self.total_steps = config.total_steps(dist.world_size)
+        cap = config.total_steps(dist.world_size)
+        self.budget = None if config.max_minutes is None else TimeBudget(
+            config.max_minutes * 60, config.warmup_steps, cap)
+        # until a time budget is fitted: no decay yet (the fit comes at the end of the LR warm-up)
+        self.total_steps = cap if cap is not None else UNFITTED_STEPS
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.95),
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -165,6 +177,8 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         torch.set_rng_state(checkpoint.state["rng"])
         self.step, self.tokens = checkpoint.step, checkpoint.state["tokens"]
+        if self.budget is not None and "total_steps" in checkpoint.state:
+            self.set_total_steps(checkpoint.state["total_steps"])  # the budget was fitted before the stop
         self.seconds_before = float(checkpoint.state.get("seconds", 0.0))
         self._truncate_log(self.step)
         log.info("resumed from step %d", self.step)
@@ -177,7 +191,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "tokens": self.tokens, "seconds": self.seconds}
+                 "rng": torch.get_rng_state(), "tokens": self.tokens, "seconds": self.seconds,
+                 "total_steps": self.total_steps}
         save_checkpoint(self.out / "checkpoints", self.step, student, state)
         self._write_state(finished=False)
 
@@ -206,6 +221,14 @@ class Trainer:
         if path.exists():
             lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in lines))
+
+    def set_total_steps(self, total: int) -> None:
+        """Fix the run's length (a fitted time budget): the cosine decay now ends at `total`."""
+        self.total_steps, self.budget = total, None
+        self.scheduler.lr_lambdas = [lr_lambda(self.config.warmup_steps, total)]
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * self.scheduler.lr_lambdas[0](self.step)
+        log.info("time budget: %d steps", total)
 
     # -- steps -----------------------------------------------------------------------------------------
     def micro_step(self, index: int) -> dict[str, float]:
@@ -312,14 +335,20 @@ def _loop(trainer: Trainer) -> dict:
 
     config = trainer.config
     trainer.segment_start = time.monotonic()
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not (config.progress
+    known_total = trainer.total_steps if trainer.total_steps != UNFITTED_STEPS else None
+    bar = tqdm(total=known_total, initial=trainer.step, unit="step", disable=not (config.progress
                                                                                             and trainer.dist.is_main))
     while trainer.step < trainer.total_steps:
         tick = time.monotonic()
         record = trainer.train_step()
         elapsed = time.monotonic() - tick
+        if trainer.budget is not None:
+            fitted = trainer.budget.observe(trainer.step, tick + elapsed, trainer.segment_start)
+            if fitted is not None:
+                trainer.set_total_steps(fitted)
+                bar.total = fitted
         record = {"step": trainer.step, "tokens": trainer.tokens, **record,
-                  "lr": trainer.scheduler.get_last_lr()[0],
+                  "lr": trainer.optimizer.param_groups[0]["lr"],
                   "tokens_per_s": config.tokens_per_step * trainer.dist.world_size / elapsed}
         if config.eval_every and trainer.step % config.eval_every == 0:
             record["val_ce"] = trainer.validate()

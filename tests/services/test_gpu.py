@@ -21,3 +21,30 @@ def test_cuda_bf16_variants_match_cpu_and_share_memory(tiny_pair):
             actual = torch.log_softmax(gpu.variant(n)(TOKENS.cuda()).logits.float(), -1).cpu()
         torch.testing.assert_close(actual, expected, rtol=0.05, atol=0.1)
     assert torch.cuda.memory_allocated() - before <= 1.05 * pair_bytes
+
+
+def test_distillation_on_cuda_in_bf16_autocast_lowers_the_loss(llama_pair, tmp_path):
+    import json
+
+    from services.train.loop import TrainConfig, run_training
+    from services.train.losses import LossWeights
+    from tests.conftest import TINY_TEXT
+
+    corpus, out = tmp_path / "text.txt", tmp_path / "run"
+    corpus.write_text(TINY_TEXT * 10)
+    run_training(TrainConfig(teacher=str(llama_pair[0]), data=str(corpus), out=str(out), max_steps=30, batch_size=2,
+                             seq_len=16, lr=3e-4, warmup_steps=2, save_every=10, eval_every=10, progress=False,
+                             device="cuda", weights=LossWeights(ce=0, kl=1, cos=20, patch=1)))
+    records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.9 * first, (first, last)
+    assert json.loads((out / "manifest_entry.json").read_text())["training"]["device"].startswith("cuda")
+
+
+def test_teacher_samples_on_cuda(llama_pair, tmp_path):
+    from services.train.synth import SynthConfig, synthesize
+
+    out = tmp_path / "synth.jsonl"
+    summary = synthesize(SynthConfig(teacher=str(llama_pair[0]), out=str(out), tokens=200, batch_size=8,
+                                     max_new_tokens=32, device="cuda"))
+    assert summary["tokens"] >= 200 and out.read_text().count("\n") >= 200 // 32

@@ -87,9 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--student", required=True, help="the output folder of `boomerang train`")
     pack.add_argument("--pair", help="models_store pair folder (default: the default pair)")
     pack.set_defaults(handler=_pack)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    for name, register in _EXTRA_COMMANDS.items():
+        try:
+            register(sub)
+        except ModuleNotFoundError as error:  # e.g. a training-only image without the serving stack
+            _add_unavailable(sub, name, error)
     return parser
+
+
+def _add_unavailable(sub, name: str, error: ModuleNotFoundError) -> None:
+    """A subcommand whose dependencies are missing: it answers with one line instead of breaking the rest."""
+    parser = sub.add_parser(name, help=f"unavailable here: needs {error.name}")
+    parser.set_defaults(takes_any_arguments=True)
+
+    def unavailable(_args: argparse.Namespace) -> int:
+        print(f"error: `boomerang {name}` needs the package {error.name!r}, which is not installed "
+              "(`make install` installs everything)", file=sys.stderr)
+        return 2
+    parser.set_defaults(handler=unavailable)
 
 
 def _add_serve(sub) -> None:
@@ -124,12 +139,16 @@ def _add_bench(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-_EXTRA_COMMANDS: list = [_add_serve, _add_eval, _add_calibrate, _add_bench]
+# commands with dependencies of their own (the serving stack, matplotlib): registered when importable
+_EXTRA_COMMANDS = {"serve": _add_serve, "eval": _add_eval, "calibrate": _add_calibrate, "bench": _add_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except BoomerangError as error:

@@ -23,9 +23,10 @@ class TimeBudget:
         return max(self.warmup_steps, TIMED_STEPS + 1)
 
     def observe(self, step: int, now: float, started: float) -> int | None:
-        """The total step count, returned once (at `fit_at_step`); None before and after."""
+        """The total step count, returned once (at `fit_at_step`, or at the second step timed after a resume
+        past it); None before. The caller drops the budget once it has the count."""
         self.ticks.append(now)
-        if step != self.fit_at_step:
+        if step < self.fit_at_step or len(self.ticks) < 2:
             return None
         step_seconds = (self.ticks[-1] - self.ticks[0]) / (len(self.ticks) - 1)
         more = math.floor(max(0.0, self.seconds - (now - started)) / step_seconds)

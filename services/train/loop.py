@@ -177,7 +177,7 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         torch.set_rng_state(checkpoint.state["rng"])
         self.step, self.tokens = checkpoint.step, checkpoint.state["tokens"]
-        if self.budget is not None and "total_steps" in checkpoint.state:
+        if self.budget is not None and checkpoint.state.get("total_steps") is not None:
             self.set_total_steps(checkpoint.state["total_steps"])  # the budget was fitted before the stop
         self.seconds_before = float(checkpoint.state.get("seconds", 0.0))
         self._truncate_log(self.step)
@@ -192,7 +192,7 @@ class Trainer:
             return
         state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "rng": torch.get_rng_state(), "tokens": self.tokens, "seconds": self.seconds,
-                 "total_steps": self.total_steps}
+                 "total_steps": self.total_steps if self.budget is None else None}  # None: not fitted yet
         save_checkpoint(self.out / "checkpoints", self.step, student, state)
         self._write_state(finished=False)
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from services.errors import InvalidRequestError
 from services.eval.calibrate import calibrate_order
 from services.family import load_family
@@ -20,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", help="student folder (with --teacher)")
     parser.add_argument("--data", default="shakespeare",
                         help="calibration text: the validation rows of this training corpus (never its train rows)")
+    parser.add_argument("--unseen", action="store_true",
+                        help="the text was never trained on (e.g. fresh `boomerang synth` samples): any of its rows")
     parser.add_argument("--chunks", type=int, default=16, help="rows of calibration text (the trainer holds out 16)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="the corpus split seed (the trainer's --seed)")
@@ -30,13 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     family = load_family(args.teacher, args.student, pair=args.pair, order="last", device="cpu")
     data = build_data(args.data, family.tokenizer, args.seq_len, args.seed)
-    chunks = data.valid[: args.chunks, : args.seq_len]  # [chunks, seq_len]
+    rows = torch.cat([data.valid, data.train]) if args.unseen else data.valid  # [rows, seq_len+1]
+    chunks = rows[: args.chunks, : args.seq_len]  # [chunks, seq_len]
     if len(chunks) == 0:
         raise InvalidRequestError(f"{args.data} is too short to hold out calibration rows of {args.seq_len} tokens")
     steps = calibrate_order(family, chunks)
     order = [step.patched_block for step in steps]
-    report = {"order": order, "data": args.data, "chunks": len(chunks), "seq_len": args.seq_len,
-              "seed": args.seed, "steps": [asdict(step) for step in steps]}
+    report = {"order": order, "data": args.data, "unseen": args.unseen, "chunks": len(chunks),
+              "seq_len": args.seq_len, "seed": args.seed, "steps": [asdict(step) for step in steps]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.pair or DEFAULT_PAIR) / MANIFEST
         manifest = json.loads(path.read_text())
         manifest["order"] = order
-        manifest["order_calibration"] = {k: report[k] for k in ("data", "chunks", "seq_len", "seed")}
+        manifest["order_calibration"] = {k: report[k] for k in ("data", "unseen", "chunks", "seq_len", "seed")}
         path.write_text(json.dumps(manifest, indent=2) + "\n")
     for step in steps:
         print(json.dumps({"num_layers": step.num_layers, "patched_block": step.patched_block,

@@ -43,3 +43,18 @@ def test_cli_writes_the_search_and_refuses_text_too_short(llama_pair, tmp_path):
     result = subprocess.run(base + ["--data", str(tmp_path / "short.txt")], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr[-500:]
+
+
+def test_unseen_text_lends_all_its_rows(llama_pair, tmp_path):
+    """Text too short to hold out rows of its own still calibrates when it was never trained on."""
+    corpus = tmp_path / "fresh.txt"
+    corpus.write_text(TINY_TEXT)  # a handful of rows of 33 tokens: 2% of them is none
+    base = [sys.executable, "-m", "services.cli", "calibrate", "--teacher", str(llama_pair[0]), "--student",
+            str(llama_pair[1]), "--seq-len", "32", "--chunks", "3", "--out", str(tmp_path / "out"), "--data",
+            str(corpus)]
+    refused = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-500:]
+    result = subprocess.run(base + ["--unseen"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert report["unseen"] is True and report["chunks"] == 3

@@ -18,7 +18,7 @@ from services.architectures import get_path, spec_for
 from services.fast_linear import MAX_ROWS, FastLinear
 from services.kernels.decoder_step import load_decoder_step
 from services.kv_buffer import GrowingLayer
-from services.rotary_table import rotary_lookup
+from services.rotary_table import rotary_lookup, table_allowed
 
 # Architectures whose decoder layer is Llama's (pre-norm, rotate-half RoPE, SiLU-gated MLP), with the same
 # module names; Qwen2 adds q/k/v biases and Qwen3 per-head q/k RMSNorms, both handled by the kernel.
@@ -79,7 +79,10 @@ class FusedDecoder:
     def __init__(self, model: nn.Module, stack, kernel):
         spec = spec_for(model.config.model_type)
         self.kernel, self.stack = kernel, stack
-        self.embed, self.rotary = get_path(model, spec.embed), rotary_lookup(get_path(model, spec.rotary))
+        rotary = get_path(model, spec.rotary)
+        self.embed, self.rotary = get_path(model, spec.embed), rotary_lookup(rotary)
+        # several steps per call need cos/sin of positions ahead: only where those do not depend on the past
+        self.takes_steps_ahead = table_allowed(rotary) and type(self.embed) is nn.Embedding
         norm = get_path(model, spec.norm)
         self.norm_weight, self.norm_eps = norm.weight.detach(), norm.variance_epsilon
         self.head_weight = get_path(model, spec.head).weight.detach()
@@ -103,6 +106,27 @@ class FusedDecoder:
         for cache_layer in cache.layers:
             cache_layer.advance(lengths[0] + 1)
         return self.kernel.norm_and_head(hidden, self.norm_weight, self.norm_eps, self.head_weight)  # [batch, vocab]
+
+
+    @torch.inference_mode()
+    def greedy_steps(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache,
+                     steps: int, stop_ids: list[int], alive: list[bool]) -> torch.Tensor:
+        """Up to `steps` greedy steps in one native call, from `tokens` [batch] at `positions` [batch, 1]
+        (mask [batch, seen] as for `step`); returns the chosen tokens [n, batch] and appends n positions to
+        `cache`. It ends early once every live row has chosen one of `stop_ids`."""
+        reserved = [cache_layer.reserve(steps) for cache_layer in cache.layers]
+        keys, values, lengths = zip(*reserved)  # keys, values: [batch, kv_heads, capacity, head_dim] each
+        assert len(set(lengths)) == 1, "layers of one batch hold the same positions"
+        ahead = positions[:, 0] + torch.arange(steps)[:, None]  # [steps, batch]
+        cos, sin = self.rotary(ahead.reshape(-1))  # [steps * batch, head_dim] each
+        cos, sin = cos.view(steps, len(tokens), -1), sin.view(steps, len(tokens), -1)  # [steps, batch, head_dim]
+        mask = attention_mask.to(torch.long).contiguous()  # [batch, seen]
+        chosen = self.stack.greedy(tokens.to(torch.long), list(keys), list(values), lengths[0], mask, cos, sin,
+                                   self.embed.weight.detach(), self.norm_weight, self.norm_eps, self.head_weight,
+                                   steps, stop_ids, alive)  # [n, batch]
+        for cache_layer in cache.layers:
+            cache_layer.advance(lengths[0] + len(chosen))
+        return chosen
 
 
 def fused_decoder(model: nn.Module) -> FusedDecoder | None:

@@ -93,9 +93,16 @@ def _ours_decode(model, tokenizer, eos: set[int], batch: int, prompt: list[int],
     start = time.perf_counter()
     runner.prefill()
     prefilled = time.perf_counter()
-    for _ in range(steps):
-        runner.step()
+    _advance_by(runner, steps)
     return prefilled - start, time.perf_counter() - prefilled
+
+
+def _advance_by(runner: DecodeBatch, tokens: int) -> int:
+    """Decode steps until `tokens` more per row (a step may take several); returns how many were taken."""
+    taken = 0
+    while taken < tokens:
+        taken += runner.step()
+    return taken
 
 
 @torch.inference_mode()
@@ -190,9 +197,8 @@ def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, roun
             bandwidth = max(seen_rates[-1] for seen_rates in probe_rates.values())
             bound = bandwidth * 1e9 / row["bytes"]  # tokens/s
             start = time.perf_counter()
-            for _ in range(steps):
-                runner.step()
-            rates.append(steps / (time.perf_counter() - start))
+            taken = _advance_by(runner, steps)
+            rates.append(taken / (time.perf_counter() - start))
             fractions.append(rates[-1] / bound)
             matmul_fractions.append(1 / timed(matmuls, repeats=1) / bound)
             bandwidths.append(bandwidth)

@@ -14,6 +14,8 @@ from services.engine.interface import SamplingParams, StreamDelta, TokenLogprob
 from services.engine.sampling import choose_token, is_greedy, make_generator
 from services.fused_decode import fused_decoder
 
+GREEDY_STEPS = 8  # decode steps per native call for all-greedy batches (their tokens are emitted together)
+
 
 @dataclass
 class Sequence:
@@ -86,13 +88,47 @@ class DecodeBatch:
         return input_ids
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self) -> int:
+        """Advance every row: one token, or up to `GREEDY_STEPS` where all rows are greedy and the native
+        decoder can run several steps in one call. Returns the number of tokens each row advanced."""
+        fused = self.fused is not None and self.fused.accepts(len(self.sequences), self.cache)
+        steps = self._greedy_steps() if fused else 1
         input_ids = self._next_input()  # [batch, 1]
-        if self.fused is not None and self.fused.accepts(len(self.sequences), self.cache):
+        if steps > 1:
+            return self._advance_greedy(input_ids, steps)
+        if fused:
             logits = self.fused.step(input_ids, self.positions, self.attention_mask, self.cache)  # [batch, vocab]
         else:
             logits = self._forward(input_ids, self.positions)
         self._advance(logits)
+        return 1
+
+    def _greedy_steps(self) -> int:
+        """How many steps one native call may take: 1 unless every live row is plain greedy (no logprobs);
+        never more than the most tokens a live row may still produce."""
+        live = [seq for seq in self.sequences if not seq.done]
+        if not live or not self.fused.takes_steps_ahead or any(
+                not is_greedy(seq.params) or seq.params.logprobs is not None for seq in live):
+            return 1
+        return max(1, min(GREEDY_STEPS, max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in live)))
+
+    def _advance_greedy(self, input_ids: torch.Tensor, steps: int) -> int:
+        """Several greedy steps natively, then each row takes its tokens in order (a finished row ignores the
+        rest: the chosen tokens are exactly those of single steps)."""
+        alive = [not seq.done for seq in self.sequences]
+        stop_ids = [] if any(seq.params.ignore_eos for seq in self.sequences) else sorted(self.eos_ids)
+        chosen = self.fused.greedy_steps(input_ids[:, 0], self.positions, self.attention_mask, self.cache, steps,
+                                         stop_ids, alive)  # [n, batch]
+        taken = len(chosen)
+        ones = torch.ones(len(self.sequences), taken - 1, dtype=self.attention_mask.dtype)  # [batch, n-1]
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # the last token is fed next step
+        self.positions = self.positions + (taken - 1)  # [batch, 1]
+        for tokens in chosen.tolist():
+            for row, seq in enumerate(self.sequences):
+                if not seq.done:
+                    self._accept(seq, tokens[row], None)
+        self.next_tokens = chosen[-1]  # [batch]
+        return taken
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
         """One token per row; a single argmax for the whole batch when every row is greedy."""

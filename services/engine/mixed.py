@@ -141,7 +141,7 @@ class MixedBatch(DecodeBatch):
         return mask.masked_fill_(~allowed, torch.finfo(self.family.dtype).min)[:, None]
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self) -> int:
         input_ids = self._next_input()[:, 0]  # [batch]
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
         mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
@@ -154,6 +154,7 @@ class MixedBatch(DecodeBatch):
                 hidden[group.rows] = h
         self.length += 1
         self._advance(self._head(hidden))
+        return 1
 
     def _make_room(self) -> None:
         """Room for this step's keys and values: buffers double when full (like `GrowingLayer`), so a long

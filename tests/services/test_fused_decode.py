@@ -109,3 +109,56 @@ def test_not_used_where_it_does_not_apply(llama_pair):
     assert fused_decoder(_model("llama", "even", hidden_act="gelu")) is None
     mistral = _model("mistral", "even", sliding_window=16)
     assert fused_decoder(mistral) is None
+
+
+def _run(model, tokenizer, prompts, params, greedy_steps: int, monkeypatch):
+    """Token ids and finish reasons of a batch run with this many steps per native call."""
+    monkeypatch.setattr("services.engine.batch.GREEDY_STEPS", greedy_steps)
+    outputs, reasons = [[] for _ in prompts], [None] * len(prompts)
+
+    def collect(row):
+        def emit(delta):
+            outputs[row].extend(delta.token_ids)
+            reasons[row] = delta.finish_reason or reasons[row]
+        return emit
+    batch = DecodeBatch(model, [Sequence(p, params, collect(i)) for i, p in enumerate(prompts)], tokenizer, {2},
+                        pad_id=0)
+    batch.prefill()
+    calls = 0
+    while not batch.done:
+        batch.step()
+        calls += 1
+    return outputs, reasons, calls
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_several_greedy_steps_per_call_choose_what_single_steps_choose(tiny_pair, ignore_eos, monkeypatch):
+    family = load_family(*tiny_pair, device="cpu")
+    prompts = [[5, 9, 14, 2, 7, 31], [40, 41], [7, 8, 9]]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=ignore_eos)
+    model = family.variant(family.sizes[1])
+    single = _run(model, family.tokenizer, prompts, params, 1, monkeypatch)
+    several = _run(model, family.tokenizer, prompts, params, 8, monkeypatch)
+    assert several[:2] == single[:2]
+    assert several[2] < single[2]  # fewer calls: up to 8 steps each
+
+
+@torch.inference_mode()
+def test_greedy_steps_end_once_every_live_row_has_stopped():
+    model = _model("llama", "even")
+    fused = fused_decoder(model)
+    rows = [[5, 9, 14, 2, 7, 31, 8], [3, 4]]
+    cache, mask, positions = _prefilled(model, rows)
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)  # [B, seen]
+    start = torch.tensor([1, 2])
+    free = fused.greedy_steps(start, positions + 1, mask, cache, 6, [], [True, True])  # [6, B]
+    assert free.shape == (6, 2)
+    cache, _, _ = _prefilled(model, rows)
+    stop = [int(free[1, 0]), int(free[2, 1])]  # row 0 stops at step 2 at the latest, row 1 at step 3
+    stopped = fused.greedy_steps(start, positions + 1, mask, cache, 6, stop, [True, True])
+    ends = [min(i for i in range(6) if int(free[i, b]) in stop) for b in range(2)]
+    assert torch.equal(stopped, free[: max(ends) + 1])
+    assert cache.layers[0].keys.shape[-2] == mask.shape[1] + max(ends)  # one position per step taken
+    cache, _, _ = _prefilled(model, rows)
+    only_row_0 = fused.greedy_steps(start, positions + 1, mask, cache, 6, stop, [True, False])  # row 1 finished
+    assert torch.equal(only_row_0, free[: ends[0] + 1])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.engine.interface import GREEDY_STEPS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BOOMERANG_", extra="ignore")
@@ -31,6 +33,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     mix_sizes: bool = Field(True, description="requests of different sizes share decode batches (native decode "
                                               "step only); false: one batch per size")
+    greedy_steps: int = Field(GREEDY_STEPS, ge=1, description="decode steps per native call when every request "
+                              "of a batch is greedy: more is faster, 1 streams every token as it is chosen")
     batch_wait_ms: float = Field(5.0, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)")
     variant_cache_size: int = Field(32, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)

@@ -10,11 +10,9 @@ import torch
 
 from services.compat import cache_argument_name
 from services.engine.detokenize import TextTracker
-from services.engine.interface import SamplingParams, StreamDelta, TokenLogprob
+from services.engine.interface import GREEDY_STEPS, SamplingParams, StreamDelta, TokenLogprob
 from services.engine.sampling import choose_token, is_greedy, make_generator
 from services.fused_decode import fused_decoder
-
-GREEDY_STEPS = 8  # decode steps per native call for all-greedy batches (their tokens are emitted together)
 
 
 @dataclass
@@ -43,8 +41,10 @@ def _top_logprobs(logprobs: torch.Tensor, k: int, tokenizer) -> dict[str, float]
 class DecodeBatch:
     """Sequences that share a variant and advance together; finished rows idle until the batch ends."""
 
-    def __init__(self, model, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int):
+    def __init__(self, model, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int,
+                 greedy_steps: int = GREEDY_STEPS):
         self.model, self.sequences, self.tokenizer = model, sequences, tokenizer
+        self.greedy_steps = greedy_steps
         self.eos_ids, self.pad_id = eos_ids, pad_id
         self.device = next(model.parameters()).device
         self.cache = model.new_cache()
@@ -89,7 +89,7 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> int:
-        """Advance every row: one token, or up to `GREEDY_STEPS` where all rows are greedy and the native
+        """Advance every row: one token, or up to `greedy_steps` where all rows are greedy and the native
         decoder can run several steps in one call. Returns the number of tokens each row advanced."""
         fused = self.fused is not None and self.fused.accepts(len(self.sequences), self.cache)
         steps = self._greedy_steps() if fused else 1
@@ -110,7 +110,7 @@ class DecodeBatch:
         if not live or not self.fused.takes_steps_ahead or any(
                 not is_greedy(seq.params) or seq.params.logprobs is not None for seq in live):
             return 1
-        return max(1, min(GREEDY_STEPS, max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in live)))
+        return max(1, min(self.greedy_steps, max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in live)))
 
     def _advance_greedy(self, input_ids: torch.Tensor, steps: int) -> int:
         """Several greedy steps natively, then each row takes its tokens in order (a finished row ignores the

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.batch import DecodeBatch, Sequence
-from services.engine.interface import ModelCard, SamplingParams, ScoreResult, StreamDelta
+from services.engine.interface import GREEDY_STEPS, ModelCard, SamplingParams, ScoreResult, StreamDelta
 from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import Scheduler, SchedulerLimits
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
@@ -28,6 +28,7 @@ class EngineLimits:
     batch_wait_ms: float = 5.0
     max_model_len: int | None = None
     mix_sizes: bool = True  # requests of different sizes share decode batches (where the native step serves)
+    greedy_steps: int = GREEDY_STEPS  # decode steps per native call for all-greedy batches
 
 
 class InferenceEngine:
@@ -123,7 +124,8 @@ class InferenceEngine:
     def _make_batch(self, key: int | str, sequences: list[Sequence]) -> DecodeBatch:
         if key == MIXED:
             return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id)
-        return DecodeBatch(self.family.variant(key), sequences, self.tokenizer, self.eos_ids, self.pad_id)
+        return DecodeBatch(self.family.variant(key), sequences, self.tokenizer, self.eos_ids, self.pad_id,
+                           self.limits.greedy_steps)
 
     async def generate(self, num_layers: int, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[StreamDelta]:

@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# decode steps per native call for all-greedy batches: their tokens stream in bursts of up to this many
+GREEDY_STEPS = 8
+
 
 @dataclass(frozen=True)
 class SamplingParams:

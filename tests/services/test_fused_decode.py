@@ -111,9 +111,8 @@ def test_not_used_where_it_does_not_apply(llama_pair):
     assert fused_decoder(mistral) is None
 
 
-def _run(model, tokenizer, prompts, params, greedy_steps: int, monkeypatch):
+def _run(model, tokenizer, prompts, params, greedy_steps: int):
     """Token ids and finish reasons of a batch run with this many steps per native call."""
-    monkeypatch.setattr("services.engine.batch.GREEDY_STEPS", greedy_steps)
     outputs, reasons = [[] for _ in prompts], [None] * len(prompts)
 
     def collect(row):
@@ -122,7 +121,7 @@ def _run(model, tokenizer, prompts, params, greedy_steps: int, monkeypatch):
             reasons[row] = delta.finish_reason or reasons[row]
         return emit
     batch = DecodeBatch(model, [Sequence(p, params, collect(i)) for i, p in enumerate(prompts)], tokenizer, {2},
-                        pad_id=0)
+                        pad_id=0, greedy_steps=greedy_steps)
     batch.prefill()
     calls = 0
     while not batch.done:
@@ -132,13 +131,13 @@ def _run(model, tokenizer, prompts, params, greedy_steps: int, monkeypatch):
 
 
 @pytest.mark.parametrize("ignore_eos", [True, False])
-def test_several_greedy_steps_per_call_choose_what_single_steps_choose(tiny_pair, ignore_eos, monkeypatch):
+def test_several_greedy_steps_per_call_choose_what_single_steps_choose(tiny_pair, ignore_eos):
     family = load_family(*tiny_pair, device="cpu")
     prompts = [[5, 9, 14, 2, 7, 31], [40, 41], [7, 8, 9]]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=ignore_eos)
     model = family.variant(family.sizes[1])
-    single = _run(model, family.tokenizer, prompts, params, 1, monkeypatch)
-    several = _run(model, family.tokenizer, prompts, params, 8, monkeypatch)
+    single = _run(model, family.tokenizer, prompts, params, 1)
+    several = _run(model, family.tokenizer, prompts, params, 8)
     assert several[:2] == single[:2]
     assert several[2] < single[2]  # fewer calls: up to 8 steps each
 

@@ -99,14 +99,10 @@ class FusedDecoder:
         hidden = self.embed(input_ids[:, 0]).contiguous()  # [batch, hidden_size], updated in place below
         cos, sin = self.rotary(positions[:, 0])  # [batch, head_dim] each
         mask = attention_mask.to(torch.long).contiguous()  # [batch, seen]
-        reserved = [cache_layer.reserve(1) for cache_layer in cache.layers]  # (keys, values, length) per layer
-        keys, values, lengths = zip(*reserved)  # keys, values: [batch, kv_heads, capacity, head_dim] each
-        assert len(set(lengths)) == 1, "layers of one batch hold the same positions"
-        self.stack.step(hidden, list(keys), list(values), lengths[0], mask, cos, sin)
-        for cache_layer in cache.layers:
-            cache_layer.advance(lengths[0] + 1)
+        keys, values, length = _reserve(cache, 1)
+        self.stack.step(hidden, keys, values, length, mask, cos, sin)
+        _advance(cache, length + 1)
         return self.kernel.norm_and_head(hidden, self.norm_weight, self.norm_eps, self.head_weight)  # [batch, vocab]
-
 
     @torch.inference_mode()
     def greedy_steps(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache,
@@ -114,19 +110,30 @@ class FusedDecoder:
         """Up to `steps` greedy steps in one native call, from `tokens` [batch] at `positions` [batch, 1]
         (mask [batch, seen] as for `step`); returns the chosen tokens [n, batch] and appends n positions to
         `cache`. It ends early once every live row has chosen one of `stop_ids`."""
-        reserved = [cache_layer.reserve(steps) for cache_layer in cache.layers]
-        keys, values, lengths = zip(*reserved)  # keys, values: [batch, kv_heads, capacity, head_dim] each
-        assert len(set(lengths)) == 1, "layers of one batch hold the same positions"
+        keys, values, length = _reserve(cache, steps)
         ahead = positions[:, 0] + torch.arange(steps)[:, None]  # [steps, batch]
         cos, sin = self.rotary(ahead.reshape(-1))  # [steps * batch, head_dim] each
         cos, sin = cos.view(steps, len(tokens), -1), sin.view(steps, len(tokens), -1)  # [steps, batch, head_dim]
         mask = attention_mask.to(torch.long).contiguous()  # [batch, seen]
-        chosen = self.stack.greedy(tokens.to(torch.long), list(keys), list(values), lengths[0], mask, cos, sin,
+        chosen = self.stack.greedy(tokens.to(torch.long), keys, values, length, mask, cos, sin,
                                    self.embed.weight.detach(), self.norm_weight, self.norm_eps, self.head_weight,
                                    steps, stop_ids, alive)  # [n, batch]
-        for cache_layer in cache.layers:
-            cache_layer.advance(lengths[0] + len(chosen))
+        _advance(cache, length + len(chosen))
         return chosen
+
+
+def _reserve(cache, new: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """Every layer's KV buffers [batch, kv_heads, capacity, head_dim] with room for `new` more positions,
+    and the filled length they share."""
+    keys, values, lengths = zip(*(cache_layer.reserve(new) for cache_layer in cache.layers))
+    assert len(set(lengths)) == 1, "layers of one batch hold the same positions"
+    return list(keys), list(values), lengths[0]
+
+
+def _advance(cache, length: int) -> None:
+    """Positions [0, length) of every layer's buffers are now filled."""
+    for cache_layer in cache.layers:
+        cache_layer.advance(length)
 
 
 def fused_decoder(model: nn.Module) -> FusedDecoder | None:

@@ -124,9 +124,7 @@ class DecodeBatch:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # the last token is fed next step
         self.positions = self.positions + (taken - 1)  # [batch, 1]
         for tokens in chosen.tolist():
-            for row, seq in enumerate(self.sequences):
-                if not seq.done:
-                    self._accept(seq, tokens[row], None)
+            self._accept_rows(tokens)
         self.next_tokens = chosen[-1]  # [batch]
         return taken
 
@@ -141,6 +139,10 @@ class DecodeBatch:
         self.next_tokens = torch.tensor(tokens, device=self.device)  # [batch]
         wants_logprobs = any(seq.params.logprobs is not None for seq in self.sequences)
         logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [batch, vocab]
+        self._accept_rows(tokens, logprobs)
+
+    def _accept_rows(self, tokens: list[int], logprobs: torch.Tensor | None = None) -> None:
+        """Each live row takes its token (logprobs [batch, vocab] where asked for)."""
         for row, seq in enumerate(self.sequences):
             if not seq.done:
                 self._accept(seq, tokens[row], None if logprobs is None else logprobs[row])

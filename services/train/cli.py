@@ -91,16 +91,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    try:
-        config = SynthConfig(teacher=teacher_folder(args.teacher), out=args.out, tokens=args.tokens,
-                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, seed=args.seed, max_minutes=args.max_minutes,
-                             device=args.device, resume=args.resume)
-        summary = synthesize(config)
-    except BoomerangError as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
+    """`boomerang synth` (its errors become one line and exit code 2 in `services.cli.main`)."""
+    config = SynthConfig(teacher=teacher_folder(args.teacher), out=args.out, tokens=args.tokens,
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed, max_minutes=args.max_minutes,
+                         device=args.device, resume=args.resume)
+    print(json.dumps(synthesize(config)))
     return 0
 
 

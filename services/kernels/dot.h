@@ -10,6 +10,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace boomerang {
@@ -79,11 +80,15 @@ inline float short_dot(const float* w, const float* x, int64_t n) {
 }
 
 // out[r] = w_r . x for eight consecutive weight rows w_r = w + r * n: each load of x feeds eight FMAs.
-__attribute__((noinline)) inline void dot8(const float* w, int64_t n, const float* x, float* out) {
-  const int64_t full = n - n % 8;
+// Meanwhile `lines` cache lines from `ahead` are prefetched, spread over the loop.
+__attribute__((noinline)) inline void dot8(const float* w, int64_t n, const float* x, float* out, const char* ahead,
+                                           int64_t lines) {
+  const int64_t full = n - n % 8, per_step = (lines + full / 8 - 1) / std::max<int64_t>(1, full / 8);
   __m256 acc[8];
   for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t line = 0;
   for (int64_t i = 0; i < full; i += 8) {
+    for (int64_t k = 0; k < per_step && line < lines; ++k, ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
     const __m256 xv = _mm256_loadu_ps(x + i);
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * n + i), xv, acc[r]);
   }
@@ -94,16 +99,23 @@ __attribute__((noinline)) inline void dot8(const float* w, int64_t n, const floa
 
 // y[b * y_stride + (r - first)] = w_r . x_b for weight rows [first, last) of w [rows, n] and input rows
 // x [batch, n]. One input row: each weight row is one sequential stream (bandwidth-bound decode). More:
-// eight weight rows per pass, re-read from L1 for each input row, so loads of x do not dominate (measured
-// at batch 8: 0.43 of the sum's rate, against 0.31 for one row at a time).
+// eight weight rows per pass, re-read from L1 for each input row, so loads of x do not dominate; while
+// they are, the next eight rows are prefetched, a share per input row, so memory and arithmetic overlap.
+// Measured in alternation with a plain sum, 256 MiB of weights [*, 576]: prefetching the next rows lifts
+// batch 2 from 0.56-0.74 of the sum's rate to 0.85-0.93, batch 8 from 0.31-0.51 to 0.58-0.85, batch 16
+// from 0.22-0.35 to 0.34-0.50 (prefetch to L1; to L2 or non-temporal: no better).
 inline void matvec_rows(const float* w, int64_t first, int64_t last, int64_t n, const float* x, int64_t batch,
                         float* y, int64_t y_stride) {
   int64_t r = first;
   if (batch > 1) {
+    const int64_t block_lines = 8 * n * int64_t(sizeof(float)) / 64, share = (block_lines + batch - 1) / batch;
     for (; r + 8 <= last; r += 8) {
+      const char* next = reinterpret_cast<const char*>(w + (r + 8) * n);
+      const int64_t next_lines = r + 16 <= last ? block_lines : 0;  // only rows of this share
       for (int64_t b = 0; b < batch; ++b) {
         float out[8];
-        dot8(w + r * n, n, x + b * n, out);
+        const int64_t from = std::min(b * share, next_lines), to = std::min(from + share, next_lines);
+        dot8(w + r * n, n, x + b * n, out, next + from * 64, to - from);
         for (int j = 0; j < 8; ++j) y[b * y_stride + r - first + j] = out[j];
       }
     }

@@ -196,39 +196,77 @@ void weighted_sum(const float* weights, float scale, const float* values, const 
   }
 }
 
-// Softmax attention for this thread's share of (row, head) pairs into out [batch, q_width]. Positions
-// before `length` come from the cache, the new one from this thread's own qkv (another thread may be
-// the one writing it to the cache); masked (left-padding) positions are skipped.
-void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, float* out,
-            std::vector<float>& scores, int part, int parts) {
-  const int64_t seen = s.length + 1, dim = s.head_dim, group = s.heads / s.kv_heads;
-  const Share mine = share_of(s.batch * s.heads, part, parts);
-  for (int64_t task = mine.begin; task < mine.end; ++task) {
+// This thread's part of softmax attention: for every (row, head), positions `mine` of the ones seen, as
+// (max score, sum of exp(score - max), sum of exp(score - max) * value) in `part_max`, `part_sum` [batch, heads]
+// and `part_out` [batch, q_width]; `combine` adds the threads' parts. Splitting positions rather than heads
+// keeps the threads' shares equal (9 heads do not split in two) and grows with the context. Positions before
+// `length` come from the cache, the new one from this thread's own qkv (another thread may be the one writing
+// it to the cache); masked (left-padding) positions are skipped.
+void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, Share mine,
+            float* part_max, float* part_sum, float* part_out, std::vector<float>& scores) {
+  const int64_t seen = s.length + 1, dim = s.head_dim, group = s.heads / s.kv_heads, count = mine.end - mine.begin;
+  for (int64_t task = 0; task < s.batch * s.heads; ++task) {
     const int64_t b = task / s.heads, head = task % s.heads, kh = head / group;
     const float* q = qkv + b * s.qkv_width() + head * dim;
     const float* new_key = qkv + b * s.qkv_width() + s.q_width() + kh * dim;
-    const float* new_value = new_key + s.kv_width();
     const float* keys = c.slot(c.keys, s, b, kh, 0);
     const float* values = c.slot(c.values, s, b, kh, 0);
+    float* out = part_out + b * s.q_width() + head * dim;
     float best = -INFINITY;
-    for (int64_t t = 0; t < seen; ++t) {
-      if (!mask[b * seen + t]) { scores[t] = -INFINITY; continue; }
-      scores[t] = boomerang::short_dot(q, t < s.length ? keys + t * dim : new_key, dim) * float(n.scaling);
-      best = std::max(best, scores[t]);
+    for (int64_t t = mine.begin; t < mine.end; ++t) {
+      float& score = scores[t - mine.begin];
+      score = mask[b * seen + t] ? boomerang::short_dot(q, t < s.length ? keys + t * dim : new_key, dim) *
+                                       float(n.scaling)
+                                 : -INFINITY;
+      best = std::max(best, score);
     }
-    const float inverse_total = 1.f / exponentiate(scores.data(), seen, best);
-    weighted_sum(scores.data(), inverse_total, values, new_value, s.length, dim, out + b * s.q_width() + head * dim);
+    part_max[task] = best;
+    if (best == -INFINITY) {  // nothing to attend in this share (all left padding, or no positions)
+      part_sum[task] = 0.f;
+      std::fill(out, out + dim, 0.f);
+      continue;
+    }
+    part_sum[task] = exponentiate(scores.data(), count, best);
+    const float* last_value = mine.end == seen ? new_key + s.kv_width() : values + (mine.end - 1) * dim;
+    weighted_sum(scores.data(), 1.f, values + mine.begin * dim, last_value, count - 1, dim, out);
   }
 }
 
-// Buffers every thread reads, each filled in shares between barriers.
+// out [batch, q_width] = the threads' attention parts (`attend`) put together: each rescaled from its own
+// max to the overall one, then divided by the total.
+void combine(const Shapes& s, int parts, const float* part_max, const float* part_sum, const float* part_out,
+             float* out) {
+  const int64_t pairs = s.batch * s.heads, dim = s.head_dim;
+  std::vector<float> weights(parts);
+  for (int64_t task = 0; task < pairs; ++task) {
+    float best = -INFINITY;
+    for (int p = 0; p < parts; ++p) best = std::max(best, part_max[p * pairs + task]);
+    float total = 0.f;
+    for (int p = 0; p < parts; ++p) {
+      const float m = part_max[p * pairs + task];
+      weights[p] = m == -INFINITY ? 0.f : std::exp(m - best);
+      total += weights[p] * part_sum[p * pairs + task];
+    }
+    float* o = out + task * dim;
+    std::fill(o, o + dim, 0.f);
+    for (int p = 0; p < parts; ++p) {
+      const float scale = weights[p] / total;
+      const float* partial = part_out + p * pairs * dim + task * dim;
+      for (int64_t i = 0; i < dim; ++i) o[i] += scale * partial[i];
+    }
+  }
+}
+
+// Buffers every thread reads, each filled in shares between barriers: qkv [batch, qkv_width], projected
+// [batch, width] and act [batch, inter] in shares of rows; attention parts per thread (`attend`):
+// attn_max, attn_sum [threads, batch, heads], attn_out [threads, batch, q_width].
 struct Shared {
-  std::vector<float> qkv, attn, projected, act;  // [batch, qkv_width], [batch, q_width], [batch, width], [batch, inter]
+  std::vector<float> qkv, projected, act, attn_max, attn_sum, attn_out;
 };
 
 // Each thread's own buffers.
 struct Own {
-  std::vector<float> normed, qkv, residual, gated, linear, down, scores;
+  std::vector<float> normed, qkv, attn, residual, gated, linear, down, scores;
 };
 
 // out[j] = silu(gate[j]) * linear[j] = gate[j] / (1 + exp(-gate[j])) * linear[j] for j < n, 8 at a time.
@@ -264,9 +302,12 @@ void layer_step(const Layer& l, const Shapes& s, const Norms& n, const Cache& c,
   own.qkv.assign(shared.qkv.begin(), shared.qkv.end());
   position(l, s, n, cos, sin, own.qkv.data());
   append(s, own.qkv.data(), c, part, parts);
-  attend(s, n, own.qkv.data(), c, mask, shared.attn.data(), own.scores, part, parts);
+  const int64_t pairs = s.batch * s.heads;
+  attend(s, n, own.qkv.data(), c, mask, share_of(s.length + 1, part, parts), shared.attn_max.data() + part * pairs,
+         shared.attn_sum.data() + part * pairs, shared.attn_out.data() + part * s.batch * s.q_width(), own.scores);
 #pragma omp barrier
-  project(l.o, l.o_bias, share_of(s.width, part, parts), s.q_width(), shared.attn.data(), s.batch,
+  combine(s, parts, shared.attn_max.data(), shared.attn_sum.data(), shared.attn_out.data(), own.attn.data());
+  project(l.o, l.o_bias, share_of(s.width, part, parts), s.q_width(), own.attn.data(), s.batch,
           shared.projected.data(), s.width);
 #pragma omp barrier
   for (int64_t i = 0; i < s.batch * s.width; ++i) own.residual[i] = h[i] + shared.projected[i];
@@ -310,13 +351,16 @@ class LayerStack {
       TORCH_CHECK(length < keys[i].size(2), "KV cache full");
       caches.push_back({keys[i].data_ptr<float>(), values[i].data_ptr<float>(), keys[i].size(2)});
     }
-    Shared shared{std::vector<float>(s.batch * s.qkv_width()), std::vector<float>(s.batch * s.q_width()),
-                  std::vector<float>(s.batch * s.width), std::vector<float>(s.batch * max_inter_)};
+    const int threads = at::get_num_threads();
+    Shared shared{std::vector<float>(s.batch * s.qkv_width()), std::vector<float>(s.batch * s.width),
+                  std::vector<float>(s.batch * max_inter_), std::vector<float>(threads * s.batch * heads_),
+                  std::vector<float>(threads * s.batch * heads_), std::vector<float>(threads * s.batch * s.q_width())};
     float* h = hidden.data_ptr<float>();
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(threads)
     {
       const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-      Own own{std::vector<float>(s.batch * s.width), {}, std::vector<float>(s.batch * s.width),
+      Own own{std::vector<float>(s.batch * s.width), {}, std::vector<float>(s.batch * s.q_width()),
+              std::vector<float>(s.batch * s.width),
               std::vector<float>(s.batch * max_inter_), std::vector<float>(s.batch * max_inter_),
               std::vector<float>(s.batch * s.width), std::vector<float>(length + 1)};
       for (size_t i = 0; i < layers_.size(); ++i)

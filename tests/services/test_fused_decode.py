@@ -74,6 +74,18 @@ def test_fused_steps_match_the_transformers_forward(model_type, extra, shape):
         torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count_gives_the_same_step(threads):
+    """Each thread attends a share of the positions and the parts are put together: one part, or more parts
+    than cores, must match the transformers forward as the default count does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        test_fused_steps_match_the_transformers_forward("llama", {}, "odd")
+    finally:
+        torch.set_num_threads(before)
+
+
 def _greedy(model, tokenizer, prompts: list[list[int]], fused: bool) -> tuple[list[list[int]], bool]:
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outputs = [[] for _ in prompts]

@@ -68,7 +68,8 @@ class MixedBatch(DecodeBatch):
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}
         self.groups: list[list[_Group]] = []  # per student block
         self.length = 0  # KV positions filled
-        self.rows_by_source = {part: self._by_source(part) for part in ("embed", "rotary", "head")}
+        self.rows_by_source = {part: self._by_source(part) for part in ("embed", "rotary", "norm", "head")}
+        self.rows_by_head = self._by_head()
 
     def _rows(self, predicate) -> torch.Tensor:
         return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long)
@@ -201,12 +202,24 @@ class MixedBatch(DecodeBatch):
             "rotary", lambda model, rows: rotary_lookup(get_path(model, spec.rotary))(self.positions[rows, 0]))
         return hidden, cos, sin
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, vocab]: final norm and output layer of each row's size."""
-        spec = self.family.spec
+    def _by_head(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+        """(output layer, its rows), one entry per distinct output weight: a pair whose student shares the
+        teacher's output layer (the default pair) reads it once per step for all rows."""
+        heads: dict[tuple, tuple[torch.nn.Module, list[torch.Tensor]]] = {}
+        for source, rows in self.rows_by_source["head"].items():
+            head = get_path(self.sources[source], self.family.spec.head)
+            bias = head.bias.data_ptr() if head.bias is not None else None
+            heads.setdefault((head.weight.data_ptr(), bias), (head, []))[1].append(rows)
+        return [(head, torch.cat(rows).sort().values) for head, rows in heads.values()]
 
-        def logits(model, rows):
-            norm, head = get_path(model, spec.norm), get_path(model, spec.head)
-            return (self.kernel.norm_and_head(hidden[rows].contiguous(), norm.weight.detach(), norm.variance_epsilon,
-                                              head.weight.detach()),)  # [rows, vocab]
-        return self._per_source("head", logits)[0]
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab]: final norm of each row's size, then its output layer."""
+        spec = self.family.spec
+        normed, = self._per_source("norm", lambda model, rows: (get_path(model, spec.norm)(hidden[rows]),))
+        logits = None
+        for head, rows in self.rows_by_head:
+            piece = head(normed[rows].contiguous())  # [rows, vocab]
+            if logits is None:
+                logits = piece.new_empty(len(self.sizes), piece.shape[-1])
+            logits[rows] = piece
+        return logits

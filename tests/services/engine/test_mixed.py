@@ -50,6 +50,22 @@ def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
         assert got == want, (n, prompt)
 
 
+def test_an_output_layer_both_models_share_is_read_once_for_all_rows(tiny_pair):
+    family = load_family(*tiny_pair, device="cpu")
+    family.student.lm_head.weight = family.teacher.lm_head.weight  # as the default pair's student does
+    sizes = [family.sizes[0], family.sizes[-1], family.sizes[1]]  # student's and teacher's norm and head
+    seqs, mixed = _collect(sizes, PROMPTS[:3], [6, 6, 6])
+    batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    assert len(batch.rows_by_source["head"]) == 2 and [rows.tolist() for _, rows in batch.rows_by_head] == [[0, 1, 2]]
+    _run(batch)
+    for n, prompt, got in zip(sizes, PROMPTS, mixed):
+        alone, (want,) = _collect([n], [prompt], [6])
+        reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
+        reference.fused = None  # the transformers forward
+        _run(reference)
+        assert got == want, (n, prompt)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the prefill's mask: boolean, then additive
 def test_log_probs_match_the_per_size_batch(llama_pair, attention):
     family = load_family(*llama_pair, device="cpu")

@@ -41,6 +41,8 @@ def _top_logprobs(logprobs: torch.Tensor, k: int, tokenizer) -> dict[str, float]
 class DecodeBatch:
     """Sequences that share a variant and advance together; finished rows idle until the batch ends."""
 
+    joinable = False  # whether new sequences may join between steps (`join`)
+
     def __init__(self, model, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int,
                  greedy_steps: int = GREEDY_STEPS):
         self.model, self.sequences, self.tokenizer = model, sequences, tokenizer

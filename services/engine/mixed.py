@@ -59,7 +59,10 @@ def mixable(family: Family) -> bool:
 
 
 class MixedBatch(DecodeBatch):
-    """Sequences of any sizes of `family` (`Sequence.num_layers`) that advance together."""
+    """Sequences of any sizes of `family` (`Sequence.num_layers`) that advance together; new ones join
+    between steps (`join`)."""
+
+    joinable = True
 
     def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int):
         super().__init__(family.variant(sequences[0].num_layers), sequences, tokenizer, eos_ids, pad_id)
@@ -68,6 +71,10 @@ class MixedBatch(DecodeBatch):
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}
         self.groups: list[list[_Group]] = []  # per student block
         self.length = 0  # KV positions filled
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """Which rows take their embedding, rotary, norm and output layer from which model (per batch)."""
         self.rows_by_source = {part: self._by_source(part) for part in ("embed", "rotary", "norm", "head")}
         self.rows_by_head = self._by_head()
 
@@ -114,10 +121,56 @@ class MixedBatch(DecodeBatch):
                 refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
                 modules = [self._layer(*ref) for ref in refs]
                 rows = self._rows(lambda m, sizes=sizes: m in sizes)
-                buffers = [torch.empty(len(rows), *shape, dtype=self.family.dtype) for _ in range(2 * len(refs))]
+                buffers = [torch.zeros(len(rows), *shape, dtype=self.family.dtype) for _ in range(2 * len(refs))]
                 branches.append(_Group(rows, modules, layer_stack(self.kernel, modules, config),
                                        buffers[::2], buffers[1::2]))
             self.groups.append(branches)
+
+    @torch.inference_mode()
+    def join(self, newcomers: MixedBatch) -> None:
+        """Takes the rows of `newcomers` (prefilled, their first tokens chosen) into this batch between two
+        steps; rows that have finished leave. Every live row's keys and values move into new buffers,
+        right-aligned at the longer of the two filled lengths, the shorter side left-padded as prompts are
+        (masked, zeros), so all rows decode on together."""
+        rows = [(batch, row) for batch in (self, newcomers) for row, seq in enumerate(batch.sequences)
+                if not seq.done]
+        old_groups = {id(self): self.groups, id(newcomers): newcomers.groups}
+        length = max(self.length, newcomers.length)
+        self.sequences = [batch.sequences[row] for batch, row in rows]
+        self.sizes = [batch.sizes[row] for batch, row in rows]
+        if not rows:  # everything finished: the batch is done
+            return
+        pad = torch.nn.functional.pad
+        self.attention_mask = torch.stack([pad(batch.attention_mask[row], (length - batch.length, 0))
+                                           for batch, row in rows])  # [batch, length], left-padded
+        self.positions = torch.stack([batch.positions[row] for batch, row in rows])  # [batch, 1]
+        self.next_tokens = torch.stack([batch.next_tokens[row] for batch, row in rows])  # [batch]
+        remaining = max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in self.sequences)
+        self.groups = []
+        self._build_groups(length + min(remaining, MIN_CAPACITY) + 1)
+        for block, branches in enumerate(self.groups):
+            for group in branches:
+                for batch in (self, newcomers):
+                    self._move_kv(group, old_groups[id(batch)][block], batch, rows, length)
+        self.length = length
+        self._index_rows()
+
+    @staticmethod
+    def _move_kv(group: _Group, old_branches: list[_Group], batch: MixedBatch, rows: list, length: int) -> None:
+        """Copies into `group` the keys and values of its rows that come from `batch` (`rows`: the new
+        batch's (source batch, row there)), right-aligned at `length`."""
+        old = next((g for g in old_branches if g.modules[0] is group.modules[0]), None)
+        if old is None:
+            return
+        where = {row: i for i, row in enumerate(old.rows.tolist())}  # batch row -> row of `old`'s buffers
+        pairs = [(j, where[rows[new][1]]) for j, new in enumerate(group.rows.tolist()) if rows[new][0] is batch]
+        if not pairs:
+            return
+        into, out_of = (torch.tensor(side) for side in zip(*pairs))
+        start = length - batch.length
+        for new_buffers, old_buffers in ((group.keys, old.keys), (group.values, old.values)):
+            for target, source in zip(new_buffers, old_buffers):  # [rows, kv_heads, capacity, head_dim]
+                target[into, :, start:length] = source[out_of, :, :batch.length]
 
     def _embed_prompts(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
         """Prompt embeddings [batch, longest, hidden_size] and rotary (cos, sin) [batch, longest, head_dim],

@@ -1,9 +1,10 @@
 """The worker thread: groups waiting requests by size into batches and advances all batches fairly.
 
-Each loop admits new batches (requests of one key that arrived within a short window; while a key has a
-batch running, its new requests gather for its next batch; the key is a size, or "mixed" for batches
-that mix sizes), then runs one decode step of every active
-batch in turn, so sizes interleave step by step and none starves.
+Each loop admits new requests (those of one key that arrived within a short window; the key is a size, or
+"mixed" for batches that mix sizes): they join the key's running batch between two steps where it takes
+joins and has room (`DecodeBatch.joinable`: batches that mix sizes), else form a batch of their own once
+none of the key runs. Then it runs one decode step of every active batch in turn, so sizes interleave
+step by step and none starves.
 """
 
 from __future__ import annotations
@@ -93,13 +94,28 @@ class Scheduler:
             self._admit()
             self._step_all()
 
+    def _joinable(self, key: int | str) -> DecodeBatch | None:
+        """The key's running batch that new requests may join between steps, if any."""
+        return next((batch for n, batch in self.active if n == key and batch.joinable and not batch.done), None)
+
+    def _room(self, key: int | str) -> int:
+        """How many requests of `key` may start now: a batch's worth, or the free rows of the batch they
+        would join."""
+        batch = self._joinable(key)
+        live = sum(not seq.done for seq in batch.sequences) if batch is not None else 0
+        return self.limits.max_batch_size - live
+
     def _ready(self, num_layers: int, queue: deque, now: float) -> bool:
-        """Waiting requests of a size form a batch when they would fill one, or when that size has no batch
-        running and the batching window has passed since the newest one arrived (a burst gathers while it
-        keeps coming, up to `MAX_WINDOWS` windows after the oldest); else they join its next batch."""
-        if len(queue) >= self.limits.max_batch_size:
+        """Waiting requests of a key start when they would fill what room there is, or when the batching
+        window has passed since the newest one arrived (a burst gathers while it keeps coming, up to
+        `MAX_WINDOWS` windows after the oldest) and the key has no batch running or one they may join;
+        else they wait for its next batch."""
+        if self._room(num_layers) <= 0:
+            return False
+        if len(queue) >= self._room(num_layers):
             return True
-        if any(n == num_layers for n, _ in self.active):
+        running = [batch for n, batch in self.active if n == num_layers and not batch.done]
+        if running and self._joinable(num_layers) is None:
             return False
         window = self.limits.batch_wait_s
         return now - queue[-1][0] >= window or now - queue[0][0] >= MAX_WINDOWS * window
@@ -117,7 +133,7 @@ class Scheduler:
                     continue
                 if free <= 0 or not self._ready(num_layers, queue, now):
                     continue
-                count = min(len(queue), self.limits.max_batch_size, free)
+                count = min(len(queue), self._room(num_layers), free)
                 taken = [queue.popleft()[1] for _ in range(count)]
                 self.waiting.move_to_end(num_layers)  # fairness: this size goes to the back
                 return num_layers, taken
@@ -126,7 +142,12 @@ class Scheduler:
     def _admit(self) -> None:
         while (taken := self._take()) is not None:
             num_layers, sequences = taken
-            self._guard(sequences, lambda n=num_layers, s=sequences: self._start_batch(n, s))
+            target = self._joinable(num_layers)
+            if target is None:
+                self._guard(sequences, lambda n=num_layers, s=sequences: self._start_batch(n, s))
+            else:
+                involved = [*target.sequences, *sequences]
+                self._guard(involved, lambda n=num_layers, s=sequences, t=target: self._join(t, n, s))
         if not self.active and any(self.waiting.values()):
             time.sleep(max(self.limits.batch_wait_s / 2, 0.0005))  # let the batching window fill
 
@@ -136,6 +157,13 @@ class Scheduler:
             self.on_batch(num_layers, len(sequences))
         batch.prefill()
         self.active.append((num_layers, batch))
+
+    def _join(self, target: DecodeBatch, num_layers: int | str, sequences: list[Sequence]) -> None:
+        newcomers = self.make_batch(num_layers, sequences)
+        if self.on_batch:
+            self.on_batch(num_layers, len(sequences))
+        newcomers.prefill()
+        target.join(newcomers)
 
     def _step_all(self) -> None:
         for entry in list(self.active):

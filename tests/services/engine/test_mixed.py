@@ -110,3 +110,67 @@ def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair):
         batch.fused = None
         _run(batch)
         assert tokens == want
+
+
+def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
+    family = load_family(*tiny_pair, device="cpu")
+    small, large, middle = family.sizes[0], family.sizes[-1], family.sizes[len(family.sizes) // 2]
+    long_prompt = list(range(20, 35))  # longer than the running batch has filled: its rows get left padding
+    waves = [([small, large, middle], PROMPTS[:3], [12, 2, 10]),  # the second row finishes before the join
+             ([middle, small], [long_prompt, PROMPTS[4]], [6, 9]),
+             ([large], [PROMPTS[2]], [5])]  # shorter than the batch has filled by then
+    batch, outputs, runs = None, [], []
+    for sizes, prompts, max_tokens in waves:
+        seqs, got = _collect(sizes, prompts, max_tokens)
+        newcomers = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+        newcomers.prefill()
+        if batch is None:
+            batch = newcomers
+        else:
+            live = sum(not seq.done for seq in batch.sequences)
+            batch.join(newcomers)
+            assert len(batch.sequences) == live + len(seqs)  # finished rows left
+        outputs += got
+        runs += zip(sizes, prompts, max_tokens)
+        for _ in range(3):
+            batch.step()
+    while not batch.done:
+        batch.step()
+    for (n, prompt, m), got in zip(runs, outputs):
+        alone, (want,) = _collect([n], [prompt], [m])
+        reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
+        reference.fused = None  # the transformers forward
+        _run(reference)
+        assert got == want, (n, prompt)
+
+
+def test_a_request_arriving_mid_batch_joins_it_instead_of_waiting_for_it(llama_pair):
+    batches = []
+    family = load_family(*llama_pair, device="cpu", name="tiny")
+    engine = InferenceEngine(family, EngineLimits(max_batch_size=8, batch_wait_ms=5),
+                             on_batch=lambda key, size: batches.append((key, size)))
+    long, short = (SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (240, 4))
+    finished = []
+
+    async def run(n, prompt, params, name):
+        tokens = [t async for delta in engine.generate(n, prompt, params) for t in delta.token_ids]
+        finished.append(name)
+        return tokens
+
+    async def staggered():
+        first = asyncio.create_task(run(family.sizes[-1], PROMPTS[1], long, "long"))
+        while engine.scheduler.num_running == 0 and not first.done():  # the long request is decoding
+            await asyncio.sleep(0.001)
+        second = await run(family.sizes[0], PROMPTS[0], short, "short")
+        return await first, second
+
+    try:
+        long_tokens, short_tokens = asyncio.run(staggered())
+    finally:
+        engine.close()
+    assert finished == ["short", "long"] and batches == [("mixed", 1), ("mixed", 1)]
+    for n, prompt, m, tokens in [(family.sizes[-1], PROMPTS[1], 240, long_tokens),
+                                 (family.sizes[0], PROMPTS[0], 4, short_tokens)]:
+        seqs, (want,) = _collect([n], [prompt], [m])
+        _run(DecodeBatch(family.variant(n), seqs, family.tokenizer, {2}, pad_id=0))
+        assert tokens == want

@@ -1,6 +1,8 @@
-"""Batch formation: a burst gathers while it keeps arriving, up to a cap; a running size waits for a full batch."""
+"""Batch formation: a burst gathers while it keeps arriving, up to a cap; a running size waits for a full
+batch, or new requests join it where it takes joins."""
 
 from collections import deque
+from types import SimpleNamespace
 
 from services.engine.scheduler import MAX_WINDOWS, Scheduler, SchedulerLimits
 
@@ -27,9 +29,25 @@ def test_a_steady_stream_is_cut_after_the_cap():
     assert scheduler._ready(23, stream, now=MAX_WINDOWS * WINDOW + 0.001)
 
 
+def _running(joinable: bool, live: int, finished: int = 0) -> SimpleNamespace:
+    rows = [SimpleNamespace(done=False)] * live + [SimpleNamespace(done=True)] * finished
+    return SimpleNamespace(joinable=joinable, done=False, sequences=rows)
+
+
 def test_a_size_with_a_running_batch_waits_unless_the_batch_would_be_full():
     scheduler = _scheduler()
-    scheduler.active.append((23, object()))
+    scheduler.active.append((23, _running(joinable=False, live=3)))
     assert not scheduler._ready(23, _queue([0.0]), now=1.0)
     assert scheduler._ready(23, _queue([0.0] * 16), now=0.0)
     assert scheduler._ready(17, _queue([0.0]), now=1.0)  # another size is not held back
+
+
+def test_requests_join_a_running_batch_that_takes_joins_as_far_as_it_has_room():
+    scheduler = _scheduler()
+    scheduler.active.append(("mixed", _running(joinable=True, live=10, finished=4)))  # finished rows leave
+    assert scheduler._room("mixed") == 6
+    assert not scheduler._ready("mixed", _queue([0.0, 0.008]), now=0.012)  # the burst is still arriving
+    assert scheduler._ready("mixed", _queue([0.0, 0.008]), now=0.019)  # it joins; no need to wait
+    assert scheduler._ready("mixed", _queue([0.0] * 6), now=0.0)  # fills the room at once
+    scheduler.active[0] = ("mixed", _running(joinable=True, live=16))
+    assert not scheduler._ready("mixed", _queue([0.0] * 20), now=1.0)  # full: they wait

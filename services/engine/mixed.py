@@ -200,8 +200,11 @@ class MixedBatch(DecodeBatch):
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
         mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
         self._make_room()
+        live = torch.tensor([not seq.done for seq in self.sequences])  # [batch]
         for branches in self.groups:
             for group in branches:
+                if not live[group.rows].any():  # only finished rows take this branch: its weights go unread
+                    continue
                 h = hidden[group.rows].contiguous()  # [rows, hidden_size]
                 m, c, s = mask[group.rows].contiguous(), cos[group.rows].contiguous(), sin[group.rows].contiguous()
                 group.stack.step(h, group.keys, group.values, self.length, m, c, s)

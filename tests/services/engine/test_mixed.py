@@ -174,3 +174,24 @@ def test_a_request_arriving_mid_batch_joins_it_instead_of_waiting_for_it(llama_p
         seqs, (want,) = _collect([n], [prompt], [m])
         _run(DecodeBatch(family.variant(n), seqs, family.tokenizer, {2}, pad_id=0))
         assert tokens == want
+
+
+def test_branches_only_finished_rows_take_are_not_run(tiny_pair):
+    family = load_family(*tiny_pair, device="cpu")
+    seqs, _ = _collect([family.sizes[0], family.sizes[-1]], PROMPTS[:2], [2, 8])
+    batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    batch.prefill()
+    calls = []  # per branch: (its rows, how many steps ran it)
+    for branches in batch.groups:
+        for group in branches:
+            counter = [tuple(group.rows.tolist()), 0]
+            calls.append(counter)
+
+            class Counting:
+                def step(self, *args, stack=group.stack, counter=counter):
+                    counter[1] += 1
+                    return stack.step(*args)
+            group.stack = Counting()
+    while not batch.done:
+        batch.step()  # the small row finishes after its first step; the large one takes 7
+    assert {(rows, count) for rows, count in calls} == {((0,), 1), ((1,), 7)}  # the two sizes share no branch

@@ -18,7 +18,7 @@ from services.bench.measure import (
     rss_bytes,
     speed_per_size,
 )
-from services.bench.served import ServerProcess, served_throughput
+from services.bench.served import ServerProcess, arrival_mid_batch, served_throughput
 from services.family import load_family
 
 GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
@@ -78,8 +78,11 @@ def _served(args, family, sizes) -> dict:
         serve_args += ["--pair", args.pair]
     ids = [family.model_id(n) for n in sizes]
     requests, tokens = (16, 8) if args.quick else (48, 32)
+    long_tokens, short_tokens = (64, 8) if args.quick else (256, 16)
     with ServerProcess(serve_args) as server:
-        return served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
+        served = served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
+        served["arrival_mid_batch"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens, short_tokens)
+    return served
 
 
 def _goals(report: dict) -> dict:

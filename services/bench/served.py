@@ -85,3 +85,32 @@ def served_throughput(url: str, model_ids: list[str], concurrencies: list[int], 
         for row in results[mix]:
             row["speedup_vs_sequential"] = row["tokens_per_s"] / base
     return results
+
+
+async def _arrival_mid_batch(url: str, long_body: dict, short_body: dict) -> dict:
+    """Latency of a short request sent while a long one decodes, and of each alone on an idle server."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async def timed(body: dict) -> float:
+            start = time.perf_counter()
+            response = await http.post("/v1/completions", json=body)
+            response.raise_for_status()
+            return time.perf_counter() - start
+
+        short_alone = statistics.median([await timed(short_body) for _ in range(3)])
+        long_alone = await timed(long_body)
+        long_task = asyncio.create_task(timed(long_body))
+        await asyncio.sleep(long_alone / 4)  # a quarter of the way into the long request
+        short_during = await timed(short_body)
+        long_during = await long_task
+    return {"long_tokens": long_body["max_tokens"], "short_tokens": short_body["max_tokens"],
+            "short_alone_s": short_alone, "short_during_long_s": short_during,
+            "short_slowdown": short_during / short_alone, "long_alone_s": long_alone,
+            "long_with_short_s": long_during, "long_slowdown": long_during / long_alone}
+
+
+def arrival_mid_batch(url: str, long_model: str, short_model: str, long_tokens: int, short_tokens: int) -> dict:
+    """A short request (`short_model`) arriving a quarter of the way into a long one (`long_model`): how
+    much longer each takes than alone. Batches that take joins start the short one at the next step."""
+    body = {"prompt": "Once upon a time,", "temperature": 0, "ignore_eos": True}
+    return asyncio.run(_arrival_mid_batch(url, {**body, "model": long_model, "max_tokens": long_tokens},
+                                          {**body, "model": short_model, "max_tokens": short_tokens}))

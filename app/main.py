@@ -30,7 +30,7 @@ def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
     limits = EngineLimits(max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
                           max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms,
                           max_model_len=settings.max_total_tokens, mix_sizes=settings.mix_sizes,
-                          greedy_steps=settings.greedy_steps)
+                          greedy_steps=settings.greedy_steps, join_batches=settings.join_batches)
     return build_engine(pair=settings.pair, teacher=settings.teacher, student=settings.student,
                         order=settings.order, device=settings.device, dtype=settings.dtype, name=settings.name,
                         variant_cache_size=settings.variant_cache_size, native_kernels=settings.native_kernels,

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     mix_sizes: bool = Field(True, description="requests of different sizes share decode batches (native decode "
                                               "step only); false: one batch per size")
+    join_batches: bool = Field(True, description="new requests join a running batch that mixes sizes between two "
+                                                 "steps; false: they wait for it to end")
     greedy_steps: int = Field(GREEDY_STEPS, ge=1, description="decode steps per native call when every request "
                               "of a batch is greedy: more is faster, 1 streams every token as it is chosen")
     batch_wait_ms: float = Field(5.0, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)")

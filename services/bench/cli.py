@@ -82,6 +82,9 @@ def _served(args, family, sizes) -> dict:
     with ServerProcess(serve_args) as server:
         served = served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
         served["arrival_mid_batch"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens, short_tokens)
+    with ServerProcess([*serve_args, "--join-batches", "false"]) as server:  # the baseline: the short one waits
+        served["arrival_mid_batch_without_joins"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens,
+                                                                      short_tokens)
     return served
 
 

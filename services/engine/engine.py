@@ -29,6 +29,7 @@ class EngineLimits:
     max_model_len: int | None = None
     mix_sizes: bool = True  # requests of different sizes share decode batches (where the native step serves)
     greedy_steps: int = GREEDY_STEPS  # decode steps per native call for all-greedy batches
+    join_batches: bool = True  # new requests join a running mixed batch between steps
 
 
 class InferenceEngine:
@@ -123,7 +124,8 @@ class InferenceEngine:
     # -- generation -------------------------------------------------------------------------------------------
     def _make_batch(self, key: int | str, sequences: list[Sequence]) -> DecodeBatch:
         if key == MIXED:
-            return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id)
+            return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id,
+                              joinable=self.limits.join_batches)
         return DecodeBatch(self.family.variant(key), sequences, self.tokenizer, self.eos_ids, self.pad_id,
                            self.limits.greedy_steps)
 

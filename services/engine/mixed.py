@@ -62,10 +62,10 @@ class MixedBatch(DecodeBatch):
     """Sequences of any sizes of `family` (`Sequence.num_layers`) that advance together; new ones join
     between steps (`join`)."""
 
-    joinable = True
-
-    def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int):
+    def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int,
+                 joinable: bool = True):
         super().__init__(family.variant(sequences[0].num_layers), sequences, tokenizer, eos_ids, pad_id)
+        self.joinable = joinable
         self.family, self.kernel = family, load_decoder_step()
         self.sizes = [seq.num_layers for seq in sequences]
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}

@@ -22,8 +22,9 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
     assert [row["num_layers"] for row in report["speed"]] == report["settings"]["sizes"]
     assert all(row["tok_s_b1"] > 0 and row["standalone_tok_s_b1"] > 0 for row in report["speed"])
     assert [r["concurrency"] for r in report["served"]["mixed_sizes"]] == [1, 4, 16]
-    arrival = report["served"]["arrival_mid_batch"]
-    assert arrival["short_alone_s"] > 0 and arrival["short_slowdown"] > 0 and arrival["long_slowdown"] > 0
+    for scenario in ("arrival_mid_batch", "arrival_mid_batch_without_joins"):
+        arrival = report["served"][scenario]
+        assert arrival["short_alone_s"] > 0 and arrival["short_slowdown"] > 0 and arrival["long_slowdown"] > 0
     assert report["machine"]["bandwidth_gbs"] > 0
     for row in report["speed"]:  # each fraction is against the bandwidth read beside it
         assert row["bandwidth_gbs"] > 0 and row["fraction_of_bound_b1"] > 0 and row["matmul_only_tok_s_b1"] > 0

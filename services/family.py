@@ -20,6 +20,7 @@ from services.architectures import ArchitectureSpec, get_path, number_layers, sp
 from services.assembly import assemble_variant, make_template
 from services.errors import InvalidPairError, UnknownSizeError
 from services.fast_linear import enable_fast_linear, native_kernels_wanted
+from services.huge_pages import move_to_huge_pages
 from services.loading import (
     check_pair,
     check_tokenizers,
@@ -173,5 +174,8 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
     native = native_kernels_wanted() if native_kernels is None else native_kernels
     if native and torch.device(device).type == "cpu" and torch_dtype == torch.float32:
         enable_fast_linear(teacher_model, student_model)
-    return Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
-                  tokenizer, cache_size, quality)
+    family = Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
+                    tokenizer, cache_size, quality)
+    if torch.device(device).type == "cpu":
+        move_to_huge_pages([teacher_model, student_model])  # decode reads them all every token
+    return family

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import mmap
@@ -40,15 +41,21 @@ def huge_pages_available() -> bool:
         return False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library (Linux here: the THP setting exists), for madvise and malloc_trim."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def _advised_mapping(nbytes: int) -> tuple[mmap.mmap, int] | None:
     """An anonymous mapping with `nbytes` from its first 2 MiB boundary on, advised for huge pages, and that
     boundary's offset; None where madvise refuses."""
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     start = -address % HUGE_PAGE
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # Linux (the THP setting exists)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(address + start, nbytes, MADV_HUGEPAGE) != 0:
+    if _libc().madvise(address + start, nbytes, MADV_HUGEPAGE) != 0:
         mapping.close()
         return None
     return mapping, start
@@ -67,9 +74,11 @@ def _distinct_parameters(models: list[nn.Module], min_bytes: int) -> dict[int, l
 def move_to_huge_pages(models: list[nn.Module], min_bytes: int = MIN_BYTES) -> int:
     """Moves the parameters of `models` onto 2 MiB pages (see the module); returns the bytes moved, 0 where
     the kernel has no transparent huge pages or the mapping cannot be advised."""
+    if not huge_pages_available():
+        return 0
     groups = _distinct_parameters(models, min_bytes)
     sizes = [-(-params[0].nbytes // ALIGN) * ALIGN for params in groups.values()]
-    if not groups or not huge_pages_available():
+    if not groups:
         return 0
     advised = _advised_mapping(sum(sizes))
     if advised is None:
@@ -93,7 +102,5 @@ def _release_freed_memory() -> None:
     """Hands the heap memory the old copies held back to the system (glibc keeps freed blocks that are
     not at the top of its heap, and the loaded weights were)."""
     gc.collect()  # the old tensors may still sit in reference cycles (the loader's)
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    if hasattr(_libc(), "malloc_trim"):  # glibc
+        _libc().malloc_trim(0)

@@ -134,7 +134,7 @@ class MixedBatch(DecodeBatch):
         (masked, zeros), so all rows decode on together."""
         rows = [(batch, row) for batch in (self, newcomers) for row, seq in enumerate(batch.sequences)
                 if not seq.done]
-        old_groups = {id(self): self.groups, id(newcomers): newcomers.groups}
+        sources = [(self, self.groups), (newcomers, newcomers.groups)]  # each batch with its groups before
         length = max(self.length, newcomers.length)
         self.sequences = [batch.sequences[row] for batch, row in rows]
         self.sizes = [batch.sizes[row] for batch, row in rows]
@@ -150,8 +150,8 @@ class MixedBatch(DecodeBatch):
         self._build_groups(length + min(remaining, MIN_CAPACITY) + 1)
         for block, branches in enumerate(self.groups):
             for group in branches:
-                for batch in (self, newcomers):
-                    self._move_kv(group, old_groups[id(batch)][block], batch, rows, length)
+                for batch, old_groups in sources:
+                    self._move_kv(group, old_groups[block], batch, rows, length)
         self.length = length
         self._index_rows()
 

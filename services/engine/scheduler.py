@@ -110,11 +110,12 @@ class Scheduler:
         window has passed since the newest one arrived (a burst gathers while it keeps coming, up to
         `MAX_WINDOWS` windows after the oldest) and the key has no batch running or one they may join;
         else they wait for its next batch."""
-        if self._room(num_layers) <= 0:
+        room = self._room(num_layers)
+        if room <= 0:
             return False
-        if len(queue) >= self._room(num_layers):
+        if len(queue) >= room:
             return True
-        running = [batch for n, batch in self.active if n == num_layers and not batch.done]
+        running = any(n == num_layers and not batch.done for n, batch in self.active)
         if running and self._joinable(num_layers) is None:
             return False
         window = self.limits.batch_wait_s

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
+MEMORY_GAUGES = {"kv_bytes_reserved": "KV cache bytes the engine holds for batches (in use or kept for reuse)",
+                 "kv_bytes_in_use": "KV cache bytes held by running batches",
+                 "memory_bound_bytes": "Most the limits let the server hold: weights, KV and one prefill or scoring"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -26,7 +29,11 @@ class Metrics:
                                     "'mixed' for a batch of several sizes)", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.queue_depth = Gauge("boomerang_queue_depth", "Requests waiting for a slot", registry=self.registry)
-        self.running = Gauge("boomerang_running", "Sequences decoding now", registry=self.registry)
+        self.running = Gauge("boomerang_running", "Sequences decoding now (rows of the running batches)",
+                             registry=self.registry)
+        self.memory = {key: Gauge(f"boomerang_{key}", help_text, registry=self.registry)
+                       for key, help_text in MEMORY_GAUGES.items()}
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         self.stats = stats
 
     def render(self) -> bytes:
@@ -34,6 +41,8 @@ class Metrics:
             stats = self.stats()
             self.queue_depth.set(stats.get("waiting", 0))
             self.running.set(stats.get("running", 0))
+            for key, gauge in self.memory.items():
+                gauge.set(stats.get(key, 0))
         return generate_latest(self.registry)
 
     def count(self, endpoint: str, model: str, status: str = "ok", prompt_tokens: int = 0,

@@ -74,3 +74,9 @@ class TrainingConfigError(BoomerangError):
     """A training run was configured in a way that cannot work."""
 
     code = "invalid_training_config"
+
+
+class MemoryLimitError(BoomerangError):
+    """The configured limits could need more memory than the machine has left."""
+
+    code = "memory_limit"

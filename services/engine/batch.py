@@ -62,6 +62,9 @@ class DecodeBatch:
     def done(self) -> bool:
         return all(seq.done for seq in self.sequences)
 
+    def release(self) -> None:
+        """Called once the batch has left the scheduler; buffers from a pool go back to it (none here)."""
+
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})

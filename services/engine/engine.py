@@ -12,6 +12,8 @@ import torch
 
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.interface import GREEDY_STEPS, ModelCard, SamplingParams, ScoreResult, StreamDelta
+from services.engine.kv_pool import KVPool
+from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import Scheduler, SchedulerLimits
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
@@ -46,12 +48,23 @@ class InferenceEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.mix_sizes = limits.mix_sizes and mixable(family)
+        self.memory_bound = self._memory_bound()
+        check_fits(self.memory_bound, available_bytes())
+        self.kv_pool = KVPool(family.dtype, self.memory_bound.kv_bytes, family.device)
         self._in_flight = 0
         self._lock = threading.Lock()
         self.scheduler = Scheduler(self._make_batch, SchedulerLimits(
             max_running=limits.max_concurrent, max_batch_size=limits.max_batch_size,
             batch_wait_s=limits.batch_wait_ms / 1000), on_batch)
         self.scheduler.start()
+
+    def _memory_bound(self):
+        config, family = self.family.teacher.config, self.family
+        item_bytes = torch.empty((), dtype=family.dtype).element_size()
+        tensors = {p.data_ptr(): p.numel() * p.element_size()
+                   for model in (family.teacher, family.student) for p in model.parameters()}
+        return memory_bound(config, item_bytes, sum(tensors.values()), self.max_model_len,
+                            self.limits.max_batch_size, self.limits.max_concurrent, self.mix_sizes)
 
     # -- sizes -------------------------------------------------------------------------------------------
     def models(self) -> list[ModelCard]:
@@ -125,7 +138,7 @@ class InferenceEngine:
     def _make_batch(self, key: int | str, sequences: list[Sequence]) -> DecodeBatch:
         if key == MIXED:
             return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id,
-                              joinable=self.limits.join_batches)
+                              joinable=self.limits.join_batches, pool=self.kv_pool)
         return DecodeBatch(self.family.variant(key), sequences, self.tokenizer, self.eos_ids, self.pad_id,
                            self.limits.greedy_steps)
 
@@ -180,19 +193,22 @@ class InferenceEngine:
         model = self.family.variant(num_layers)
         device = next(model.parameters()).device
         input_ids = torch.tensor([prompt_ids], device=device)  # [1, seq]
-        logits = model(input_ids, use_cache=False).logits[0].float()  # [seq, vocab]
-        logprobs = torch.log_softmax(logits[:-1], dim=-1)  # [seq-1, vocab]: predicts tokens 1..seq-1
-        chosen = logprobs.gather(-1, input_ids[0, 1:, None])[:, 0]  # [seq-1]
+        logits = model(input_ids, use_cache=False).logits[0, :-1].float()  # [seq-1, vocab]: predicts 1..seq-1
+        # log-softmax by its normaliser alone: no second tensor of the logits' size for a long prompt
+        normaliser = torch.logsumexp(logits, dim=-1)  # [seq-1]
+        chosen = logits.gather(-1, input_ids[0, 1:, None])[:, 0] - normaliser  # [seq-1]
         tops: list[dict[str, float] | None] = [None]
-        for row in logprobs if top_logprobs else []:
+        for row, norm in zip(logits, normaliser) if top_logprobs else []:
             values, ids = torch.topk(row, top_logprobs)
-            tops.append({self.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids)})
+            tops.append({self.tokenizer.decode([int(i)]): float(v - norm) for v, i in zip(values, ids)})
         tokens = tuple(self.tokenizer.decode([t]) for t in prompt_ids)
         return ScoreResult(tuple(prompt_ids), tokens, (None, *map(float, chosen)), tuple(tops) if top_logprobs else ())
 
     def stats(self) -> dict:
         return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,
-                "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes()}
+                "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes(),
+                "kv_bytes_reserved": self.kv_pool.reserved_bytes, "kv_bytes_in_use": self.kv_pool.in_use_bytes,
+                "memory_bound_bytes": self.memory_bound.total_bytes}
 
     def close(self) -> None:
         self.scheduler.stop()

@@ -18,6 +18,7 @@ import torch
 from services.architectures import get_path
 from services.compat import cache_argument_name
 from services.engine.batch import DecodeBatch, Sequence
+from services.engine.kv_pool import KVPool
 from services.family import Family
 from services.fused_decode import fused_decoder, layer_stack
 from services.kernels.decoder_step import load_decoder_step
@@ -35,6 +36,16 @@ class _Group:
     stack: object  # the kernel's LayerStack over them (decode steps run it)
     keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
+
+
+def _give_back(pool: KVPool, groups: list[list[_Group]]) -> None:
+    pool.give(buffer for branches in groups for group in branches for buffer in (*group.keys, *group.values))
+
+
+def _aligned(mask_row: torch.Tensor, length: int) -> torch.Tensor:
+    """A row's attention mask [filled] right-aligned at `length`: left-padded, or its leading padding cut."""
+    kept = min(length, mask_row.shape[0])
+    return torch.nn.functional.pad(mask_row[mask_row.shape[0] - kept:], (length - kept, 0))  # [length]
 
 
 class _CaptureKV:
@@ -63,9 +74,10 @@ class MixedBatch(DecodeBatch):
     between steps (`join`)."""
 
     def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int,
-                 joinable: bool = True):
+                 joinable: bool = True, pool: KVPool | None = None):
         super().__init__(family.variant(sequences[0].num_layers), sequences, tokenizer, eos_ids, pad_id)
         self.joinable = joinable
+        self.pool = pool if pool is not None else KVPool(family.dtype)
         self.family, self.kernel = family, load_decoder_step()
         self.sizes = [seq.num_layers for seq in sequences]
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}
@@ -121,7 +133,7 @@ class MixedBatch(DecodeBatch):
                 refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
                 modules = [self._layer(*ref) for ref in refs]
                 rows = self._rows(lambda m, sizes=sizes: m in sizes)
-                buffers = [torch.zeros(len(rows), *shape, dtype=self.family.dtype) for _ in range(2 * len(refs))]
+                buffers = [self.pool.take((len(rows), *shape)) for _ in range(2 * len(refs))]
                 branches.append(_Group(rows, modules, layer_stack(self.kernel, modules, config),
                                        buffers[::2], buffers[1::2]))
             self.groups.append(branches)
@@ -130,18 +142,20 @@ class MixedBatch(DecodeBatch):
     def join(self, newcomers: MixedBatch) -> None:
         """Takes the rows of `newcomers` (prefilled, their first tokens chosen) into this batch between two
         steps; rows that have finished leave. Every live row's keys and values move into new buffers,
-        right-aligned at the longer of the two filled lengths, the shorter side left-padded as prompts are
-        (masked, zeros), so all rows decode on together."""
+        right-aligned at the longest live row's context, the shorter ones left-padded as prompts are (masked),
+        so all rows decode on together."""
         rows = [(batch, row) for batch in (self, newcomers) for row, seq in enumerate(batch.sequences)
                 if not seq.done]
         sources = [(self, self.groups), (newcomers, newcomers.groups)]  # each batch with its groups before
-        length = max(self.length, newcomers.length)
         self.sequences = [batch.sequences[row] for batch, row in rows]
         self.sizes = [batch.sizes[row] for batch, row in rows]
         if not rows:  # everything finished: the batch is done
+            newcomers.release()
             return
-        pad = torch.nn.functional.pad
-        self.attention_mask = torch.stack([pad(batch.attention_mask[row], (length - batch.length, 0))
+        # the longest live row sets the length: padding no live row needs is dropped, so a batch that joins
+        # keep alive never grows past its rows' own context
+        length = max(batch.span(row) for batch, row in rows)
+        self.attention_mask = torch.stack([_aligned(batch.attention_mask[row], length)
                                            for batch, row in rows])  # [batch, length], left-padded
         self.positions = torch.stack([batch.positions[row] for batch, row in rows])  # [batch, 1]
         self.next_tokens = torch.stack([batch.next_tokens[row] for batch, row in rows])  # [batch]
@@ -152,8 +166,16 @@ class MixedBatch(DecodeBatch):
             for group in branches:
                 for batch, old_groups in sources:
                     self._move_kv(group, old_groups[block], batch, rows, length)
+        for batch, old_groups in sources:
+            _give_back(batch.pool, old_groups)
+        newcomers.groups = []
         self.length = length
         self._index_rows()
+
+    def release(self) -> None:
+        """Gives the KV buffers back to the pool (the batch has ended)."""
+        _give_back(self.pool, self.groups)
+        self.groups = []
 
     @staticmethod
     def _move_kv(group: _Group, old_branches: list[_Group], batch: MixedBatch, rows: list, length: int) -> None:
@@ -167,10 +189,15 @@ class MixedBatch(DecodeBatch):
         if not pairs:
             return
         into, out_of = (torch.tensor(side) for side in zip(*pairs))
-        start = length - batch.length
+        kept = min(length, batch.length)  # the last positions of `batch`: all its live rows' own
         for new_buffers, old_buffers in ((group.keys, old.keys), (group.values, old.values)):
             for target, source in zip(new_buffers, old_buffers):  # [rows, kv_heads, capacity, head_dim]
-                target[into, :, start:length] = source[out_of, :, :batch.length]
+                target[into, :, length - kept:length] = source[out_of, :, batch.length - kept:batch.length]
+                target[into, :, :length - kept] = 0  # masked, but weighted by zero: no NaN from a reused block
+
+    def span(self, row: int) -> int:
+        """Positions of `row`'s own context (prompt and tokens so far): the filled length less its left padding."""
+        return self.length - int(self.attention_mask[row, :self.length].argmax())
 
     def _embed_prompts(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
         """Prompt embeddings [batch, longest, hidden_size] and rotary (cos, sin) [batch, longest, head_dim],
@@ -215,17 +242,21 @@ class MixedBatch(DecodeBatch):
 
     def _make_room(self) -> None:
         """Room for this step's keys and values: buffers double when full (like `GrowingLayer`), so a long
-        `max_tokens` costs memory only as the batch actually grows."""
+        `max_tokens` costs memory only as the batch actually grows, and never past what its rows may still
+        produce."""
+        remaining = max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in self.sequences)
         for branches in self.groups:
             for group in branches:
                 capacity = group.keys[0].shape[2]
                 if self.length < capacity:
                     continue
+                grown_capacity = max(capacity + 1, min(2 * capacity, self.length + remaining + 1))
                 for buffers in (group.keys, group.values):
                     for i, old in enumerate(buffers):
-                        grown = old.new_empty((*old.shape[:2], 2 * capacity, old.shape[-1]))
+                        grown = self.pool.take((*old.shape[:2], grown_capacity, old.shape[-1]))
                         grown[:, :, :self.length] = old[:, :, :self.length]
                         buffers[i] = grown
+                        self.pool.give([old])
 
     def _by_source(self, part: str) -> dict[str, torch.Tensor]:
         """Rows grouped by which model supplies `part` (embed, norm, head, rotary) of their size (see

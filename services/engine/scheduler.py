@@ -153,26 +153,36 @@ class Scheduler:
             time.sleep(max(self.limits.batch_wait_s / 2, 0.0005))  # let the batching window fill
 
     def _start_batch(self, num_layers: int, sequences: list[Sequence]) -> None:
-        batch = self.make_batch(num_layers, sequences)
-        if self.on_batch:
-            self.on_batch(num_layers, len(sequences))
-        batch.prefill()
+        batch = self._prefilled(num_layers, sequences)
         self.active.append((num_layers, batch))
 
     def _join(self, target: DecodeBatch, num_layers: int | str, sequences: list[Sequence]) -> None:
-        newcomers = self.make_batch(num_layers, sequences)
+        newcomers = self._prefilled(num_layers, sequences)
+        try:
+            target.join(newcomers)
+        except BaseException:
+            newcomers.release()
+            raise
+
+    def _prefilled(self, num_layers: int | str, sequences: list[Sequence]) -> DecodeBatch:
+        batch = self.make_batch(num_layers, sequences)
         if self.on_batch:
             self.on_batch(num_layers, len(sequences))
-        newcomers.prefill()
-        target.join(newcomers)
+        try:
+            batch.prefill()
+        except BaseException:
+            batch.release()
+            raise
+        return batch
 
     def _step_all(self) -> None:
         for entry in list(self.active):
             _, batch = entry
             if not batch.done:
                 self._guard(batch.sequences, batch.step)
-            if batch.done:
+            if batch.done and entry in self.active:
                 self.active.remove(entry)
+                batch.release()
 
     def _guard(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
         """Run torch work; a failure ends only the sequences involved, with the error delivered to them."""
@@ -184,4 +194,7 @@ class Scheduler:
                 if not seq.done:
                     seq.finished = True
                     seq.emit(error)
+            for _, batch in self.active:
+                if batch.done:
+                    batch.release()
             self.active = [(n, b) for n, b in self.active if not b.done]

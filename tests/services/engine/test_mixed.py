@@ -8,6 +8,7 @@ import torch
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.engine import EngineLimits, InferenceEngine
 from services.engine.interface import SamplingParams
+from services.engine.kv_pool import KVPool
 from services.engine.mixed import MixedBatch, mixable
 from services.family import load_family
 from services.kernels.decoder_step import load_decoder_step
@@ -41,7 +42,8 @@ def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
     batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
     _run(batch)
     first_capacity = max(map(len, PROMPTS)) + MIN_CAPACITY + 1
-    assert all(keys.shape[2] == 2 * first_capacity for group in batch.groups[0] for keys in group.keys)
+    grown = {keys.shape[2] for group in batch.groups[0] for keys in group.keys}  # never past what rows may need
+    assert len(grown) == 1 and first_capacity < grown.pop() <= max(map(len, PROMPTS)) + max(max_tokens) + 1
     for n, prompt, m, got in zip(sizes, PROMPTS, max_tokens, mixed):
         alone, (want,) = _collect([n], [prompt], [m])
         batch = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
@@ -112,8 +114,19 @@ def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair):
         assert tokens == want
 
 
+def _poisoned_pool(dtype) -> KVPool:
+    """A pool whose free blocks hold NaN, as reused blocks may hold anything."""
+    pool = KVPool(dtype)
+    blocks = [pool.take((n,)) for n in (2 ** k for k in range(6, 18)) for _ in range(48)]
+    for block in blocks:
+        block.fill_(float("nan"))
+    pool.give(blocks)
+    return pool
+
+
 def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
     family = load_family(*tiny_pair, device="cpu")
+    pool = _poisoned_pool(family.dtype)
     small, large, middle = family.sizes[0], family.sizes[-1], family.sizes[len(family.sizes) // 2]
     long_prompt = list(range(20, 35))  # longer than the running batch has filled: its rows get left padding
     waves = [([small, large, middle], PROMPTS[:3], [12, 2, 10]),  # the second row finishes before the join
@@ -122,7 +135,7 @@ def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
     batch, outputs, runs = None, [], []
     for sizes, prompts, max_tokens in waves:
         seqs, got = _collect(sizes, prompts, max_tokens)
-        newcomers = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+        newcomers = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0, pool=pool)
         newcomers.prefill()
         if batch is None:
             batch = newcomers
@@ -141,6 +154,38 @@ def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
         reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
         reference.fused = None  # the transformers forward
         _run(reference)
+        assert got == want, (n, prompt)
+
+
+def test_a_batch_kept_alive_by_joins_stays_as_long_as_its_longest_live_row(tiny_pair):
+    """Each wave's rows outlive the previous wave's by a little, so the batch never ends; its filled length
+    follows its live rows' own context instead of growing with every step it ever ran."""
+    family = load_family(*tiny_pair, device="cpu")
+    sizes = family.sizes
+    batch, outputs, runs, steps = None, [], [], 0
+    for wave in range(8):
+        n, prompt = sizes[wave % len(sizes)], PROMPTS[wave % len(PROMPTS)]
+        seqs, got = _collect([n], [prompt], [6])
+        newcomers = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+        newcomers.prefill()
+        if batch is None:
+            batch = newcomers
+        else:
+            batch.join(newcomers)  # every row left is live: the length is the longest one's context
+            assert batch.length == max(batch.span(row) for row in range(len(batch.sequences)))
+            assert batch.length <= max(len(p) for p in PROMPTS) + 6
+        outputs += got
+        runs.append((n, prompt))
+        for _ in range(4):
+            batch.step()
+            steps += 1
+        assert not batch.done
+    assert steps > batch.length  # without trimming it would hold every step since the first prompt
+    while not batch.done:
+        batch.step()
+    for (n, prompt), got in zip(runs, outputs):
+        alone, (want,) = _collect([n], [prompt], [6])
+        _run(DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0))
         assert got == want, (n, prompt)
 
 

@@ -1,0 +1,213 @@
+"""`boomerang bench --soak MINUTES`: mixed traffic against a real server while its resident memory is sampled.
+
+Concurrent clients send what an operator would see behind a load balancer: completions of random sizes and
+lengths (greedy and sampled, some with `n` > 1), streamed chats of which a fifth are dropped after a few chunks,
+prompt scoring (`echo` + `logprobs`, `max_tokens` 0) and bad input. The verdict: resident memory at the end
+within a tolerance of its level after the first minute (or of the soak's first quarter when it is shorter),
+no 5xx, no connection error, every bad input answered with a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+SAMPLE_EVERY_S = 5.0
+WORDS = ("the river ran past a house where an old king kept his bees and counted the summer days while "
+         "children sang about ships the sea and a clock that never struck twelve").split()
+CHAT_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
+                "Give me a tip for sleeping better.", "Explain what a prime number is.",
+                "Translate 'good morning' to Spanish.", "What should I cook tonight?")
+
+
+@dataclass
+class Tally:
+    """What the clients saw."""
+
+    ok: int = 0
+    dropped: int = 0  # streams the client closed on purpose
+    client_errors: int = 0  # 4xx to good requests (e.g. 429): counted, not a failure by themselves
+    bad_refused: int = 0  # bad input answered with a 4xx
+    bad_accepted: int = 0  # bad input answered otherwise: a failure
+    server_errors: int = 0
+    connection_errors: int = 0
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+
+    def latency(self, kind: str, seconds: float) -> None:
+        self.latencies.setdefault(kind, []).append(seconds)
+
+
+def rss_of(pid: int) -> int:
+    """Resident bytes of process `pid`, from /proc."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def _completion(rng: random.Random, models: list[str], prompt_words: tuple[int, int]) -> dict:
+    greedy = rng.random() < 0.5
+    body = {"model": rng.choice(models), "prompt": _prompt(rng, rng.randint(*prompt_words)),
+            "max_tokens": rng.randint(4, 48), "temperature": 0 if greedy else 0.8}
+    if not greedy and rng.random() < 0.3:
+        body["n"] = rng.randint(2, 3)
+    return body
+
+
+def _bad(rng: random.Random, models: list[str], context: int) -> dict | bytes:
+    """One of several kinds of bad input; each must be answered with a 4xx."""
+    model = rng.choice(models)
+    return rng.choice([
+        {"model": "no-such-model", "prompt": "hi", "max_tokens": 4},
+        {"model": model, "prompt": "hi", "max_tokens": -3},
+        {"model": model, "prompt": "", "max_tokens": 4},
+        {"model": model, "prompt": "hi", "max_tokens": 10 ** 7},
+        {"model": model, "prompt": [10 ** 9], "max_tokens": 4},
+        {"model": model, "prompt": "hi", "temperature": "hot"},
+        b'{"model": "broken json',
+    ])
+
+
+class Traffic:
+    def __init__(self, http: httpx.AsyncClient, models: list[str], rng: random.Random, tally: Tally,
+                 context: int, prompt_words: tuple[int, int]):
+        self.http, self.models, self.rng, self.tally = http, models, rng, tally
+        self.context, self.prompt_words = context, prompt_words
+
+    async def one(self) -> None:
+        kind = self.rng.choices(["completion", "chat", "score", "bad"], weights=[45, 30, 15, 10])[0]
+        start = time.perf_counter()
+        try:
+            await getattr(self, kind)()
+        except httpx.TransportError:
+            self.tally.connection_errors += 1
+            return
+        self.tally.latency(kind, time.perf_counter() - start)
+
+    def _count(self, response: httpx.Response) -> None:
+        if response.status_code >= 500:
+            self.tally.server_errors += 1
+        elif response.status_code >= 400:
+            self.tally.client_errors += 1
+        else:
+            self.tally.ok += 1
+
+    async def completion(self) -> None:
+        self._count(await self.http.post("/v1/completions", json=_completion(self.rng, self.models,
+                                                                            self.prompt_words)))
+
+    async def score(self) -> None:
+        body = {"model": self.rng.choice(self.models), "prompt": _prompt(self.rng, self.rng.randint(*self.prompt_words)),
+                "max_tokens": 0, "echo": True, "logprobs": 1}
+        self._count(await self.http.post("/v1/completions", json=body))
+
+    async def chat(self) -> None:
+        drop_after = self.rng.randint(1, 4) if self.rng.random() < 0.2 else None
+        body = {"model": self.rng.choice(self.models), "stream": True, "max_tokens": self.rng.randint(8, 48),
+                "temperature": self.rng.choice([0, 0.7]),
+                "messages": [{"role": "user", "content": self.rng.choice(CHAT_PROMPTS)}]}
+        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return self._count(response)
+            chunks = 0
+            async for line in response.aiter_lines():
+                chunks += line.startswith("data:")
+                if drop_after is not None and chunks >= drop_after:
+                    self.tally.dropped += 1
+                    return  # leaving the block closes the connection mid-stream
+        self._count(response)
+
+    async def bad(self) -> None:
+        body = _bad(self.rng, self.models, self.context)
+        if isinstance(body, bytes):
+            response = await self.http.post("/v1/completions", content=body,
+                                            headers={"content-type": "application/json"})
+        else:
+            response = await self.http.post("/v1/completions", json=body)
+        if 400 <= response.status_code < 500:
+            self.tally.bad_refused += 1
+        else:
+            self.tally.bad_accepted += 1
+            self.tally.server_errors += response.status_code >= 500
+
+
+async def _sample(pid: int, timeline: list[tuple[float, int]], start: float, end: float) -> None:
+    while (now := time.monotonic()) < end:
+        timeline.append((now - start, rss_of(pid)))
+        await asyncio.sleep(min(SAMPLE_EVERY_S, max(0.0, end - now)))
+    timeline.append((time.monotonic() - start, rss_of(pid)))
+
+
+async def _soak(url: str, pid: int, models: list[str], minutes: float, clients: int, context: int,
+                prompt_words: tuple[int, int], seed: int) -> tuple[Tally, list[tuple[float, int]], float]:
+    tally, timeline = Tally(), []
+    start = time.monotonic()
+    end = start + minutes * 60
+    limits = httpx.Limits(max_connections=clients * 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        async def client(index: int) -> None:
+            traffic = Traffic(http, models, random.Random(seed * 1000 + index), tally, context, prompt_words)
+            while time.monotonic() < end:
+                await traffic.one()
+
+        sampler = asyncio.create_task(_sample(pid, timeline, start, end))
+        await asyncio.gather(*[client(i) for i in range(clients)])
+        await sampler
+    return tally, timeline, time.monotonic() - start
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def verdict(timeline: list[tuple[float, int]], tally: Tally, tolerance: float) -> dict:
+    """Growth of resident memory from the reference point (one minute in, or a quarter of a shorter soak)
+    to the end, and whether the soak passed."""
+    total = timeline[-1][0]
+    reference_at = min(60.0, total / 4)
+    reference = next(rss for t, rss in timeline if t >= reference_at)
+    growth = timeline[-1][1] / reference - 1
+    checks = {"memory_flat": growth <= tolerance, "no_5xx": tally.server_errors == 0,
+              "no_connection_errors": tally.connection_errors == 0, "bad_input_4xx": tally.bad_accepted == 0,
+              "served_requests": tally.ok > 0}
+    return {"reference_s": reference_at, "rss_reference_mib": reference / 2 ** 20,
+            "rss_end_mib": timeline[-1][1] / 2 ** 20, "rss_peak_mib": max(r for _, r in timeline) / 2 ** 20,
+            "growth": growth, "tolerance": tolerance, "checks": checks, "passed": all(checks.values())}
+
+
+def run_soak(url: str, pid: int, models: list[str], minutes: float, clients: int = 8, context: int = 2048,
+             prompt_words: tuple[int, int] = (4, 60), seed: int = 0, tolerance: float = 0.05) -> dict:
+    """Soak the server at `url` (process `pid`) and report the RSS timeline, latencies and the verdict."""
+    tally, timeline, seconds = asyncio.run(_soak(url, pid, models, minutes, clients, context, prompt_words, seed))
+    latencies = {kind: {"count": len(v), "p50_s": statistics.median(v), "p99_s": _percentile(v, 0.99)}
+                 for kind, v in sorted(tally.latencies.items())}
+    counts = {name: getattr(tally, name) for name in ("ok", "dropped", "client_errors", "bad_refused",
+                                                       "bad_accepted", "server_errors", "connection_errors")}
+    return {"minutes": minutes, "clients": clients, "models": models, "seconds": seconds, "counts": counts,
+            "latency": latencies, "rss_timeline_mib": [(round(t, 1), round(r / 2 ** 20, 1)) for t, r in timeline],
+            "verdict": verdict(timeline, tally, tolerance)}
+
+
+def print_timeline(report: dict) -> None:
+    """The RSS timeline, one sample a line, then the verdict."""
+    for seconds, mib in report["rss_timeline_mib"]:
+        print(f"  {seconds:7.1f} s  {mib:8.1f} MiB")
+    v = report["verdict"]
+    print(f"RSS {v['rss_reference_mib']:.1f} MiB at {v['reference_s']:.0f} s -> {v['rss_end_mib']:.1f} MiB at the end "
+          f"({v['growth']:+.1%}, tolerance {v['tolerance']:+.0%}); peak {v['rss_peak_mib']:.1f} MiB")
+    print(f"requests: {report['counts']}")
+    for kind, row in report["latency"].items():
+        print(f"  {kind:10s} n={row['count']:5d}  p50 {row['p50_s']:.3f} s  p99 {row['p99_s']:.3f} s")
+    print("soak " + ("PASSED" if v["passed"] else f"FAILED: {[k for k, ok in v['checks'].items() if not ok]}"))

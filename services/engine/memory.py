@@ -1,0 +1,87 @@
+"""What the server may hold at most: the weights plus what the limits allow, as a formula, and the check at start.
+
+KV bytes per token per row = 2 (keys, values) x num_hidden_layers x num_key_value_heads x head_dim x dtype bytes,
+for the largest size (the teacher: every layer). With C = the context limit (prompt + completion) and
+R = max_batch_size:
+- batches that mix sizes hold at most R rows of at most 2C + 1 positions each (rows are right-aligned at the
+  longest one's context, so a short row's padding can reach C more), and a join holds the old buffers and the
+  new ones at once: KV <= 2 x R x (2C + 1) x bytes per token;
+- batches of one size (GPU, --mix-sizes false) hold at most max_concurrent rows, whose buffers double when full:
+  KV <= max_concurrent x 2 x 2C x bytes per token.
+One piece of work runs besides the KV at a time, the larger of a prefill of R prompts of C tokens (attention mask
+R x C^2 bytes, activations R x C x (4 hidden_size + 3 intermediate_size) x dtype bytes) and the scoring of one
+prompt of C tokens (its logits and one temporary of their size, 2 x C x vocab_size x dtype bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from services.errors import MemoryLimitError
+
+GIB = 2 ** 30
+
+
+def kv_bytes_per_token(config, item_bytes: int) -> int:
+    """Keys and values of one position of one row through every layer of the teacher."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * item_bytes
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    weights_bytes: int
+    kv_bytes: int  # the KV pool's budget on the mixed path
+    work_bytes: int  # one prefill or one scoring
+    kv_bytes_per_token: int
+    context: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.work_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def memory_bound(config, item_bytes: int, weights_bytes: int, context: int, max_batch_size: int,
+                 max_concurrent: int, mixed: bool) -> MemoryBound:
+    """The most the limits let the server hold (see the module's formula)."""
+    per_token = kv_bytes_per_token(config, item_bytes)
+    if mixed:
+        kv = 2 * max_batch_size * (2 * context + 1) * per_token
+    else:
+        kv = max_concurrent * 2 * 2 * context * per_token
+    prefill = max_batch_size * context * (context + (4 * config.hidden_size + 3 * config.intermediate_size)
+                                          * item_bytes)
+    scoring = 2 * context * config.vocab_size * item_bytes
+    return MemoryBound(weights_bytes, kv, max(prefill, scoring), per_token, context)
+
+
+def available_bytes() -> int | None:
+    """Memory this process may still take: the smaller of MemAvailable and the cgroup's room, if known."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        candidates.append(int(fields["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            if text != "max":
+                candidates.append(int(text) - int(used.read()))
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def check_fits(bound: MemoryBound, available: int | None) -> None:
+    """Refuses limits whose worst case exceeds the memory left (the weights are loaded already)."""
+    needed = bound.total_bytes - bound.weights_bytes
+    if available is not None and needed > available:
+        raise MemoryLimitError(
+            f"the limits need up to {needed / GIB:.1f} GiB beyond the weights (KV {bound.kv_bytes / GIB:.1f} GiB at "
+            f"{bound.context} tokens of context, {bound.work_bytes / GIB:.1f} GiB for one prefill or scoring) but "
+            f"{available / GIB:.1f} GiB is available; lower --max-total-tokens or --max-batch-size")

@@ -1,0 +1,47 @@
+"""The KV pool: blocks reused across takes, the budget respected, every byte accounted for."""
+
+import pytest
+import torch
+
+from services.engine.kv_pool import KVPool
+
+
+def test_a_given_back_block_is_reused_by_the_next_take_that_fits():
+    pool = KVPool(torch.float32)
+    first = pool.take((2, 3, 10, 4))
+    pointer = first.data_ptr()
+    pool.give([first])
+    again = pool.take((2, 3, 8, 4))  # smaller: the same block serves it
+    assert again.data_ptr() == pointer and again.shape == (2, 3, 8, 4)
+    assert pool.reserved_bytes == 2 * 3 * 10 * 4 * 4 and pool.in_use_bytes == pool.reserved_bytes
+    bigger = pool.take((2, 3, 20, 4))  # none free fits: a new block
+    assert bigger.data_ptr() != pointer
+    assert pool.reserved_bytes == (240 + 480) * 4
+    pool.give([again, bigger])
+    assert pool.in_use_bytes == 0 and pool.reserved_bytes == (240 + 480) * 4
+
+
+def test_the_smallest_free_block_that_fits_is_taken():
+    pool = KVPool(torch.float32)
+    blocks = [pool.take((n,)) for n in (100, 10, 50)]
+    pointers = {b.numel(): b.data_ptr() for b in blocks}
+    pool.give(blocks)
+    assert pool.take((40,)).data_ptr() == pointers[50]
+    assert pool.take((5,)).data_ptr() == pointers[10]
+
+
+def test_free_blocks_go_back_to_the_allocator_beyond_the_budget():
+    pool = KVPool(torch.float32, budget_bytes=4 * 1000)
+    small = pool.take((600,))
+    pool.give([small])
+    big = pool.take((900,))  # 600 free + 900 new would pass the budget: the free block is dropped first
+    assert pool.reserved_bytes == 900 * 4 and pool.in_use_bytes == 900 * 4
+    over = pool.take((500,))  # nothing free to drop: in-use blocks are never taken away
+    assert pool.reserved_bytes == 1400 * 4
+    pool.give([big, over])
+
+
+def test_giving_back_a_buffer_the_pool_never_gave_is_an_error():
+    pool = KVPool(torch.float32)
+    with pytest.raises(KeyError):
+        pool.give([torch.empty(4)])

@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import torch
 
 from services.bench.measure import (
@@ -19,6 +20,7 @@ from services.bench.measure import (
     speed_per_size,
 )
 from services.bench.served import ServerProcess, arrival_mid_batch, served_throughput
+from services.bench.soak import print_timeline, run_soak
 from services.family import load_family
 
 GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
@@ -33,6 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="three sizes, short runs (under 2 minutes)")
     parser.add_argument("--no-served", action="store_true", help="skip the HTTP throughput part")
+    parser.add_argument("--soak", type=float, metavar="MINUTES",
+                        help="only a soak: mixed traffic on every size while the server's memory is sampled; "
+                             "exit 1 if memory grows or a request fails")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak")
+    parser.add_argument("--context", type=int, help="soak: serve with this context limit and send prompts near it")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (every figure is recorded beside it)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sizes(all_sizes: list[int], quick: bool) -> list[int]:
@@ -41,6 +60,8 @@ def _sizes(all_sizes: list[int], quick: bool) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.soak is not None:
+        return _soak(args)
     started = time.perf_counter()
     rss0 = rss_bytes()
     load_start = time.perf_counter()
@@ -53,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     del references
     bandwidth = bandwidth_bound(family, speed, rounds=3 if args.quick else 9)
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
-              "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+              "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
                           "device": str(family.device), "dtype": str(family.dtype),
                           "bandwidth_gbs": bandwidth},
               "settings": {"quick": args.quick, "decode_steps": steps, "batch_sizes": batches, "sizes": sizes},
@@ -70,12 +91,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _served(args, family, sizes) -> dict:
-    serve_args = ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", "--batch-wait-ms", "10"]
+def _pair_args(args: argparse.Namespace) -> list[str]:
     if args.teacher:
-        serve_args += ["--teacher", args.teacher, "--student", args.student]
-    elif args.pair:
-        serve_args += ["--pair", args.pair]
+        return ["--teacher", args.teacher, "--student", args.student]
+    return ["--pair", args.pair] if args.pair else []
+
+
+def _soak(args: argparse.Namespace) -> int:
+    serve_args = ["--device", "cpu", *_pair_args(args)]
+    prompt_words = (4, 60)
+    if args.context:  # prompts near the limit, leaving room for the longest completion the soak asks for
+        serve_args += ["--max-total-tokens", str(args.context)]
+        prompt_words = (args.context * 2 // 3, args.context - 64)
+    with ServerProcess(serve_args) as server:
+        models = [card["id"] for card in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]]
+        report = run_soak(server.url, server.process.pid, models, args.soak, args.clients, prompt_words)
+    report["machine"] = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
+    report["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"soak of {args.soak:g} min, {args.clients} clients, {len(models)} sizes, on {cpu_model()}:")
+    print_timeline(report)
+    return 0 if report["verdict"]["passed"] else 1
+
+
+def _served(args, family, sizes) -> dict:
+    serve_args = ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", "--batch-wait-ms", "10",
+                  *_pair_args(args)]
     ids = [family.model_id(n) for n in sizes]
     requests, tokens = (16, 8) if args.quick else (48, 32)
     long_tokens, short_tokens = (64, 8) if args.quick else (256, 16)

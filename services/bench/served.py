@@ -8,6 +8,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -28,12 +29,14 @@ class ServerProcess:
         self.args = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *serve_args]
 
     def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # a file, not a pipe: nobody reads the log while the server runs, and a full pipe would stall it
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()[-500:]}")
+                raise RuntimeError(f"server exited: {self.log_tail()}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return self
@@ -42,9 +45,14 @@ class ServerProcess:
             time.sleep(0.2)
         raise RuntimeError("server did not become ready")
 
+    def log_tail(self, chars: int = 500) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-chars:]
+
     def __exit__(self, *exc) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
+        self.log.close()
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:

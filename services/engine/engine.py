@@ -208,7 +208,7 @@ class InferenceEngine:
         return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,
                 "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes(),
                 "kv_bytes_reserved": self.kv_pool.reserved_bytes, "kv_bytes_in_use": self.kv_pool.in_use_bytes,
-                "memory_bound_bytes": self.memory_bound.total_bytes}
+                "memory_bound_bytes": self.memory_bound.total_bytes, "weights_bytes": self.memory_bound.weights_bytes}
 
     def close(self) -> None:
         self.scheduler.stop()

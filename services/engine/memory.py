@@ -48,10 +48,8 @@ def memory_bound(config, item_bytes: int, weights_bytes: int, context: int, max_
                  max_concurrent: int, mixed: bool) -> MemoryBound:
     """The most the limits let the server hold (see the module's formula)."""
     per_token = kv_bytes_per_token(config, item_bytes)
-    if mixed:
-        kv = 2 * max_batch_size * (2 * context + 1) * per_token
-    else:
-        kv = max_concurrent * 2 * 2 * context * per_token
+    rows_positions = 2 * max_batch_size * (2 * context + 1) if mixed else max_concurrent * 2 * 2 * context
+    kv = rows_positions * per_token
     prefill = max_batch_size * context * (context + (4 * config.hidden_size + 3 * config.intermediate_size)
                                           * item_bytes)
     scoring = 2 * context * config.vocab_size * item_bytes

@@ -28,8 +28,10 @@ system-deps:
 lint: install
 	$(BIN)/ruff check app services tests
 
-test: install system-deps lint
+# the soak: two minutes of mixed traffic on every size of the default pair; fails if memory grows
+test: install system-deps lint import-teacher
 	$(BIN)/python -m pytest
+	$(BIN)/boomerang bench --soak 2 --out runs/soak
 
 import-teacher: install
 	$(BIN)/boomerang import-teacher

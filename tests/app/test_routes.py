@@ -111,6 +111,16 @@ def test_metrics_are_labelled_by_size(make_server):
     assert "boomerang_time_to_first_token_seconds_bucket" in text and "boomerang_queue_depth" in text
 
 
+def test_metrics_show_memory_before_the_oom_killer_does(make_server):
+    live, _ = make_server()
+    text = httpx.get(live.url + "/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines["process_resident_memory_bytes"]) > 0  # the process collector
+    assert float(lines["boomerang_kv_bytes_reserved"]) == 4096.0 and float(lines["boomerang_kv_bytes_in_use"]) == 1024.0
+    assert float(lines["boomerang_memory_bound_bytes"]) == 1e9 and float(lines["boomerang_weights_bytes"]) == 1e8
+    assert "boomerang_running" in lines and "boomerang_queue_depth" in lines
+
+
 def test_tokenize_detokenize_and_native_generate(make_server):
     live, _ = make_server()
     tokens = httpx.post(live.url + "/tokenize", json={"text": "abc"}).json()

@@ -67,3 +67,10 @@ def test_sha256_mismatch_in_a_store_pair_exits_2(llama_pair, tmp_path):
     assert result.returncode == 2
     assert any("does not match the manifest" in line for line in result.stderr.splitlines())
     assert "Traceback" not in result.stderr
+
+
+def test_limits_that_would_exceed_the_machine_are_refused_at_start(llama_pair):
+    result = _serve("--teacher", str(llama_pair[0]), "--student", str(llama_pair[1]), "--max-batch-size", "10000000")
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert any("the limits need up to" in line and "GiB" in line for line in result.stderr.splitlines())
+    assert "Traceback" not in result.stderr

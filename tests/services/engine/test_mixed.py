@@ -1,6 +1,8 @@
 """Batches that mix sizes: the same tokens as one batch per size, through one shared decode step."""
 
 import asyncio
+import random
+import time
 
 import pytest
 import torch
@@ -242,3 +244,34 @@ def test_branches_only_finished_rows_take_are_not_run(tiny_pair):
     while not batch.done:
         batch.step()  # the small row finishes after its first step; the large one takes 7
     assert {(rows, count) for rows, count in calls} == {((0,), 1), ((1,), 7)}  # the two sizes share no branch
+
+
+def test_kv_buffers_are_reused_across_batches_and_all_given_back(llama_pair):
+    """Waves of staggered requests of random sizes: every buffer goes back to the pool when its batch ends
+    or joins another, and what the pool keeps stays within the limits' KV bound."""
+    family = load_family(*llama_pair, device="cpu", name="tiny")
+    engine = InferenceEngine(family, EngineLimits(max_batch_size=4, batch_wait_ms=2))
+    rng = random.Random(0)
+
+    async def client(delay: float) -> None:
+        await asyncio.sleep(delay)
+        params = SamplingParams(max_tokens=rng.randint(2, 30), temperature=rng.choice([0, 0.8]), ignore_eos=True)
+        async for _ in engine.generate(rng.choice(family.sizes), rng.choice(PROMPTS), params):
+            pass
+
+    async def wave() -> None:
+        await asyncio.gather(*[client(rng.random() * 0.05) for _ in range(10)])
+
+    try:
+        reserved = []
+        for _ in range(4):
+            asyncio.run(wave())
+            deadline = time.monotonic() + 5
+            while engine.scheduler.active and time.monotonic() < deadline:  # the last step's batch leaving
+                time.sleep(0.01)
+            assert engine.kv_pool.in_use_bytes == 0
+            reserved.append(engine.kv_pool.reserved_bytes)
+        assert 0 < max(reserved) <= engine.memory_bound.kv_bytes
+        assert engine.stats()["kv_bytes_reserved"] == reserved[-1]
+    finally:
+        engine.close()

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-MEMORY_GAUGES = {"kv_bytes_reserved": "KV cache bytes the engine holds for batches (in use or kept for reuse)",
-                 "kv_bytes_in_use": "KV cache bytes held by running batches",
+MEMORY_GAUGES = {"kv_reserved_bytes": "KV cache bytes the engine holds for batches (in use or kept for reuse)",
+                 "kv_in_use_bytes": "KV cache bytes held by running batches",
                  "weights_bytes": "Bytes of the teacher's and the student's distinct tensors",
                  "memory_bound_bytes": "Most the limits let the server hold: weights, KV and one prefill or scoring"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -14,8 +14,6 @@ embedding) stay shared, and one mapping wastes at most one page.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
 import gc
 import logging
 import mmap
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from services.heap import libc, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,13 @@ def huge_pages_available() -> bool:
         return False
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """The C library (Linux here: the THP setting exists), for madvise and malloc_trim."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
 def _advised_mapping(nbytes: int) -> tuple[mmap.mmap, int] | None:
     """An anonymous mapping with `nbytes` from its first 2 MiB boundary on, advised for huge pages, and that
     boundary's offset; None where madvise refuses."""
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     start = -address % HUGE_PAGE
-    if _libc().madvise(address + start, nbytes, MADV_HUGEPAGE) != 0:
+    if libc().madvise(address + start, nbytes, MADV_HUGEPAGE) != 0:
         mapping.close()
         return None
     return mapping, start
@@ -102,5 +94,4 @@ def _release_freed_memory() -> None:
     """Hands the heap memory the old copies held back to the system (glibc keeps freed blocks that are
     not at the top of its heap, and the loaded weights were)."""
     gc.collect()  # the old tensors may still sit in reference cycles (the loader's)
-    if hasattr(_libc(), "malloc_trim"):  # glibc
-        _libc().malloc_trim(0)
+    trim_heap()

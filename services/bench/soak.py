@@ -145,11 +145,21 @@ class Traffic:
             self.tally.server_errors += response.status_code >= 500
 
 
-async def _sample(pid: int, timeline: list[tuple[float, int]], start: float, end: float) -> None:
-    while (now := time.monotonic()) < end:
-        timeline.append((now - start, rss_of(pid)))
+def _gauges(text: str) -> dict[str, float]:
+    """The `boomerang_*_bytes` gauges of a `/metrics` page."""
+    return {name: float(value) for name, value in re.findall(r"^(boomerang_\w+_bytes) (\S+)$", text, re.M)}
+
+
+async def _sample(http: httpx.AsyncClient, pid: int, timeline: list[tuple[float, int, float]], start: float,
+                  end: float) -> None:
+    """(seconds, resident bytes, KV bytes reserved) every few seconds until `end`, and once at it."""
+    while True:
+        now = time.monotonic()
+        gauges = _gauges((await http.get("/metrics")).text)
+        timeline.append((now - start, rss_of(pid), gauges.get("boomerang_kv_reserved_bytes", 0.0)))
+        if now >= end:
+            return
         await asyncio.sleep(min(SAMPLE_EVERY_S, max(0.0, end - now)))
-    timeline.append((time.monotonic() - start, rss_of(pid)))
 
 
 async def _soak(url: str, pid: int, models: list[str], minutes: float, clients: int,
@@ -164,7 +174,7 @@ async def _soak(url: str, pid: int, models: list[str], minutes: float, clients: 
             while time.monotonic() < end:
                 await traffic.one()
 
-        sampler = asyncio.create_task(_sample(pid, timeline, start, end))
+        sampler = asyncio.create_task(_sample(http, pid, timeline, start, end))
         await asyncio.gather(*[client(i) for i in range(clients)])
         await sampler
     return tally, timeline, time.monotonic() - start
@@ -178,21 +188,20 @@ def _percentile(values: list[float], q: float) -> float:
 def server_bound(url: str, pid: int) -> dict:
     """The most the server may hold by its own formula (`/metrics`): its resident memory now, with the weights
     loaded, plus the KV and work bytes its limits allow."""
-    text = httpx.get(url + "/metrics", timeout=30).text
-    gauges = {name: float(value) for name, value in re.findall(r"^(boomerang_\w+_bytes) (\S+)$", text, re.M)}
+    gauges = _gauges(httpx.get(url + "/metrics", timeout=30).text)
     rss = rss_of(pid)
     extra = gauges["boomerang_memory_bound_bytes"] - gauges["boomerang_weights_bytes"]
     return {"rss_ready_mib": rss / 2 ** 20, "limits_allow_mib": extra / 2 ** 20, "bound_mib": (rss + extra) / 2 ** 20}
 
 
-def verdict(timeline: list[tuple[float, int]], tally: Tally, tolerance: float, bound_mib: float) -> dict:
+def verdict(timeline: list[tuple[float, int, float]], tally: Tally, tolerance: float, bound_mib: float) -> dict:
     """Growth of resident memory from the reference point (one minute in, or half of a shorter soak) to the
     end, and whether the soak passed."""
     total = timeline[-1][0]
     reference_at = min(60.0, total / 2)
-    reference = next(rss for t, rss in timeline if t >= reference_at)
+    reference = next(rss for t, rss, _ in timeline if t >= reference_at)
     growth = timeline[-1][1] / reference - 1
-    peak = max(r for _, r in timeline) / 2 ** 20
+    peak = max(rss for _, rss, _ in timeline) / 2 ** 20
     checks = {"memory_flat": growth <= tolerance, "under_bound": peak <= bound_mib, "no_5xx": tally.server_errors == 0,
               "no_connection_errors": tally.connection_errors == 0, "bad_input_4xx": tally.bad_accepted == 0,
               "served_requests": tally.ok > 0}
@@ -212,14 +221,14 @@ def run_soak(url: str, pid: int, models: list[str], minutes: float, clients: int
                                                        "bad_accepted", "server_errors", "connection_errors")}
     return {"minutes": minutes, "clients": clients, "models": models, "prompt_words": prompt_words,
             "seconds": seconds, "counts": counts, "latency": latencies, "bound": bound,
-            "rss_timeline_mib": [(round(t, 1), round(r / 2 ** 20, 1)) for t, r in timeline],
+            "timeline_mib": [(round(t, 1), round(rss / 2 ** 20, 1), round(kv / 2 ** 20, 1)) for t, rss, kv in timeline],
             "verdict": verdict(timeline, tally, tolerance, bound["bound_mib"])}
 
 
 def print_timeline(report: dict) -> None:
-    """The RSS timeline, one sample a line, then the verdict."""
-    for seconds, mib in report["rss_timeline_mib"]:
-        print(f"  {seconds:7.1f} s  {mib:8.1f} MiB")
+    """The timeline, one sample a line (resident memory, KV reserved), then the verdict."""
+    for seconds, rss, kv in report["timeline_mib"]:
+        print(f"  {seconds:7.1f} s  RSS {rss:8.1f} MiB  KV reserved {kv:7.1f} MiB")
     v = report["verdict"]
     print(f"RSS {v['rss_reference_mib']:.1f} MiB at {v['reference_s']:.0f} s -> {v['rss_end_mib']:.1f} MiB at the end "
           f"({v['growth']:+.1%}, tolerance {v['tolerance']:+.0%}); peak {v['rss_peak_mib']:.1f} MiB, "

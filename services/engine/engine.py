@@ -15,9 +15,11 @@ from services.engine.interface import GREEDY_STEPS, ModelCard, SamplingParams, S
 from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.mixed import MixedBatch, mixable
-from services.engine.scheduler import Scheduler, SchedulerLimits
+from services.engine.scheduler import Housekeeping, Scheduler, SchedulerLimits
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
+from services.fused_decode import fused_decoder
+from services.heap import trim_heap
 
 MIXED = "mixed"  # the scheduler key of batches that mix sizes
 
@@ -51,12 +53,20 @@ class InferenceEngine:
         self.memory_bound = self._memory_bound()
         check_fits(self.memory_bound, available_bytes())
         self.kv_pool = KVPool(family.dtype, self.memory_bound.kv_bytes, family.device)
+        self._warm_up()
         self._in_flight = 0
         self._lock = threading.Lock()
+        on_cpu = family.device.type == "cpu"  # the heap that holds the tensors is the C library's
         self.scheduler = Scheduler(self._make_batch, SchedulerLimits(
             max_running=limits.max_concurrent, max_batch_size=limits.max_batch_size,
-            batch_wait_s=limits.batch_wait_ms / 1000), on_batch)
+            batch_wait_s=limits.batch_wait_ms / 1000), on_batch, Housekeeping(trim_heap) if on_cpu else None)
         self.scheduler.start()
+
+    def _warm_up(self) -> None:
+        """Assembles the sizes the variant cache holds, with their native decoders, before the first request:
+        what they allocate is there at start, not a minute into traffic."""
+        for n in self.family.sizes[-self.family.cache_size:]:
+            fused_decoder(self.family.variant(n))
 
     def _memory_bound(self):
         config, family = self.family.teacher.config, self.family
@@ -207,7 +217,7 @@ class InferenceEngine:
     def stats(self) -> dict:
         return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,
                 "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes(),
-                "kv_bytes_reserved": self.kv_pool.reserved_bytes, "kv_bytes_in_use": self.kv_pool.in_use_bytes,
+                "kv_reserved_bytes": self.kv_pool.reserved_bytes, "kv_in_use_bytes": self.kv_pool.in_use_bytes,
                 "memory_bound_bytes": self.memory_bound.total_bytes, "weights_bytes": self.memory_bound.weights_bytes}
 
     def close(self) -> None:

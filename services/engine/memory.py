@@ -3,9 +3,9 @@
 KV bytes per token per row = 2 (keys, values) x num_hidden_layers x num_key_value_heads x head_dim x dtype bytes,
 for the largest size (the teacher: every layer). With C = the context limit (prompt + completion) and
 R = max_batch_size:
-- batches that mix sizes hold at most R rows of at most 2C + 1 positions each (rows are right-aligned at the
-  longest one's context, so a short row's padding can reach C more), and a join holds the old buffers and the
-  new ones at once: KV <= 2 x R x (2C + 1) x bytes per token;
+- batches that mix sizes hold at most R rows of at most 2C + G positions each (rows are right-aligned at the
+  longest one's context, so a short row's padding can reach C more; capacities come in granules of G = 64
+  positions), and a join holds the old buffers and the new ones at once: KV <= 2 x R x (2C + G) x bytes per token;
 - batches of one size (GPU, --mix-sizes false) hold at most max_concurrent rows, whose buffers double when full:
   KV <= max_concurrent x 2 x 2C x bytes per token.
 One piece of work runs besides the KV at a time, the larger of a prefill of R prompts of C tokens (attention mask
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from services.errors import MemoryLimitError
+from services.kv_buffer import MIN_CAPACITY
 
 GIB = 2 ** 30
 
@@ -48,7 +49,7 @@ def memory_bound(config, item_bytes: int, weights_bytes: int, context: int, max_
                  max_concurrent: int, mixed: bool) -> MemoryBound:
     """The most the limits let the server hold (see the module's formula)."""
     per_token = kv_bytes_per_token(config, item_bytes)
-    rows_positions = 2 * max_batch_size * (2 * context + 1) if mixed else max_concurrent * 2 * 2 * context
+    rows_positions = 2 * max_batch_size * (2 * context + MIN_CAPACITY) if mixed else max_concurrent * 2 * 2 * context
     kv = rows_positions * per_token
     prefill = max_batch_size * context * (context + (4 * config.hidden_size + 3 * config.intermediate_size)
                                           * item_bytes)

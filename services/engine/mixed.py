@@ -38,6 +38,11 @@ class _Group:
     values: list[torch.Tensor]
 
 
+def _granular(capacity: int) -> int:
+    """Capacities in whole granules: buffers come in few shapes, so blocks given back fit the next batches."""
+    return -(-capacity // MIN_CAPACITY) * MIN_CAPACITY
+
+
 def _give_back(pool: KVPool, groups: list[list[_Group]]) -> None:
     pool.give(buffer for branches in groups for group in branches for buffer in (*group.keys, *group.values))
 
@@ -93,6 +98,14 @@ class MixedBatch(DecodeBatch):
     def _rows(self, predicate) -> torch.Tensor:
         return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long)
 
+    def _stack(self, modules: list[torch.nn.Module]):
+        """The kernel's stack over these layers, made once per family and branch (not once per batch)."""
+        stacks = self.family.__dict__.setdefault("_boomerang_layer_stacks", {})
+        key = tuple(id(module) for module in modules)  # the pair's own layers: they live as long as the family
+        if key not in stacks:
+            stacks[key] = layer_stack(self.kernel, modules, self.family.teacher.config)
+        return stacks[key]
+
     def _layer(self, source: str, index: int):
         return get_path(self.sources[source], self.family.spec.layers)[index]
 
@@ -122,7 +135,7 @@ class MixedBatch(DecodeBatch):
         """Per block and branch: its rows, layers (modules and the kernel's stack) and empty KV buffers."""
         choices = {n: block_choices(self.family.layout, self.family.plan(n)) for n in set(self.sizes)}
         config = self.family.teacher.config
-        shape = (config.num_key_value_heads, capacity, getattr(config, "head_dim", None)
+        shape = (config.num_key_value_heads, _granular(capacity), getattr(config, "head_dim", None)
                  or config.hidden_size // config.num_attention_heads)
         for block, teacher_layers in enumerate(self.family.layout.blocks):
             branches = []
@@ -134,8 +147,7 @@ class MixedBatch(DecodeBatch):
                 modules = [self._layer(*ref) for ref in refs]
                 rows = self._rows(lambda m, sizes=sizes: m in sizes)
                 buffers = [self.pool.take((len(rows), *shape)) for _ in range(2 * len(refs))]
-                branches.append(_Group(rows, modules, layer_stack(self.kernel, modules, config),
-                                       buffers[::2], buffers[1::2]))
+                branches.append(_Group(rows, modules, self._stack(modules), buffers[::2], buffers[1::2]))
             self.groups.append(branches)
 
     @torch.inference_mode()
@@ -250,7 +262,7 @@ class MixedBatch(DecodeBatch):
                 capacity = group.keys[0].shape[2]
                 if self.length < capacity:
                     continue
-                grown_capacity = max(capacity + 1, min(2 * capacity, self.length + remaining + 1))
+                grown_capacity = _granular(max(capacity + 1, min(2 * capacity, self.length + remaining + 1)))
                 for buffers in (group.keys, group.values):
                     for i, old in enumerate(buffers):
                         grown = self.pool.take((*old.shape[:2], grown_capacity, old.shape[-1]))

@@ -34,6 +34,14 @@ class SchedulerLimits:
     batch_wait_s: float = 0.005
 
 
+@dataclass(frozen=True)
+class Housekeeping:
+    """Work run between steps at most every `every_s` seconds (handing freed heap memory back)."""
+
+    run: Callable[[], object]
+    every_s: float = 5.0
+
+
 @dataclass
 class _Job:
     """A piece of torch work that is not a decode (scoring): run once, between decode steps."""
@@ -43,8 +51,9 @@ class _Job:
 
 class Scheduler:
     def __init__(self, make_batch: Callable[[int | str, list[Sequence]], DecodeBatch], limits: SchedulerLimits,
-                 on_batch: Callable[[int | str, int], None] | None = None):
+                 on_batch: Callable[[int | str, int], None] | None = None, housekeeping: Housekeeping | None = None):
         self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
+        self.housekeeping, self.last_housekeeping = housekeeping, time.monotonic()
         self.waiting: OrderedDict[int | str, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
         self.active: list[tuple[int | str, DecodeBatch]] = []
@@ -93,6 +102,13 @@ class Scheduler:
                 job.run()
             self._admit()
             self._step_all()
+            self._keep_house()
+
+    def _keep_house(self) -> None:
+        if self.housekeeping is None or time.monotonic() - self.last_housekeeping < self.housekeeping.every_s:
+            return
+        self.housekeeping.run()
+        self.last_housekeeping = time.monotonic()
 
     def _joinable(self, key: int | str) -> DecodeBatch | None:
         """The key's running batch that new requests may join between steps, if any."""

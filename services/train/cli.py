@@ -88,15 +88,20 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, help="or stop after the round that passes this budget")
     parser.add_argument("--device")
     parser.add_argument("--resume", action="store_true", help="continue an existing file with the next round")
+    parser.add_argument("--chat", action="store_true",
+                        help="conversations in the teacher's chat template (it writes the user turns too) instead "
+                             "of samples from its start token; --max-new-tokens bounds each answer")
 
 
 def run_synth(args: argparse.Namespace) -> int:
     """`boomerang synth` (its errors become one line and exit code 2 in `services.cli.main`)."""
+    from services.train.chat_synth import synthesize_chats
+
     config = SynthConfig(teacher=teacher_folder(args.teacher), out=args.out, tokens=args.tokens,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, seed=args.seed, max_minutes=args.max_minutes,
                          device=args.device, resume=args.resume)
-    print(json.dumps(synthesize(config)))
+    print(json.dumps((synthesize_chats if args.chat else synthesize)(config)))
     return 0
 
 

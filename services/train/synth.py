@@ -35,7 +35,12 @@ class SynthConfig:
     resume: bool = False
 
 
-def _done_so_far(path: Path, config: SynthConfig) -> tuple[int, int]:
+def check_config(config: SynthConfig) -> None:
+    if config.tokens < 1 or config.batch_size < 1 or config.max_new_tokens < MIN_SAMPLE_TOKENS:
+        raise TrainingConfigError(f"need --tokens >= 1, --batch-size >= 1, --max-new-tokens >= {MIN_SAMPLE_TOKENS}")
+
+
+def done_so_far(path: Path, config: SynthConfig) -> tuple[int, int]:
     """(rounds, tokens) already in the file; refuses to touch one that is not being resumed."""
     if not path.exists():
         return 0, 0
@@ -69,17 +74,16 @@ def sample_round(model, tokenizer, config: SynthConfig, round_index: int) -> tor
 
 def synthesize(config: SynthConfig) -> dict:
     """Write rounds of samples until the token or time budget is met; returns a summary."""
-    if config.tokens < 1 or config.batch_size < 1 or config.max_new_tokens < MIN_SAMPLE_TOKENS:
-        raise TrainingConfigError(f"need --tokens >= 1, --batch-size >= 1, --max-new-tokens >= {MIN_SAMPLE_TOKENS}")
+    check_config(config)
     path = Path(config.out)
-    rounds, tokens = _done_so_far(path, config)
+    rounds, tokens = done_so_far(path, config)
     device = config.device or default_device()
     tokenizer = load_tokenizer(config.teacher)
     model = load_model(config.teacher, parse_dtype("auto", device), device)
     end_ids = set(tokenizer.all_special_ids)  # a sample ends at the first special token it writes
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    while tokens < config.tokens and not _out_of_time(config, start):
+    while tokens < config.tokens and not out_of_time(config, start):
         with torch.no_grad():
             kept = _texts(sample_round(model, tokenizer, config, rounds), end_ids, tokenizer)
         with open(path, "a", encoding="utf-8") as handle:
@@ -92,5 +96,5 @@ def synthesize(config: SynthConfig) -> dict:
     return {"rounds": rounds, "tokens": tokens, "seconds": round(time.monotonic() - start, 1), "out": str(path)}
 
 
-def _out_of_time(config: SynthConfig, start: float) -> bool:
+def out_of_time(config: SynthConfig, start: float) -> bool:
     return config.max_minutes is not None and time.monotonic() - start >= config.max_minutes * 60

@@ -57,8 +57,8 @@ class FakeEngine:
                            (None, *[-1.0] * (len(prompt_ids) - 1)))
 
     def stats(self) -> dict:
-        return {"in_flight": self.in_flight, "waiting": 0, "running": self.in_flight, "kv_bytes_reserved": 4096,
-                "kv_bytes_in_use": 1024, "memory_bound_bytes": 10 ** 9, "weights_bytes": 10 ** 8}
+        return {"in_flight": self.in_flight, "waiting": 0, "running": self.in_flight, "kv_reserved_bytes": 4096,
+                "kv_in_use_bytes": 1024, "memory_bound_bytes": 10 ** 9, "weights_bytes": 10 ** 8}
 
     def close(self) -> None:
         self.closed = True

@@ -116,7 +116,7 @@ def test_metrics_show_memory_before_the_oom_killer_does(make_server):
     text = httpx.get(live.url + "/metrics").text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert float(lines["process_resident_memory_bytes"]) > 0  # the process collector
-    assert float(lines["boomerang_kv_bytes_reserved"]) == 4096.0 and float(lines["boomerang_kv_bytes_in_use"]) == 1024.0
+    assert float(lines["boomerang_kv_reserved_bytes"]) == 4096.0 and float(lines["boomerang_kv_in_use_bytes"]) == 1024.0
     assert float(lines["boomerang_memory_bound_bytes"]) == 1e9 and float(lines["boomerang_weights_bytes"]) == 1e8
     assert "boomerang_running" in lines and "boomerang_queue_depth" in lines
 

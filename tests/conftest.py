@@ -48,8 +48,8 @@ def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02) -
     import torch
     from transformers import AutoModelForCausalLM
 
-    from services.plan import layout_from_rule
-    from services.train.student_init import init_student, save_student
+    from services.family.plan import layout_from_rule
+    from services.family.student_init import init_student, save_student
 
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)

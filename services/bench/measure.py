@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import torch
 
+from services.cpu.fast_linear import disable_fast_linear
+from services.cpu.kernels.gemv import load_stream_sum
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.interface import SamplingParams
 from services.family import Family
-from services.fast_linear import disable_fast_linear
-from services.kernels.gemv import load_stream_sum
-from services.plan import order_to_json
-from services.reference import build_reference
+from services.family.plan import order_to_json
+from services.family.reference import build_reference
 
 
 def rss_bytes() -> int:

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.compat import cache_argument_name
 from services.engine.detokenize import TextTracker
+from services.engine.fused_decode import fused_decoder
 from services.engine.interface import GREEDY_STEPS, SamplingParams, StreamDelta, TokenLogprob
 from services.engine.sampling import choose_token, is_greedy, make_generator
-from services.fused_decode import fused_decoder
+from services.family.compat import cache_argument_name
 
 
 @dataclass

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from services.cpu.heap import trim_heap
 from services.engine.batch import DecodeBatch, Sequence
+from services.engine.fused_decode import fused_decoder
 from services.engine.interface import GREEDY_STEPS, ModelCard, SamplingParams, ScoreResult, StreamDelta
 from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
@@ -18,8 +20,6 @@ from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import Housekeeping, Scheduler, SchedulerLimits
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
-from services.fused_decode import fused_decoder
-from services.heap import trim_heap
 
 MIXED = "mixed"  # the scheduler key of batches that mix sizes
 

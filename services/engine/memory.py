@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from services.errors import MemoryLimitError
-from services.kv_buffer import MIN_CAPACITY
+from services.family.kv_buffer import MIN_CAPACITY
 
 GIB = 2 ** 30
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from services.architectures import get_path
-from services.compat import cache_argument_name
+from services.cpu.kernels.decoder_step import load_decoder_step
+from services.cpu.rotary_table import rotary_lookup
 from services.engine.batch import DecodeBatch, Sequence
+from services.engine.fused_decode import fused_decoder, layer_stack
 from services.engine.kv_pool import KVPool
 from services.family import Family
-from services.fused_decode import fused_decoder, layer_stack
-from services.kernels.decoder_step import load_decoder_step
-from services.kv_buffer import MIN_CAPACITY
-from services.plan import STUDENT, TEACHER, block_choices
-from services.rotary_table import rotary_lookup
+from services.family.architectures import get_path
+from services.family.compat import cache_argument_name
+from services.family.kv_buffer import MIN_CAPACITY
+from services.family.plan import STUDENT, TEACHER, block_choices
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from services.eval.curve import perplexity
 from services.family import Family
-from services.plan import patch_sequence, plan_from_patched
+from services.family.plan import patch_sequence, plan_from_patched
 
 
 @dataclass(frozen=True)

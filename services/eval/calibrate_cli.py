@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from services.corpora import build_data
 from services.errors import InvalidRequestError
 from services.eval.calibrate import calibrate_order
 from services.family import load_family
 from services.store import DEFAULT_PAIR, MANIFEST
-from services.train.data import build_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

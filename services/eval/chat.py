@@ -11,8 +11,11 @@ training conversations' user turns are written by the teacher itself). Per size:
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -120,39 +123,59 @@ def default_system_prompt(tokenizer) -> str:
     return match.group(1).strip() if match else ""
 
 
+@dataclass(frozen=True)
+class ChatPrompts:
+    """Prompts as a size receives them, with what reading its answers needs."""
+
+    questions: tuple[str, ...]
+    ids: list[list[int]]  # each question in the chat template, up to the assistant's turn
+    end_ids: set[int]
+    pad_id: int
+    system: str  # the template's default system prompt
+
+    @classmethod
+    def of(cls, tokenizer, questions: tuple[str, ...]) -> ChatPrompts:
+        end_ids = {i for i in (tokenizer.eos_token_id, *tokenizer.all_special_ids) if i is not None}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
+        return cls(questions, [_ids(tokenizer, prompt_text(tokenizer, q)) for q in questions], end_ids, pad,
+                   default_system_prompt(tokenizer))
+
+
+def answer(model: nn.Module, tokenizer, prompts: ChatPrompts, max_new_tokens: int):
+    """Greedy answers (token ids), their text, and what is degenerate about each (None: a real answer)."""
+    answers = greedy_answers(model, tokenizer, prompts.ids, max_new_tokens, prompts.end_ids)
+    texts = [tokenizer.decode(a) for a in answers]
+    return answers, texts, [degenerate(t, q, prompts.system) for t, q in zip(texts, prompts.questions)]
+
+
 def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, ...] = CHAT_PROMPTS,
                   sizes: list[int] | None = None, progress: bool = True) -> dict:
     """Chat quality of every size (or `sizes`) against the teacher's own answers."""
     from tqdm import tqdm
 
     tokenizer = family.tokenizer
-    end_ids = {i for i in (tokenizer.eos_token_id, *tokenizer.all_special_ids) if i is not None}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
-    system = default_system_prompt(tokenizer)
-    prompt_ids = [_ids(tokenizer, prompt_text(tokenizer, q)) for q in prompts]
-    teacher = family.variant(max(family.sizes))
-    reference = greedy_answers(teacher, tokenizer, prompt_ids, max_new_tokens, end_ids)
-    scored = [(p, a) for p, a in zip(prompt_ids, reference) if a]
+    chat = ChatPrompts.of(tokenizer, prompts)
+    reference, _, _ = answer(family.variant(max(family.sizes)), tokenizer, chat, max_new_tokens)
+    scored = [(p, a) for p, a in zip(chat.ids, reference) if a]
     choices = [(_ids(tokenizer, prompt_text(tokenizer, q)), [_ids(tokenizer, o) for o in options], right)
                for q, options, right in MULTIPLE_CHOICE]
     results = []
     for n in tqdm(sizes or family.sizes, desc="chat", disable=not progress):
         model = family.variant(n)
-        answers = greedy_answers(model, tokenizer, prompt_ids, max_new_tokens, end_ids)
-        texts = [tokenizer.decode(a) for a in answers]
-        kinds = [degenerate(t, q, system) for t, q in zip(texts, prompts)]
-        nll = -sum(continuation_logprobs(model, [p for p, _ in scored], [a for _, a in scored], pad))
+        answers, texts, kinds = answer(model, tokenizer, chat, max_new_tokens)
+        nll = -sum(continuation_logprobs(model, [p for p, _ in scored], [a for _, a in scored], chat.pad_id))
         results.append({
             "num_layers": n,
             "answer_perplexity": math.exp(nll / sum(len(a) for _, a in scored)),
             "degenerate_rate": sum(k is not None for k in kinds) / len(kinds),
             "degenerate": {kind: kinds.count(kind) for kind in ("empty", "system", "echo", "loop")},
+            "degenerate_prompts": [i for i, kind in enumerate(kinds) if kind is not None],
             "agreement": sum(a[:AGREE_TOKENS] == r[:AGREE_TOKENS] for a, r in zip(answers, reference)) / len(answers),
-            "multiple_choice_accuracy": _accuracy(model, choices, pad),
+            "multiple_choice_accuracy": _accuracy(model, choices, chat.pad_id),
             "examples": dict(zip(prompts[:3], texts[:3])),
         })
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "multiple_choice": len(MULTIPLE_CHOICE),
-            "system_prompt": system, "sizes": results}
+            "system_prompt": chat.system, "sizes": results}
 
 
 def _accuracy(model: nn.Module, choices: list, pad: int) -> float:
@@ -161,3 +184,30 @@ def _accuracy(model: nn.Module, choices: list, pad: int) -> float:
         scores = continuation_logprobs(model, [prompt] * len(options), options, pad)
         right += max(range(len(options)), key=scores.__getitem__) == answer
     return right / len(choices)
+
+
+def chat_quality(row: dict) -> dict:
+    """What the manifest and `/v1/models` carry of one size's chat measurements."""
+    rounded = {key: round(row[key], 4) for key in ("answer_perplexity", "degenerate_rate", "agreement",
+                                                     "multiple_choice_accuracy")}
+    return {**rounded, "degenerate_prompts": row["degenerate_prompts"]}
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| layers | answer ppl | Δ vs n-1 | degenerate | empty / system / echo / loop | agreement "
+             "| multiple choice |", "|---|---|---|---|---|---|---|"]
+    previous = None
+    for row in report["sizes"]:
+        ppl = row["answer_perplexity"]
+        change = f"{(ppl / previous - 1) * 100:+.1f}%" if previous else ""
+        kinds = " / ".join(str(row["degenerate"][k]) for k in ("empty", "system", "echo", "loop"))
+        lines.append(f"| {row['num_layers']} | {ppl:.2f} | {change} | {row['degenerate_rate']:.0%} | {kinds} | "
+                     f"{row['agreement']:.0%} | {row['multiple_choice_accuracy']:.0%} |")
+        previous = ppl
+    return "\n".join(lines) + "\n"
+
+
+def write_chat_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "chat.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "chat.md").write_text(markdown_table(report))

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from services.eval.chat import chat_quality, evaluate_chat, write_chat_report
 from services.eval.curve import evaluate_curve, write_report
 from services.family import load_family
 from services.store import DEFAULT_PAIR, MANIFEST
@@ -22,12 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=STUDENT_DIR",
                         help="another student of the same teacher, plotted on the same axes")
+    parser.add_argument("--chat", action="store_true",
+                        help="also measure chat quality per size (answer perplexity, degenerate answers, agreement "
+                             "with the teacher, multiple choice): chat.json and chat.md")
+    parser.add_argument("--no-curve", action="store_true", help="skip the raw-text curve (with --chat: chat only)")
     parser.add_argument("--update-manifest", action="store_true",
-                        help="record the measured perplexity and speed per size in the pair's manifest")
+                        help="record what was measured per size in the pair's manifest (`quality`)")
 
 
 def run(args: argparse.Namespace) -> int:
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
+    if args.chat:
+        chat = evaluate_chat(family)
+        write_chat_report(chat, Path(args.out))
+        if args.update_manifest:
+            _record_chat(Path(args.pair or DEFAULT_PAIR), chat)
+        for row in chat["sizes"]:
+            print(json.dumps({k: v for k, v in row.items() if k != "examples"}))
+    if args.no_curve:
+        return 0
     options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
     report = evaluate_curve(family, **options)
     ablations = {}
@@ -51,14 +65,25 @@ def _teacher_dir(family) -> str:
     return family.teacher.config._name_or_path
 
 
+def _record_chat(pair_dir: Path, chat: dict) -> None:
+    path = pair_dir / MANIFEST
+    manifest = json.loads(path.read_text())
+    quality = manifest.setdefault("quality", {})
+    for row in chat["sizes"]:
+        quality.setdefault(str(row["num_layers"]), {})["chat"] = chat_quality(row)
+    manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice")}
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def _record_quality(pair_dir: Path, report: dict) -> None:
     path = pair_dir / MANIFEST
     manifest = json.loads(path.read_text())
-    manifest["quality"] = {str(r["num_layers"]): {"perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
-                                                  "naive_perplexity": {k: round(v, 3) for k, v in
-                                                                       r["naive_perplexity"].items()},
-                                                  "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)}
-                           for r in report["sizes"]}
+    quality = manifest.setdefault("quality", {})
+    for r in report["sizes"]:
+        quality.setdefault(str(r["num_layers"]), {}).update({
+            "perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
+            "naive_perplexity": {k: round(v, 3) for k, v in r["naive_perplexity"].items()},
+            "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)})
     manifest["quality_method"] = {k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype",
                                                          "machine")}
     path.write_text(json.dumps(manifest, indent=2) + "\n")

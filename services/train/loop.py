@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from services.corpora import PackedData, build_data
 from services.errors import TrainingConfigError
-from services.integrity import hash_weights
-from services.loading import load_model, load_tokenizer
-from services.plan import layout_from_rule
+from services.family.loading import load_model, load_tokenizer
+from services.family.plan import layout_from_rule
+from services.family.student_init import init_student, load_student_weights, save_student
+from services.store.integrity import hash_weights
 from services.train import fsdp
 from services.train.budget import TimeBudget
 from services.train.checkpoint import load_latest, save_checkpoint
-from services.train.data import PackedData, build_data
 from services.train.distributed import Distributed
 from services.train.losses import LossWeights, distillation_loss, kl_divergence
 from services.train.patching import PatchedVariants
-from services.train.student_init import init_student, load_student_weights, save_student
 
 log = logging.getLogger(__name__)
 UNFITTED_STEPS = 10**9  # the provisional length of a run bounded by --max-minutes alone

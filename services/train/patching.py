@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.architectures import spec_for
-from services.assembly import assemble_variant, make_template
-from services.plan import StudentLayout, VariantPlan, plan_family
+from services.family.architectures import spec_for
+from services.family.assembly import assemble_variant, make_template
+from services.family.plan import StudentLayout, VariantPlan, plan_family
 
 
 class PatchedVariants:

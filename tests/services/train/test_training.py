@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from services.errors import BoomerangError, TrainingConfigError
-from services.plan import layout_from_rule
+from services.family.plan import layout_from_rule
+from services.family.student_init import init_student
 from services.train.loop import TrainConfig, run_training
 from services.train.losses import LossWeights
-from services.train.student_init import init_student
 from tests.conftest import TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[3]

@@ -1,0 +1,74 @@
+"""models_store pairs: manifests, sha256 checks, the packed int8 student and its unpacking."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from services.errors import IntegrityError
+from services.family import load_family
+from services.store.integrity import hash_weights
+from services.store.student_pack import PACK_INFO, PACKED_WEIGHTS, pack_student, quantize_rows
+
+TOKENS = torch.tensor([[5, 17, 42, 99, 7, 3]])
+
+
+def make_store_pair(pair, root, packed: bool):
+    teacher_dir, student_dir = pair
+    pair_dir = root / "pair"
+    shutil.copytree(teacher_dir, pair_dir / "teacher")
+    if packed:
+        pack_student(student_dir, teacher_dir, pair_dir / "student")
+    else:
+        shutil.copytree(student_dir, pair_dir / "student")
+    manifest = {"name": "tiny", "order": "last", "dtype": "float32",
+                "teacher": {"source": "path", "path": "teacher", "sha256": hash_weights(pair_dir / "teacher")},
+                "student": {"path": "student", "sha256": hash_weights(pair_dir / "student"),
+                            **({"format": "boomerang-int8-v1"} if packed else {})}}
+    (pair_dir / "manifest.json").write_text(json.dumps(manifest))
+    return pair_dir
+
+
+def test_pair_folder_loads_and_matches_the_two_folder_form(llama_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOMERANG_CACHE_DIR", str(tmp_path / "cache"))
+    pair_dir = make_store_pair(llama_pair, tmp_path, packed=False)
+    from_store = load_family(pair=pair_dir, device="cpu")
+    direct = load_family(*llama_pair, device="cpu")
+    assert from_store.name == "tiny" and from_store.sizes == direct.sizes
+    for n in from_store.sizes:
+        torch.testing.assert_close(from_store.variant(n)(TOKENS).logits, direct.variant(n)(TOKENS).logits)
+
+
+def test_sha256_mismatch_is_refused(llama_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOMERANG_CACHE_DIR", str(tmp_path / "cache"))
+    pair_dir = make_store_pair(llama_pair, tmp_path, packed=False)
+    weights = pair_dir / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        load_family(pair=pair_dir, device="cpu")
+
+
+def test_packed_student_is_int8_shares_nothing_duplicated_and_stays_close(llama_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOMERANG_CACHE_DIR", str(tmp_path / "cache"))
+    pair_dir = make_store_pair(llama_pair, tmp_path, packed=True)
+    info = json.loads((pair_dir / "student" / PACK_INFO).read_text())
+    assert "model.layers.0.self_attn.q_proj.weight" in info["quantized"]
+    packed_bytes = (pair_dir / "student" / PACKED_WEIGHTS).stat().st_size
+    assert packed_bytes < 0.3 * (llama_pair[1] / "model.safetensors").stat().st_size
+    family = load_family(pair=pair_dir, device="cpu")
+    reference = load_family(*llama_pair, device="cpu")
+    student = family.variant(min(family.sizes))(TOKENS).logits
+    expected = reference.variant(min(family.sizes))(TOKENS).logits
+    torch.testing.assert_close(student, expected, rtol=0.05, atol=0.05)
+    again = load_family(pair=pair_dir, device="cpu")  # reuses the unpacked cache
+    torch.testing.assert_close(again.variant(min(family.sizes))(TOKENS).logits, student, rtol=0, atol=0)
+
+
+def test_quantize_rows_error_is_bounded():
+    weight = torch.randn(16, 64)
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8
+    assert (q.float() * scale[:, None] - weight).abs().max() <= scale.max() / 2 + 1e-6

@@ -59,8 +59,13 @@ class InferenceEngine:
         on_cpu = family.device.type == "cpu"  # the heap that holds the tensors is the C library's
         self.scheduler = Scheduler(self._make_batch, SchedulerLimits(
             max_running=limits.max_concurrent, max_batch_size=limits.max_batch_size,
-            batch_wait_s=limits.batch_wait_ms / 1000), on_batch, Housekeeping(trim_heap) if on_cpu else None)
+            batch_wait_s=limits.batch_wait_ms / 1000), on_batch, Housekeeping(self._return_memory) if on_cpu else None)
         self.scheduler.start()
+
+    def _return_memory(self) -> None:
+        """KV blocks idle for a while, then the heap's free pages, back to the system."""
+        self.kv_pool.release_idle()
+        trim_heap()
 
     def _warm_up(self) -> None:
         """Assembles the sizes the variant cache holds, with their native decoders, before the first request:

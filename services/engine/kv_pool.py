@@ -3,7 +3,8 @@
 A batch takes its buffers from the pool and gives them back when it ends, joins another or outgrows them;
 the next batch reuses them. Blocks stay reserved while the pool holds at most `budget_bytes`; past that, free
 blocks go back to the allocator before a new one is made, so what is reserved follows the limits, not the
-traffic. The counters feed `/metrics`.
+traffic. A free block nobody took for `idle_s` goes back too (`release_idle`): what the pool keeps follows the
+recent traffic, not the largest batch it ever saw. The counters feed `/metrics`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections.abc import Iterable
 
 import torch
 
 
 class KVPool:
-    def __init__(self, dtype: torch.dtype, budget_bytes: int | None = None, device: str | torch.device = "cpu"):
-        self.dtype, self.device, self.budget_bytes = dtype, torch.device(device), budget_bytes
+    def __init__(self, dtype: torch.dtype, budget_bytes: int | None = None, device: str | torch.device = "cpu",
+                 idle_s: float = 60.0):
+        self.dtype, self.device, self.budget_bytes, self.idle_s = dtype, torch.device(device), budget_bytes, idle_s
+        self._given_at: dict[int, float] = {}  # id of a free block -> when it was given back
         self.item_bytes = torch.empty((), dtype=dtype).element_size()
         self._free: list[tuple[int, int, torch.Tensor]] = []  # (numel, id, block), ascending numel
         self._in_use: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its block
@@ -32,6 +36,7 @@ class KVPool:
             at = bisect.bisect_left(self._free, (numel, -1))
             if at < len(self._free):
                 block = self._free.pop(at)[2]
+                del self._given_at[id(block)]
             else:
                 self._make_room_for(numel)
                 block = torch.empty(numel, dtype=self.dtype, device=self.device)
@@ -46,14 +51,30 @@ class KVPool:
             for buffer in buffers:
                 block = self._in_use.pop(buffer.data_ptr())
                 bisect.insort(self._free, (block.numel(), id(block), block))
+                self._given_at[id(block)] = time.monotonic()
 
     def _make_room_for(self, numel: int) -> None:
         """Frees the largest free blocks until a new block of `numel` fits the budget (or none is left)."""
         if self.budget_bytes is None:
             return
         while self._free and (self._reserved + numel) * self.item_bytes > self.budget_bytes:
-            block = self._free.pop()[2]
-            self._reserved -= block.numel()
+            self._drop(self._free.pop()[2])
+
+    def release_idle(self, now: float | None = None) -> int:
+        """Hands free blocks nobody took for `idle_s` back to the allocator; returns the bytes released."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [entry for entry in self._free if now - self._given_at[entry[1]] >= self.idle_s]
+            if not idle:
+                return 0
+            self._free = [entry for entry in self._free if now - self._given_at[entry[1]] < self.idle_s]
+            for _, _, block in idle:
+                self._drop(block)
+            return sum(block.numel() for _, _, block in idle) * self.item_bytes
+
+    def _drop(self, block: torch.Tensor) -> None:
+        self._reserved -= block.numel()
+        self._given_at.pop(id(block), None)
 
     @property
     def reserved_bytes(self) -> int:

@@ -45,3 +45,17 @@ def test_giving_back_a_buffer_the_pool_never_gave_is_an_error():
     pool = KVPool(torch.float32)
     with pytest.raises(KeyError):
         pool.give([torch.empty(4)])
+
+
+def test_free_blocks_nobody_took_for_a_while_go_back_to_the_allocator():
+    pool = KVPool(torch.float32, idle_s=60.0)
+    early, late, kept = pool.take((100,)), pool.take((50,)), pool.take((10,))
+    pool.give([early])
+    given = pool._given_at[id(pool._free[0][2])]
+    pool.give([late])
+    pool._given_at[id(next(b for n, _, b in pool._free if n == 50))] = given + 30  # given back half a minute later
+    assert pool.release_idle(now=given + 59) == 0
+    assert pool.release_idle(now=given + 60) == 100 * 4  # only the block idle for a minute
+    assert pool.reserved_bytes == (50 + 10) * 4 and pool.in_use_bytes == 10 * 4
+    assert pool.take((40,)).numel() == 40 and pool.reserved_bytes == (50 + 10) * 4  # the other one is reused
+    pool.give([kept])

@@ -3,14 +3,16 @@
 Concurrent clients send what an operator would see behind a load balancer: completions of random sizes and
 lengths (greedy and sampled, some with `n` > 1), streamed chats of which a fifth are dropped after a few chunks,
 prompt scoring (`echo` + `logprobs`, `max_tokens` 0) and bad input. The verdict: resident memory at the end
-within a tolerance of its level after the first minute (or half the soak when it is shorter), under the
-server's documented bound (`/metrics`: what it held when ready plus the KV and work it may add),
-no 5xx, no connection error, every bad input answered with a 4xx.
+within a tolerance of its level after the first minute (or half the soak when it is shorter; each level the
+median of 30 s of samples), under the server's documented bound (`/metrics`: what it held when ready plus the
+KV and work its limits allow), no 5xx and no error inside a stream, no connection error, every bad input
+answered with a 4xx, good requests refused at most 1% of the time, and no KV still in use once traffic stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import statistics
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 
 SAMPLE_EVERY_S = 5.0
+LEVEL_WINDOW_S = 30.0  # memory "at" a point is the median over this long from it
 PROSE = ("the river ran past a house where an old king kept his bees and counted the summer days while "
          "children sang about ships the sea and a clock that never struck twelve")
 WORDS = tuple(PROSE.split())
@@ -37,8 +40,9 @@ class Tally:
     client_errors: int = 0  # 4xx to good requests (e.g. 429): counted, not a failure by themselves
     bad_refused: int = 0  # bad input answered with a 4xx
     bad_accepted: int = 0  # bad input answered otherwise: a failure
-    server_errors: int = 0
+    server_errors: int = 0  # 5xx, an error inside a stream, or a stream the server cut short
     connection_errors: int = 0
+    kv_in_use_after: float = 0.0  # KV bytes in use once the traffic stopped
     latencies: dict[str, list[float]] = field(default_factory=dict)
 
     def latency(self, kind: str, seconds: float) -> None:
@@ -123,13 +127,21 @@ class Traffic:
             if response.status_code != 200:
                 await response.aread()
                 return self._count(response)
-            chunks = 0
+            chunks, done, failed = 0, False, False
             async for line in response.aiter_lines():
-                chunks += line.startswith("data:")
+                if not line.startswith("data:"):
+                    continue
+                chunks += 1
+                payload = line.removeprefix("data:").strip()
+                done = done or payload == "[DONE]"
+                failed = failed or (payload.startswith("{") and "error" in json.loads(payload))
                 if drop_after is not None and chunks >= drop_after:
                     self.tally.dropped += 1
                     return  # leaving the block closes the connection mid-stream
-        self._count(response)
+        if failed or not done:  # an error inside a 200 stream, or a stream cut short by the server
+            self.tally.server_errors += 1
+        else:
+            self._count(response)
 
     async def bad(self) -> None:
         body = _bad(self.rng, self.models)
@@ -177,7 +189,18 @@ async def _soak(url: str, pid: int, models: list[str], minutes: float, clients: 
         sampler = asyncio.create_task(_sample(http, pid, timeline, start, end))
         await asyncio.gather(*[client(i) for i in range(clients)])
         await sampler
+        tally.kv_in_use_after = await _kv_in_use_once_idle(http)
     return tally, timeline, time.monotonic() - start
+
+
+async def _kv_in_use_once_idle(http: httpx.AsyncClient, wait_s: float = 10.0) -> float:
+    """KV bytes still in use once the traffic has stopped (every batch gone: 0 unless blocks leaked)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        in_use = _gauges((await http.get("/metrics")).text).get("boomerang_kv_in_use_bytes", 0.0)
+        if in_use == 0 or time.monotonic() > deadline:
+            return in_use
+        await asyncio.sleep(0.5)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -199,15 +222,22 @@ def verdict(timeline: list[tuple[float, int, float]], tally: Tally, tolerance: f
     end, and whether the soak passed."""
     total = timeline[-1][0]
     reference_at = min(60.0, total / 2)
-    reference = next(rss for t, rss, _ in timeline if t >= reference_at)
-    growth = timeline[-1][1] / reference - 1
+    reference = _level(timeline, reference_at, reference_at + LEVEL_WINDOW_S)
+    end = _level(timeline, total - LEVEL_WINDOW_S, total + 1)
+    growth = end / reference - 1
     peak = max(rss for _, rss, _ in timeline) / 2 ** 20
     checks = {"memory_flat": growth <= tolerance, "under_bound": peak <= bound_mib, "no_5xx": tally.server_errors == 0,
               "no_connection_errors": tally.connection_errors == 0, "bad_input_4xx": tally.bad_accepted == 0,
-              "served_requests": tally.ok > 0}
-    return {"reference_s": reference_at, "rss_reference_mib": reference / 2 ** 20,
-            "rss_end_mib": timeline[-1][1] / 2 ** 20, "rss_peak_mib": peak, "bound_mib": bound_mib,
-            "growth": growth, "tolerance": tolerance, "checks": checks, "passed": all(checks.values())}
+              "good_requests_served": tally.ok > 0 and tally.client_errors <= 0.01 * tally.ok,
+              "kv_returned": tally.kv_in_use_after == 0}
+    return {"reference_s": reference_at, "rss_reference_mib": reference / 2 ** 20, "rss_end_mib": end / 2 ** 20,
+            "rss_peak_mib": peak, "bound_mib": bound_mib, "growth": growth, "tolerance": tolerance,
+            "kv_in_use_after_mib": tally.kv_in_use_after / 2 ** 20, "checks": checks, "passed": all(checks.values())}
+
+
+def _level(timeline: list[tuple[float, int, float]], start: float, end: float) -> float:
+    """Resident memory over a window: the median of its samples (one sample is at a random phase of a prefill)."""
+    return statistics.median([rss for t, rss, _ in timeline if start <= t < end] or [timeline[-1][1]])
 
 
 def run_soak(url: str, pid: int, models: list[str], minutes: float, clients: int = 8,
@@ -231,6 +261,7 @@ def print_timeline(report: dict) -> None:
         print(f"  {seconds:7.1f} s  RSS {rss:8.1f} MiB  KV reserved {kv:7.1f} MiB")
     v = report["verdict"]
     print(f"RSS {v['rss_reference_mib']:.1f} MiB at {v['reference_s']:.0f} s -> {v['rss_end_mib']:.1f} MiB at the end "
+          f"(medians over {LEVEL_WINDOW_S:.0f} s) "
           f"({v['growth']:+.1%}, tolerance {v['tolerance']:+.0%}); peak {v['rss_peak_mib']:.1f} MiB, "
           f"bound {v['bound_mib']:.1f} MiB")
     print(f"requests: {report['counts']}")

@@ -30,11 +30,12 @@ class KVPool:
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised buffer of `shape`: a view of the smallest free block that holds it, or a new block."""
+        """An uninitialised buffer of `shape`: a view of the smallest free block that holds it without wasting
+        more than its size, or a new block."""
         numel = math.prod(shape)
         with self._lock:
             at = bisect.bisect_left(self._free, (numel, -1))
-            if at < len(self._free):
+            if at < len(self._free) and self._free[at][0] <= 2 * numel:
                 block = self._free.pop(at)[2]
                 del self._given_at[id(block)]
             else:

@@ -5,7 +5,8 @@ for the largest size (the teacher: every layer). With C = the context limit (pro
 R = max_batch_size:
 - batches that mix sizes hold at most R rows of at most 2C + G positions each (rows are right-aligned at the
   longest one's context, so a short row's padding can reach C more; capacities come in granules of G = 64
-  positions), and a join holds the old buffers and the new ones at once: KV <= 2 x R x (2C + G) x bytes per token;
+  positions), and a join holds at once the old buffers, the newcomers' and the new ones (at most C + G
+  positions each): KV <= R x (4C + 3G) x bytes per token;
 - batches of one size (GPU, --mix-sizes false) hold at most max_concurrent rows, whose buffers double when full:
   KV <= max_concurrent x 2 x 2C x bytes per token.
 One piece of work runs besides the KV at a time, the larger of a prefill of R prompts of C tokens (attention mask
@@ -49,7 +50,7 @@ def memory_bound(config, item_bytes: int, weights_bytes: int, context: int, max_
                  max_concurrent: int, mixed: bool) -> MemoryBound:
     """The most the limits let the server hold (see the module's formula)."""
     per_token = kv_bytes_per_token(config, item_bytes)
-    rows_positions = 2 * max_batch_size * (2 * context + MIN_CAPACITY) if mixed else max_concurrent * 2 * 2 * context
+    rows_positions = max_batch_size * (4 * context + 3 * MIN_CAPACITY) if mixed else max_concurrent * 2 * 2 * context
     kv = rows_positions * per_token
     prefill = max_batch_size * context * (context + (4 * config.hidden_size + 3 * config.intermediate_size)
                                           * item_bytes)

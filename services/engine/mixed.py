@@ -114,7 +114,7 @@ class MixedBatch(DecodeBatch):
         input_ids, position_ids = self._left_padded_prompts()  # [batch, longest] each
         longest = input_ids.shape[1]
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
-        self._build_groups(capacity)
+        self.groups = self._build_groups(capacity)
         hidden, position_embeddings = self._embed_prompts(input_ids, position_ids)  # [batch, longest, hidden]
         capture = _CaptureKV()
         for branches in self.groups:
@@ -131,24 +131,33 @@ class MixedBatch(DecodeBatch):
         self.length = longest
         self._advance(self._head(hidden[:, -1].contiguous()))
 
-    def _build_groups(self, capacity: int) -> None:
-        """Per block and branch: its rows, layers (modules and the kernel's stack) and empty KV buffers."""
+    def _build_groups(self, capacity: int) -> list[list[_Group]]:
+        """Per block and branch: its rows, layers (modules and the kernel's stack) and empty KV buffers (all
+        given back to the pool if one cannot be had)."""
         choices = {n: block_choices(self.family.layout, self.family.plan(n)) for n in set(self.sizes)}
         config = self.family.teacher.config
         shape = (config.num_key_value_heads, _granular(capacity), getattr(config, "head_dim", None)
                  or config.hidden_size // config.num_attention_heads)
-        for block, teacher_layers in enumerate(self.family.layout.blocks):
-            branches = []
-            for patched in (False, True):
-                sizes = [n for n in choices if choices[n][block] == patched]
-                if not sizes:
-                    continue
-                refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
-                modules = [self._layer(*ref) for ref in refs]
-                rows = self._rows(lambda m, sizes=sizes: m in sizes)
-                buffers = [self.pool.take((len(rows), *shape)) for _ in range(2 * len(refs))]
-                branches.append(_Group(rows, modules, self._stack(modules), buffers[::2], buffers[1::2]))
-            self.groups.append(branches)
+        groups, taken = [], []
+        try:
+            for block, teacher_layers in enumerate(self.family.layout.blocks):
+                branches = []
+                for patched in (False, True):
+                    sizes = [n for n in choices if choices[n][block] == patched]
+                    if not sizes:
+                        continue
+                    refs = [(TEACHER, t) for t in teacher_layers] if patched else [(STUDENT, block)]
+                    modules = [self._layer(*ref) for ref in refs]
+                    rows = self._rows(lambda m, sizes=sizes: m in sizes)
+                    for _ in range(2 * len(refs)):
+                        taken.append(self.pool.take((len(rows), *shape)))
+                    buffers = taken[-2 * len(refs):]
+                    branches.append(_Group(rows, modules, self._stack(modules), buffers[::2], buffers[1::2]))
+                groups.append(branches)
+        except BaseException:
+            self.pool.give(taken)
+            raise
+        return groups
 
     @torch.inference_mode()
     def join(self, newcomers: MixedBatch) -> None:
@@ -171,18 +180,25 @@ class MixedBatch(DecodeBatch):
                                            for batch, row in rows])  # [batch, length], left-padded
         self.positions = torch.stack([batch.positions[row] for batch, row in rows])  # [batch, 1]
         self.next_tokens = torch.stack([batch.next_tokens[row] for batch, row in rows])  # [batch]
-        remaining = max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in self.sequences)
-        self.groups = []
-        self._build_groups(length + min(remaining, MIN_CAPACITY) + 1)
-        for block, branches in enumerate(self.groups):
-            for group in branches:
-                for batch, old_groups in sources:
-                    self._move_kv(group, old_groups[block], batch, rows, length)
+        groups = self._build_groups(length + min(self._remaining(), MIN_CAPACITY) + 1)
+        try:
+            for block, branches in enumerate(groups):
+                for group in branches:
+                    for batch, old_groups in sources:
+                        self._move_kv(group, old_groups[block], batch, rows, length)
+        except BaseException:
+            _give_back(self.pool, groups)  # the old groups stay, and go back when the batch is released
+            raise
         for batch, old_groups in sources:
             _give_back(batch.pool, old_groups)
-        newcomers.groups = []
+        self.groups, newcomers.groups = groups, []
         self.length = length
         self._index_rows()
+
+    def _remaining(self) -> int:
+        """The most tokens a live row may still produce."""
+        return max((seq.params.max_tokens - len(seq.tracker.token_ids) for seq in self.sequences if not seq.done),
+                   default=0)
 
     def release(self) -> None:
         """Gives the KV buffers back to the pool (the batch has ended)."""
@@ -256,11 +272,12 @@ class MixedBatch(DecodeBatch):
         """Room for this step's keys and values: buffers double when full (like `GrowingLayer`), so a long
         `max_tokens` costs memory only as the batch actually grows, and never past what its rows may still
         produce."""
-        remaining = max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in self.sequences)
+        remaining = self._remaining()
+        live = torch.tensor([not seq.done for seq in self.sequences])  # [batch]
         for branches in self.groups:
             for group in branches:
                 capacity = group.keys[0].shape[2]
-                if self.length < capacity:
+                if self.length < capacity or not live[group.rows].any():  # room, or no step will write here
                     continue
                 grown_capacity = _granular(max(capacity + 1, min(2 * capacity, self.length + remaining + 1)))
                 for buffers in (group.keys, group.values):

@@ -94,7 +94,9 @@ class Scheduler:
         while True:
             with self.wake:
                 while not (self.stopping or self.jobs or self.active or any(self.waiting.values())):
-                    self.wake.wait()
+                    # idle: still wake for housekeeping, so memory freed by the last batch goes back
+                    if not self.wake.wait(self.housekeeping.every_s if self.housekeeping else None):
+                        break
                 if self.stopping:
                     return
                 jobs, self.jobs = list(self.jobs), deque()

@@ -59,3 +59,12 @@ def test_free_blocks_nobody_took_for_a_while_go_back_to_the_allocator():
     assert pool.reserved_bytes == (50 + 10) * 4 and pool.in_use_bytes == 10 * 4
     assert pool.take((40,)).numel() == 40 and pool.reserved_bytes == (50 + 10) * 4  # the other one is reused
     pool.give([kept])
+
+
+def test_a_free_block_more_than_twice_the_size_asked_is_left_for_a_larger_take():
+    pool = KVPool(torch.float32)
+    big = pool.take((100,))
+    pool.give([big])
+    small = pool.take((10,))  # 100 would waste 90: a block of its own
+    assert small.data_ptr() != big.data_ptr() and pool.reserved_bytes == 110 * 4
+    assert pool.take((60,)).data_ptr() == big.data_ptr()

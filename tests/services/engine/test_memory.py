@@ -20,7 +20,7 @@ def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer():
 def test_the_bound_follows_the_limits_not_the_traffic():
     per_token = kv_bytes_per_token(CONFIG, 4)
     mixed = memory_bound(CONFIG, 4, 1000, context=256, max_batch_size=8, max_concurrent=16, mixed=True)
-    assert mixed.kv_bytes == 2 * 8 * (2 * 256 + 64) * per_token
+    assert mixed.kv_bytes == 8 * (4 * 256 + 3 * 64) * per_token
     one_size = memory_bound(CONFIG, 4, 1000, context=256, max_batch_size=8, max_concurrent=16, mixed=False)
     assert one_size.kv_bytes == 16 * 2 * 2 * 256 * per_token
     prefill = 8 * 256 * (256 + (4 * 64 + 3 * 128) * 4)

@@ -63,8 +63,8 @@ def test_the_using_it_blocks_run_against_a_real_server():
         script = client.replace("127.0.0.1:8000", address)
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stderr
-        first, second = result.stdout.splitlines()[:2]
-        assert first.startswith("smollm2-135m-boomerang-20L") and second.startswith("[None, -")
+        lines = result.stdout.splitlines()  # the sampled text may hold newlines of its own
+        assert lines[0].startswith("smollm2-135m-boomerang-20L") and lines[-1].startswith("[None, -")
 
 
 @needs_default_pair

@@ -33,7 +33,7 @@ def _pack(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from services.store import DEFAULT_PAIR, MANIFEST, Manifest, resolve_teacher
+    from services.store import DEFAULT_PAIR, Manifest, resolve_teacher, update_manifest
     from services.store.integrity import hash_weights
     from services.store.student_pack import pack_student
 
@@ -45,11 +45,10 @@ def _pack(args: argparse.Namespace) -> int:
     for name in ("training_log.jsonl", "manifest_entry.json"):
         if (student_dir / name).exists():
             shutil.copy(student_dir / name, out_dir / name)
-    data = json.loads((pair_dir / MANIFEST).read_text())
-    data["student"] = {"path": "student", "format": info["format"], "sha256": hash_weights(out_dir),
-                       "shared_with_teacher": info["shared_with_teacher"]}
-    (pair_dir / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
-    print(json.dumps({"packed_bytes": sum(p.stat().st_size for p in out_dir.iterdir()), **data["student"]}))
+    entry = {"path": "student", "format": info["format"], "sha256": hash_weights(out_dir),
+             "shared_with_teacher": info["shared_with_teacher"]}
+    update_manifest(pair_dir, lambda manifest: manifest.update(student=entry))
+    print(json.dumps({"packed_bytes": sum(p.stat().st_size for p in out_dir.iterdir()), **entry}))
     return 0
 
 

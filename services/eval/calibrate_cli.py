@@ -13,7 +13,7 @@ from services.corpora import build_data
 from services.errors import InvalidRequestError
 from services.eval.calibrate import calibrate_order
 from services.family import load_family
-from services.store import DEFAULT_PAIR, MANIFEST
+from services.store import DEFAULT_PAIR, update_manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +46,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.update_manifest:
-        path = Path(args.pair or DEFAULT_PAIR) / MANIFEST
-        manifest = json.loads(path.read_text())
-        manifest["order"] = order
-        manifest["order_calibration"] = {k: report[k] for k in ("data", "unseen", "chunks", "seq_len", "seed")}
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
+        calibration = {k: report[k] for k in ("data", "unseen", "chunks", "seq_len", "seed")}
+        update_manifest(Path(args.pair or DEFAULT_PAIR),
+                        lambda manifest: manifest.update(order=order, order_calibration=calibration))
     for step in steps:
         print(json.dumps({"num_layers": step.num_layers, "patched_block": step.patched_block,
                           "perplexity": round(step.perplexity, 3)}))

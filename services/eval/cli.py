@@ -9,7 +9,7 @@ from pathlib import Path
 from services.eval.chat import chat_quality, evaluate_chat, write_chat_report
 from services.eval.curve import evaluate_curve, write_report
 from services.family import load_family
-from services.store import DEFAULT_PAIR, MANIFEST
+from services.store import DEFAULT_PAIR, update_manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,24 +66,22 @@ def _teacher_dir(family) -> str:
 
 
 def _record_chat(pair_dir: Path, chat: dict) -> None:
-    path = pair_dir / MANIFEST
-    manifest = json.loads(path.read_text())
-    quality = manifest.setdefault("quality", {})
-    for row in chat["sizes"]:
-        quality.setdefault(str(row["num_layers"]), {})["chat"] = chat_quality(row)
-    manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice")}
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    def change(manifest: dict) -> None:
+        quality = manifest.setdefault("quality", {})
+        for row in chat["sizes"]:
+            quality.setdefault(str(row["num_layers"]), {})["chat"] = chat_quality(row)
+        manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice")}
+    update_manifest(pair_dir, change)
 
 
 def _record_quality(pair_dir: Path, report: dict) -> None:
-    path = pair_dir / MANIFEST
-    manifest = json.loads(path.read_text())
-    quality = manifest.setdefault("quality", {})
-    for r in report["sizes"]:
-        quality.setdefault(str(r["num_layers"]), {}).update({
-            "perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
-            "naive_perplexity": {k: round(v, 3) for k, v in r["naive_perplexity"].items()},
-            "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)})
-    manifest["quality_method"] = {k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype",
-                                                         "machine")}
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    def change(manifest: dict) -> None:
+        quality = manifest.setdefault("quality", {})
+        for r in report["sizes"]:
+            quality.setdefault(str(r["num_layers"]), {}).update({
+                "perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
+                "naive_perplexity": {k: round(v, 3) for k, v in r["naive_perplexity"].items()},
+                "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)})
+        manifest["quality_method"] = {k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype",
+                                                             "machine")}
+    update_manifest(pair_dir, change)

@@ -20,8 +20,3 @@ def cache_argument_name(model_class: type) -> str:
             return "past_key_values"
     return "past_key_values"
 
-
-def output_cache(outputs):
-    """The cache an HF model output carries, under either name."""
-    cache_value = getattr(outputs, "cache", None)
-    return cache_value if cache_value is not None else getattr(outputs, "past_key_values", None)

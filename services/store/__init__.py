@@ -8,6 +8,8 @@ from services.store.manifest import (
     cache_dir,
     resolve_student,
     resolve_teacher,
+    update_manifest,
 )
 
-__all__ = ["DEFAULT_PAIR", "MANIFEST", "STORE_DIR", "Manifest", "cache_dir", "resolve_student", "resolve_teacher"]
+__all__ = ["DEFAULT_PAIR", "MANIFEST", "STORE_DIR", "Manifest", "cache_dir", "resolve_student", "resolve_teacher",
+           "update_manifest"]

@@ -1,8 +1,9 @@
-"""Files the store reads and writes beside the weights: JSON with one-line errors, and the student's layout file."""
+"""Files the store reads and writes beside the weights: JSON with one-line errors, written whole or not at all."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from services.errors import InvalidPairError
@@ -17,3 +18,13 @@ def read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise InvalidPairError(f"{path} is not valid JSON: {error}") from error
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a reader (or a crash) sees the old file or the new one, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

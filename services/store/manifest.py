@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.errors import InvalidPairError
-from services.store.files import read_json
+from services.store.files import read_json, write_json
 from services.store.integrity import verify_hashes
 from services.store.student_pack import PACK_FORMAT, unpack_student
 from services.store.teacher_import import PackagedGGUF, import_teacher
@@ -43,6 +44,15 @@ class Manifest:
         return cls(folder=Path(pair_dir), name=data["name"], teacher=data["teacher"], student=data["student"],
                    order=data.get("order", "last"), dtype=data.get("dtype", "auto"),
                    quality=data.get("quality", {}))
+
+
+def update_manifest(pair_dir: Path, change: Callable[[dict], None]) -> dict:
+    """Read the pair's manifest, apply `change` to it in place, write it back atomically; returns it."""
+    path = Path(pair_dir) / MANIFEST
+    data = read_json(path, MANIFEST)
+    change(data)
+    write_json(path, data)
+    return data
 
 
 def packaged_teacher(entry: dict) -> PackagedGGUF:

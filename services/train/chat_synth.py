@@ -2,8 +2,10 @@
 
 The teacher plays both sides: it writes each user turn itself (sampled after its template's user header), then
 answers it; some conversations go on for a second turn, some carry another system prompt than the template's
-default. A conversation whose answer runs past `max_new_tokens` is dropped, so every kept one ends as the
-teacher ends an answer. Rounds are seeded by their index: a resumed run writes the same file.
+default. A conversation whose user turn never ends is dropped; an answer that runs past `max_new_tokens` is
+kept as it was cut and ends its conversation: the trainer distils the teacher's distribution at every position,
+so a cut answer teaches as much per token as a finished one. Rounds are seeded by their index: a resumed run
+writes the same file.
 """
 
 from __future__ import annotations
@@ -67,38 +69,46 @@ def _start(rng: random.Random) -> list[dict]:
     return []  # the template's default system prompt
 
 
-def conversation_round(model, tokenizer, config: SynthConfig, round_index: int) -> list[list[dict]]:
-    """`batch_size` conversations begun; those whose turns all ended well, returned as message lists."""
+@dataclass
+class Conversation:
+    messages: list[dict]
+    turns: int  # user turns wanted
+    cut: bool = False  # its last answer ran out of tokens before the teacher ended it
+    dropped: bool = False  # a user turn never ended or was too short
+
+
+def conversation_round(model, tokenizer, config: SynthConfig, round_index: int) -> list[Conversation]:
+    """`batch_size` conversations begun; those whose user turns all ended, returned."""
     rng = random.Random(config.seed * 1_000_003 + round_index)
     torch.manual_seed(config.seed * 1_000_003 + round_index)
     end_ids = set(tokenizer.all_special_ids)
-    chats = [_start(rng) for _ in range(config.batch_size)]
-    turns = [2 if rng.random() < SECOND_TURN else 1 for _ in chats]
-    for turn in range(max(turns)):
-        live = [i for i, chat in enumerate(chats) if chat is not None and turns[i] > turn]
+    chats = [Conversation(_start(rng), 2 if rng.random() < SECOND_TURN else 1) for _ in range(config.batch_size)]
+    for turn in range(max(chat.turns for chat in chats)):
+        live = [chat for chat in chats if not (chat.dropped or chat.cut) and chat.turns > turn]
         if not live:
             break
-        users = sample(model, tokenizer, [user_header(tokenizer, chats[i]) for i in live], USER_TOKENS, 1.0, end_ids)
-        live = _extend(chats, live, users, "user", MIN_USER_CHARS)
+        users = sample(model, tokenizer, [user_header(tokenizer, c.messages) for c in live], USER_TOKENS, 1.0, end_ids)
+        for chat, text, ended in zip(live, users.texts, users.ended):
+            chat.dropped = not ended or len(text) < MIN_USER_CHARS
+            chat.messages.append({"role": "user", "content": text})
+        live = [chat for chat in live if not chat.dropped]
         if not live:
             break
-        prompts = [tokenizer.apply_chat_template(chats[i], tokenize=False, add_generation_prompt=True) for i in live]
+        prompts = [tokenizer.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=True) for c in live]
         answers = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature, end_ids)
-        _extend(chats, live, answers, "assistant", 1)
-    return [chat for chat in chats if chat is not None]
+        for chat, text, ended in zip(live, answers.texts, answers.ended):
+            chat.messages.append({"role": "assistant", "content": text})
+            chat.cut = not ended
+    return [chat for chat in chats if not chat.dropped]
 
 
-def _extend(chats: list[list[dict] | None], live: list[int], turns: ChatTurns, role: str, min_chars: int) -> list[int]:
-    """Appends each live chat's new turn; a chat whose turn did not end or is too short is dropped (None).
-    Returns the chats still live."""
-    kept = []
-    for i, text, ended in zip(live, turns.texts, turns.ended):
-        if ended and len(text) >= min_chars:
-            chats[i] = [*chats[i], {"role": role, "content": text}]
-            kept.append(i)
-        else:
-            chats[i] = None
-    return kept
+def render(tokenizer, chat: Conversation) -> str:
+    """The conversation in the template; a cut answer without the end-of-turn text the teacher never wrote."""
+    text = tokenizer.apply_chat_template(chat.messages, tokenize=False)
+    if chat.cut:
+        last = chat.messages[-1]["content"]
+        text = text[: text.rindex(last) + len(last)]
+    return text
 
 
 def synthesize_chats(config: SynthConfig) -> dict:
@@ -122,10 +132,10 @@ def synthesize_chats(config: SynthConfig) -> dict:
                                       f"never reached an end token): is it a chat model? try a larger --max-new-tokens")
         with open(path, "a", encoding="utf-8") as handle:
             for chat in chats:
-                text = tokenizer.apply_chat_template(chat, tokenize=False)
+                text = render(tokenizer, chat)
                 count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                handle.write(json.dumps({"text": text, "tokens": count, "round": rounds,
-                                         "turns": sum(m["role"] == "user" for m in chat)}) + "\n")
+                handle.write(json.dumps({"text": text, "tokens": count, "round": rounds, "cut": chat.cut,
+                                         "turns": sum(m["role"] == "user" for m in chat.messages)}) + "\n")
                 tokens += count
         rounds += 1
         log.info("round %d: %d of %d conversations kept, %d tokens in all, %.0f s", rounds, len(chats),

@@ -72,3 +72,17 @@ def test_quantize_rows_error_is_bounded():
     q, scale = quantize_rows(weight)
     assert q.dtype == torch.int8
     assert (q.float() * scale[:, None] - weight).abs().max() <= scale.max() / 2 + 1e-6
+
+
+def test_update_manifest_changes_only_what_it_is_told_and_leaves_no_temporary_file(tmp_path):
+    from services.errors import InvalidPairError
+    from services.store import update_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "p", "quality": {"16": {"chat": 1}}}))
+    update_manifest(tmp_path, lambda m: m["quality"].setdefault("17", {}).update(perplexity=2))
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {
+        "name": "p", "quality": {"16": {"chat": 1}, "17": {"perplexity": 2}}}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(InvalidPairError, match="not valid JSON"):
+        update_manifest(tmp_path, lambda m: None)

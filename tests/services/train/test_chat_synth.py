@@ -23,17 +23,20 @@ def _config(teacher, out, **overrides) -> SynthConfig:
     return SynthConfig(**{**values, **overrides})
 
 
-def test_conversations_are_in_the_teachers_template_and_end_as_it_ends_turns(llama_pair, tmp_path, monkeypatch):
+def test_conversations_are_in_the_teachers_template_and_a_cut_answer_ends_its_conversation(llama_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(chat_synth, "sample", _fake_sample)
     out = tmp_path / "chat.jsonl"
-    summary = synthesize_chats(_config(llama_pair[0], out))
+    summary = synthesize_chats(_config(llama_pair[0], out, tokens=1500))
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert summary["tokens"] == sum(r["tokens"] for r in records) >= 400
+    assert summary["tokens"] == sum(r["tokens"] for r in records) >= 1500
     for record in records:
         text = record["text"]
         assert text.count("<|im_start|>user\n") == record["turns"] in (1, 2)
-        assert text.count("<|im_start|>assistant\n") == record["turns"] and text.endswith("<|im_end|>\n")
+        assert text.count("<|im_start|>assistant\n") == record["turns"]
+        assert text.endswith("of the chat" if record["cut"] else "of the chat<|im_end|>\n")
     assert any(r["turns"] == 2 for r in records) and any("<|im_start|>system" in r["text"] for r in records)
+    assert any(r["cut"] for r in records) and not all(r["cut"] for r in records)
+    assert not any(r["cut"] and r["turns"] == 2 and r["text"].count("of the chat<|im_end|>") < 2 for r in records)
 
 
 def test_a_resumed_chat_run_writes_what_one_run_writes(llama_pair, tmp_path, monkeypatch):

@@ -32,6 +32,22 @@ def test_compose_services_healthchecks_mounts_and_nginx_config():
     assert "./deploy/nginx/nginx.conf" in nginx_mounts
 
 
+def test_every_server_replica_keeps_the_api_keys_and_the_limits():
+    """Read with YAML merge semantics (shallow, as compose merges): a service that redefines `environment:`
+    must still carry the keys and limits, or its replicas would serve with no API key."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    shared = compose["x-environment"]
+    assert {"BOOMERANG_API_KEYS", "BOOMERANG_MAX_CONCURRENT", "BOOMERANG_MAX_QUEUE"} <= set(shared)
+    servers = {name: s for name, s in compose["services"].items() if s.get("image") == "boomerang:latest"}
+    assert {"boomerang", "boomerang-gpu"} <= set(servers)
+    for name, service in servers.items():
+        assert {k: service["environment"].get(k) for k in shared} == shared, name
+    gpu = compose["services"]["boomerang-gpu"]
+    assert gpu["environment"]["BOOMERANG_DEVICE"] == "cuda"
+    upstream = (REPO / "deploy/nginx/upstream.compose.conf").read_text()
+    assert "server boomerang:8000" in upstream and "boomerang" in gpu["networks"]["default"]["aliases"]
+
+
 def test_dockerfile_passes_hadolint():
     binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(binary).exists():

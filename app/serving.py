@@ -73,7 +73,7 @@ class Serving:
             raise InvalidRequestError(f"n={req.n} exceeds the limit of {self.settings.max_n}", param="n")
         if len(req.stop_list()) > self.settings.max_stop_strings:
             raise InvalidRequestError(f"at most {self.settings.max_stop_strings} stop strings", param="stop")
-        limit = min(self.settings.max_total_tokens, self.engine.max_model_len)
+        limit = self._context_limit()
         for ids in prompts:
             if len(ids) > self.settings.max_prompt_tokens:
                 raise ContextLengthError(f"prompt has {len(ids)} tokens; the limit is "
@@ -81,6 +81,18 @@ class Serving:
             if len(ids) + max_tokens > limit:
                 raise ContextLengthError(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                          f"context length of {limit} tokens", param="max_tokens")
+
+    def _context_limit(self) -> int:
+        return min(self.settings.max_total_tokens, self.engine.max_model_len)
+
+    def _until_end_of_turn(self, prompts: list[list[int]]) -> int:
+        """A chat with no `max_tokens` may answer until the end of its turn or the context limit, as OpenAI's."""
+        room = self._context_limit() - max(len(ids) for ids in prompts)
+        if room < 1:
+            raise ContextLengthError(f"the conversation ({max(len(ids) for ids in prompts)} tokens) leaves no room "
+                                     f"for an answer in the context length of {self._context_limit()} tokens",
+                                     param="messages")
+        return room
 
     def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
                  logprobs: int | None) -> list[Choice]:
@@ -219,7 +231,7 @@ class Serving:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompts = [self.engine.tokenize(self.engine.apply_chat_template(messages))]
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = self.settings.max_tokens_default if requested is None else requested
+        max_tokens = self._until_end_of_turn(prompts) if requested is None else requested
         self._check(prompts, max_tokens, req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = self._choices(prompts, req, max_tokens, logprobs)

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = no auth")
     max_prompt_tokens: int = Field(4096, ge=1)
     max_total_tokens: int = Field(8192, ge=1, description="prompt + completion")
-    max_tokens_default: int = Field(16, ge=0)
+    max_tokens_default: int = Field(16, ge=0, description="completions' max_tokens when a request gives none "
+                                    "(OpenAI's default); a chat with none answers until its turn ends")
     max_n: int = Field(8, ge=1)
     max_stop_strings: int = Field(16, ge=0)
     max_concurrent: int = Field(16, ge=1, description="sequences decoding at once")

@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import httpx
+import openai
 import pytest
 import torch
 from openai import OpenAI
@@ -140,3 +141,20 @@ def test_errors_are_openai_shaped(server):
         bad_json = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert bad_json.status_code == 400 and "error" in bad_json.json()
         assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_a_chat_with_no_max_tokens_answers_until_the_turn_or_the_context_ends(llama_pair):
+    """OpenAI's chat has no default cap: a chat client that sends no max_tokens must not get 16 tokens."""
+    settings = Settings(teacher=str(llama_pair[0]), student=str(llama_pair[1]), device="cpu", name="tiny",
+                        max_total_tokens=64)
+    with LiveServer(create_app(settings)) as live:
+        client = OpenAI(base_url=live.url + "/v1", api_key="unused")
+        chat = client.chat.completions.create(model="tiny-6L", messages=[{"role": "user", "content": "hi"}],
+                                              temperature=0, extra_body={"ignore_eos": True})
+        assert chat.choices[0].finish_reason == "length" and chat.usage.total_tokens == 64
+        completion = client.completions.create(model="tiny-6L", prompt="hi", temperature=0,
+                                               extra_body={"ignore_eos": True})
+        assert completion.usage.completion_tokens == 16
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny-6L", messages=[{"role": "user", "content": "word " * 80}])
+        assert refused.value.body["param"] == "messages"

@@ -23,7 +23,7 @@ def _config(teacher, out, **overrides) -> SynthConfig:
     return SynthConfig(**{**values, **overrides})
 
 
-def test_conversations_are_in_the_teachers_template_and_a_cut_answer_ends_its_conversation(llama_pair, tmp_path, monkeypatch):
+def test_conversations_are_in_the_template_and_a_cut_answer_ends_its_conversation(llama_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(chat_synth, "sample", _fake_sample)
     out = tmp_path / "chat.jsonl"
     summary = synthesize_chats(_config(llama_pair[0], out, tokens=1500))

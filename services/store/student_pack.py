@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.errors import IntegrityError
-from services.store.files import STUDENT_CONFIG
+from services.store.files import STUDENT_CONFIG, atomic_folder
 from services.store.integrity import hash_weights, sha256_file, verify_hashes, weight_files
 
 PACK_FORMAT = "boomerang-int8-v1"
@@ -80,16 +80,13 @@ def unpack_student(packed_dir: Path, teacher_dir: Path, out_dir: Path) -> Path:
             continue
         scale = packed.get(name + SCALE_SUFFIX)
         weights[name] = tensor.float() * scale[:, None] if scale is not None else tensor  # [out, in]
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-    for name in CONFIG_FILES:
-        shutil.copy(packed_dir / name, tmp / name)
-    for name in TOKENIZER_FILES:
-        if (Path(teacher_dir) / name).exists():
-            shutil.copy(Path(teacher_dir) / name, tmp / name)
-    (tmp / LOCK).write_text(json.dumps({"source_sha256": source_hashes, "sha256": hash_weights(tmp)}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        for name in CONFIG_FILES:
+            shutil.copy(packed_dir / name, tmp / name)
+        for name in TOKENIZER_FILES:
+            if (Path(teacher_dir) / name).exists():
+                shutil.copy(Path(teacher_dir) / name, tmp / name)
+        (tmp / LOCK).write_text(json.dumps({"source_sha256": source_hashes, "sha256": hash_weights(tmp)}, indent=2))
     return out_dir

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import IntegrityError, InvalidPairError
+from services.store.files import atomic_folder
 from services.store.integrity import hash_weights, sha256_file, verify_hashes
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ def _cached_ok(out_dir: Path, source_sha256: str) -> bool:
     return True
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, str]:
-    """Dequantise a GGUF to fp32 safetensors + config + tokenizer in `out_dir`; returns the weights' sha256."""
+def convert_gguf(gguf_path: Path, out_dir: Path, source_sha256: str) -> None:
+    """Dequantise a GGUF to fp32 safetensors + config + tokenizer in `out_dir`, with its lock file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,14 +59,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, str]:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.hf_quantizer = None  # dequantised already: plain fp32 weights from here on
     model.config.__dict__.pop("quantization_config", None)
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
-    hashes = hash_weights(tmp_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)
-    return hashes
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {"source": str(gguf_path), "source_sha256": source_sha256, "sha256": hash_weights(tmp)}
+        (tmp / LOCK_FILE).write_text(json.dumps(record, indent=2))
 
 
 def import_teacher(source: PackagedGGUF, out_dir: Path) -> Path:
@@ -80,7 +77,5 @@ def import_teacher(source: PackagedGGUF, out_dir: Path) -> Path:
     if actual != source.sha256:
         raise IntegrityError(f"{gguf_path} sha256 {actual[:12]}… does not match the manifest's {source.sha256[:12]}…")
     log.info("converting %s to safetensors in %s (about a minute)", gguf_path.name, out_dir)
-    hashes = convert_gguf(gguf_path, out_dir)
-    record = {"source": str(gguf_path), "source_sha256": actual, "sha256": hashes}
-    (out_dir / LOCK_FILE).write_text(json.dumps(record, indent=2))
+    convert_gguf(gguf_path, out_dir, actual)
     return out_dir

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from services.store.files import atomic_folder
 from services.store.integrity import sha256_file
 
 log = logging.getLogger(__name__)
@@ -34,21 +34,14 @@ def _step_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int = 2) -> Path:
-    """Write into a temporary folder, fsync, then rename: the folder either exists whole or not at all."""
+    """The folder either exists whole or not at all; only the `keep` latest are kept."""
     root.mkdir(parents=True, exist_ok=True)
     final = _step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS))  # handles tied tensors
-    torch.save(state, tmp / STATE)
-    meta = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in (WEIGHTS, STATE)}}
-    (tmp / META).write_text(json.dumps(meta))
-    for name in (WEIGHTS, STATE, META):
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:
+        save_model(model, str(tmp / WEIGHTS))  # handles tied tensors
+        torch.save(state, tmp / STATE)
+        meta = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in (WEIGHTS, STATE)}}
+        (tmp / META).write_text(json.dumps(meta))
     for old in sorted(root.glob("step-???????"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -19,6 +19,7 @@ from services.errors import TrainingConfigError
 from services.family.loading import load_model, load_tokenizer
 from services.family.plan import layout_from_rule
 from services.family.student_init import init_student, load_student_weights, save_student
+from services.store.files import write_json
 from services.store.integrity import hash_weights
 from services.train import fsdp
 from services.train.budget import TimeBudget
@@ -212,9 +213,7 @@ class Trainer:
     def _write_state(self, finished: bool) -> None:
         record = {"finished": finished, "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
                   "config": {**asdict(self.config), "weights": asdict(self.config.weights)}}
-        tmp = self.out / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(self.out / STATE_FILE)
+        write_json(self.out / STATE_FILE, record)
 
     def _truncate_log(self, step: int) -> None:
         path = self.out / LOG_FILE

@@ -2,13 +2,14 @@
 
 Decode reads every weight once per token, 4 KiB page after 4 KiB page. On 4 KiB pages every page of a
 few hundred MB of weights needs its own TLB entry, and the page-table walks fall out of the caches the
-weights stream through. Measured in alternation on this project's machine, the same family decoding from
-weights on 2 MiB pages: +3.8-4.9% tokens/s at batch 1 while it read ~70 GB/s, +1.8-2.5% at ~48 GB/s.
+weights stream through (measured in docs/performance.md).
 
 `move_to_huge_pages` copies the distinct parameter tensors of some models into one anonymous mapping
 advised for huge pages (madvise before first touch, so the kernel backs it with 2 MiB pages as it is
 filled) and points the parameters at their copies: tensors shared between models (a tied or shared
-embedding) stay shared, and one mapping wastes at most one page.
+embedding) stay shared, and one mapping wastes at most one page. Where the kernel cannot, each distinct
+tensor is still copied once into ordinary memory of its own: weights read from safetensors may sit in
+file-backed pages, which decode reads more slowly. Either way the loaded weights are copied once.
 """
 
 from __future__ import annotations
@@ -65,15 +66,12 @@ def _distinct_parameters(models: list[nn.Module], min_bytes: int) -> dict[int, l
 
 def move_to_huge_pages(models: list[nn.Module], min_bytes: int = MIN_BYTES) -> int:
     """Moves the parameters of `models` onto 2 MiB pages (see the module); returns the bytes moved, 0 where
-    the kernel has no transparent huge pages or the mapping cannot be advised."""
-    if not huge_pages_available():
-        return 0
+    the kernel has no transparent huge pages or the mapping cannot be advised (then into plain memory)."""
     groups = _distinct_parameters(models, min_bytes)
     sizes = [-(-params[0].nbytes // ALIGN) * ALIGN for params in groups.values()]
-    if not groups:
-        return 0
-    advised = _advised_mapping(sum(sizes))
+    advised = _advised_mapping(sum(sizes)) if groups and huge_pages_available() else None
     if advised is None:
+        _copy_to_own_memory(groups)
         return 0
     mapping, offset = advised
     for params, size in zip(groups.values(), sizes):
@@ -88,6 +86,14 @@ def move_to_huge_pages(models: list[nn.Module], min_bytes: int = MIN_BYTES) -> i
     _release_freed_memory()
     log.info("weights on 2 MiB pages: %.0f MiB in %d tensors", sum(sizes) / 2**20, len(groups))
     return sum(sizes)
+
+
+def _copy_to_own_memory(groups: dict[int, list[nn.Parameter]]) -> None:
+    for params in groups.values():
+        target = params[0].detach().clone()
+        for param in params:
+            param.data = target
+    _release_freed_memory()
 
 
 def _release_freed_memory() -> None:

@@ -166,13 +166,14 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
         check_tokenizers(tokenizer, load_tokenizer(student))
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
-    teacher_model, student_model = load_model(teacher, torch_dtype, device), load_model(student, torch_dtype, device)
     on_cpu = torch.device(device).type == "cpu"
+    teacher_model, student_model = (load_model(folder, torch_dtype, device, fresh_memory=not on_cpu)
+                                    for folder in (teacher, student))
     native = native_kernels_wanted() if native_kernels is None else native_kernels
     if native and on_cpu and torch_dtype == torch.float32:
         enable_fast_linear(teacher_model, student_model)
     family = Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
                     tokenizer, cache_size, quality)
     if on_cpu:
-        move_to_huge_pages([teacher_model, student_model])  # decode reads them all every token
+        move_to_huge_pages([teacher_model, student_model])  # the one copy of the loaded weights
     return family

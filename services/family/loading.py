@@ -57,17 +57,15 @@ def swap_parameters(model: nn.Module, replacement) -> list[nn.Parameter]:
 
 
 def own_memory(model: nn.Module) -> nn.Module:
-    """Copy every parameter into freshly allocated memory (tied ones stay tied).
-
-    Weights loaded from safetensors may live in file-backed pages; measured here, batch-8 decode over them
-    was about 15% slower than over the same weights in fresh memory (docs/bench.json, README).
-    """
+    """Copy every parameter into freshly allocated memory (tied ones stay tied): weights loaded from
+    safetensors may live in file-backed pages, which decode reads more slowly."""
     swap_parameters(model, lambda _, param: nn.Parameter(param.data.clone(), requires_grad=param.requires_grad))
     return model
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: str) -> nn.Module:
-    """A causal LM from safetensors only, no remote code, in eval mode, in memory of its own."""
+def load_model(folder: Path, dtype: torch.dtype, device: str, *, fresh_memory: bool = True) -> nn.Module:
+    """A causal LM from safetensors only, no remote code, in eval mode; in memory of its own unless
+    `fresh_memory` is false (the caller copies it once itself)."""
     from transformers import AutoModelForCausalLM
 
     read_model_config(folder)
@@ -75,7 +73,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: str) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model = model.to(device)
-    if model.device.type == "cpu":
+    if fresh_memory and model.device.type == "cpu":
         own_memory(model)
     return model.eval()
 

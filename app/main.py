@@ -24,17 +24,12 @@ EngineFactory = Callable[[Settings, Metrics], Engine]
 
 def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
     """The real engine (imports torch, so only here, inside the lifespan's worker thread)."""
-    from services.engine.engine import EngineLimits
     from services.engine.factory import build_engine
 
-    limits = EngineLimits(max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
-                          max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms,
-                          max_model_len=settings.max_total_tokens, mix_sizes=settings.mix_sizes,
-                          greedy_steps=settings.greedy_steps, join_batches=settings.join_batches)
     return build_engine(pair=settings.pair, teacher=settings.teacher, student=settings.student,
                         order=settings.order, device=settings.device, dtype=settings.dtype, name=settings.name,
                         variant_cache_size=settings.variant_cache_size, native_kernels=settings.native_kernels,
-                        limits=limits,
+                        limits=settings.engine_limits(),
                         on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size))
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.engine.interface import GREEDY_STEPS
+from services.engine.interface import EngineLimits
+
+_LIMITS = EngineLimits()  # each default written once: there
 
 
 class Settings(BaseSettings):
@@ -29,17 +31,26 @@ class Settings(BaseSettings):
                                     "(OpenAI's default); a chat with none answers until its turn ends")
     max_n: int = Field(8, ge=1)
     max_stop_strings: int = Field(16, ge=0)
-    max_concurrent: int = Field(16, ge=1, description="sequences decoding at once")
-    max_queue: int = Field(64, ge=0, description="requests waiting beyond max_concurrent; more get 429")
-    max_batch_size: int = Field(8, ge=1)
-    mix_sizes: bool = Field(True, description="requests of different sizes share decode batches (native decode "
-                                              "step only); false: one batch per size")
-    join_batches: bool = Field(True, description="new requests join a running batch that mixes sizes between two "
-                                                 "steps; false: they wait for it to end")
-    greedy_steps: int = Field(GREEDY_STEPS, ge=1, description="decode steps per native call when every request "
-                              "of a batch is greedy: more is faster, 1 streams every token as it is chosen")
-    batch_wait_ms: float = Field(5.0, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)")
+    max_concurrent: int = Field(_LIMITS.max_concurrent, ge=1, description="sequences decoding at once")
+    max_queue: int = Field(_LIMITS.max_queue, ge=0,
+                           description="requests waiting beyond max_concurrent; more get 429")
+    max_batch_size: int = Field(_LIMITS.max_batch_size, ge=1)
+    mix_sizes: bool = Field(_LIMITS.mix_sizes, description="requests of different sizes share decode batches "
+                            "(native decode step only); false: one batch per size")
+    join_batches: bool = Field(_LIMITS.join_batches, description="new requests join a running batch that mixes "
+                               "sizes between two steps; false: they wait for it to end")
+    greedy_steps: int = Field(_LIMITS.greedy_steps, ge=1, description="decode steps per native call when every "
+                              "request of a batch is greedy: more is faster, 1 streams every token as it is chosen")
+    batch_wait_ms: float = Field(_LIMITS.batch_wait_ms, ge=0,
+                                 description="a batch forms once no request arrived for this long (cap: 8x)")
     variant_cache_size: int = Field(32, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     graceful_timeout_s: float = Field(30.0, ge=0)
+
+    def engine_limits(self) -> EngineLimits:
+        """The one place server settings become engine limits."""
+        return EngineLimits(max_concurrent=self.max_concurrent, max_queue=self.max_queue,
+                            max_batch_size=self.max_batch_size, batch_wait_ms=self.batch_wait_ms,
+                            max_model_len=self.max_total_tokens, mix_sizes=self.mix_sizes,
+                            greedy_steps=self.greedy_steps, join_batches=self.join_batches)

@@ -6,34 +6,21 @@ import asyncio
 import re
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import torch
 
 from services.cpu.heap import trim_heap
 from services.engine.batch import DecodeBatch, Sequence
 from services.engine.fused_decode import fused_decoder
-from services.engine.interface import GREEDY_STEPS, ModelCard, SamplingParams, ScoreResult, StreamDelta
+from services.engine.interface import EngineLimits, ModelCard, SamplingParams, ScoreResult, StreamDelta
 from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.mixed import MixedBatch, mixable
-from services.engine.scheduler import Housekeeping, Scheduler, SchedulerLimits
+from services.engine.scheduler import Housekeeping, Scheduler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
 
 MIXED = "mixed"  # the scheduler key of batches that mix sizes
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_concurrent: int = 16
-    max_queue: int = 64
-    max_batch_size: int = 8
-    batch_wait_ms: float = 5.0
-    max_model_len: int | None = None
-    mix_sizes: bool = True  # requests of different sizes share decode batches (where the native step serves)
-    greedy_steps: int = GREEDY_STEPS  # decode steps per native call for all-greedy batches
-    join_batches: bool = True  # new requests join a running mixed batch between steps
 
 
 class InferenceEngine:
@@ -57,9 +44,8 @@ class InferenceEngine:
         self._in_flight = 0
         self._lock = threading.Lock()
         on_cpu = family.device.type == "cpu"  # the heap that holds the tensors is the C library's
-        self.scheduler = Scheduler(self._make_batch, SchedulerLimits(
-            max_running=limits.max_concurrent, max_batch_size=limits.max_batch_size,
-            batch_wait_s=limits.batch_wait_ms / 1000), on_batch, Housekeeping(self._return_memory) if on_cpu else None)
+        self.scheduler = Scheduler(self._make_batch, limits, on_batch,
+                                   Housekeeping(self._return_memory) if on_cpu else None)
         self.scheduler.start()
 
     def _return_memory(self) -> None:

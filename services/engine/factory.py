@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.engine.engine import EngineLimits, InferenceEngine
+from services.engine.engine import InferenceEngine
+from services.engine.interface import EngineLimits
 from services.family import load_family
 
 

@@ -11,6 +11,20 @@ GREEDY_STEPS = 8
 
 
 @dataclass(frozen=True)
+class EngineLimits:
+    """What the engine may hold and how it batches; the server's settings take their defaults from here."""
+
+    max_concurrent: int = 16  # sequences decoding at once
+    max_queue: int = 64  # requests waiting beyond max_concurrent; more are refused
+    max_batch_size: int = 8  # rows a batch starts with
+    batch_wait_ms: float = 5.0  # a batch forms once no request arrived for this long (capped)
+    max_model_len: int | None = None  # prompt + completion; None: the model's own limit
+    mix_sizes: bool = True  # requests of different sizes share decode batches (where the native step serves)
+    greedy_steps: int = GREEDY_STEPS  # decode steps per native call for all-greedy batches
+    join_batches: bool = True  # new requests join a running mixed batch between steps
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.engine.batch import DecodeBatch, Sequence
+from services.engine.interface import EngineLimits
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,6 @@ log = logging.getLogger(__name__)
 # and a remainder that waited for that batch to finish. The window now restarts with each arrival,
 # capped at this many windows after the oldest request.
 MAX_WINDOWS = 8
-
-
-@dataclass(frozen=True)
-class SchedulerLimits:
-    max_running: int = 16  # sequences decoding at once
-    max_batch_size: int = 8
-    batch_wait_s: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -50,7 +44,7 @@ class _Job:
 
 
 class Scheduler:
-    def __init__(self, make_batch: Callable[[int | str, list[Sequence]], DecodeBatch], limits: SchedulerLimits,
+    def __init__(self, make_batch: Callable[[int | str, list[Sequence]], DecodeBatch], limits: EngineLimits,
                  on_batch: Callable[[int | str, int], None] | None = None, housekeeping: Housekeeping | None = None):
         self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
         self.housekeeping, self.last_housekeeping = housekeeping, time.monotonic()
@@ -136,12 +130,12 @@ class Scheduler:
         running = any(n == num_layers and not batch.done for n, batch in self.active)
         if running and self._joinable(num_layers) is None:
             return False
-        window = self.limits.batch_wait_s
+        window = self.limits.batch_wait_ms / 1000
         return now - queue[-1][0] >= window or now - queue[0][0] >= MAX_WINDOWS * window
 
     def _take(self) -> tuple[int, list[Sequence]] | None:
         """The next size, in round-robin order, whose waiting requests are ready to form a batch."""
-        free = self.limits.max_running - self.num_running
+        free = self.limits.max_concurrent - self.num_running
         now = time.monotonic()
         with self.wake:
             for num_layers, queue in list(self.waiting.items()):
@@ -168,7 +162,7 @@ class Scheduler:
                 involved = [*target.sequences, *sequences]
                 self._guard(involved, lambda n=num_layers, s=sequences, t=target: self._join(t, n, s))
         if not self.active and any(self.waiting.values()):
-            time.sleep(max(self.limits.batch_wait_s / 2, 0.0005))  # let the batching window fill
+            time.sleep(max(self.limits.batch_wait_ms / 2000, 0.0005))  # let the batching window fill
 
     def _start_batch(self, num_layers: int, sequences: list[Sequence]) -> None:
         batch = self._prefilled(num_layers, sequences)

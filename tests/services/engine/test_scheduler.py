@@ -4,13 +4,15 @@ batch, or new requests join it where it takes joins."""
 from collections import deque
 from types import SimpleNamespace
 
-from services.engine.scheduler import MAX_WINDOWS, Housekeeping, Scheduler, SchedulerLimits
+from services.engine.interface import EngineLimits
+from services.engine.scheduler import MAX_WINDOWS, Housekeeping, Scheduler
 
 WINDOW = 0.010
 
 
 def _scheduler() -> Scheduler:
-    return Scheduler(make_batch=lambda key, seqs: None, limits=SchedulerLimits(max_batch_size=16, batch_wait_s=WINDOW))
+    limits = EngineLimits(max_batch_size=16, batch_wait_ms=WINDOW * 1000)
+    return Scheduler(make_batch=lambda key, seqs: None, limits=limits)
 
 
 def _queue(arrivals: list[float]) -> deque:
@@ -56,7 +58,7 @@ def test_requests_join_a_running_batch_that_takes_joins_as_far_as_it_has_room():
 def test_housekeeping_runs_between_steps_at_most_once_a_period(monkeypatch):
     runs, clock = [], [100.0]
     monkeypatch.setattr("services.engine.scheduler.time.monotonic", lambda: clock[0])
-    scheduler = Scheduler(make_batch=lambda key, seqs: None, limits=SchedulerLimits(),
+    scheduler = Scheduler(make_batch=lambda key, seqs: None, limits=EngineLimits(),
                           housekeeping=Housekeeping(lambda: runs.append(clock[0]), every_s=5.0))
     for now in (101.0, 104.9, 105.0, 106.0, 109.9, 110.0):
         clock[0] = now

@@ -8,6 +8,6 @@
     store, cpu, corpora          manifests and weight files; native kernels and huge pages; texts
     errors                       imported by every part
 
-`cpu` imports no other part: `family` prepares weights with it (`FastLinear`, huge pages), and the fused
+`cpu` imports no other part: `family` prepares weights with it (`FastLinear`, huge pages), and the native
 decode step, which needs the architecture table and the KV buffers, lives in `engine`.
 """

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.engine.decoder_step import decoder_step
 from services.engine.detokenize import TextTracker
-from services.engine.fused_decode import fused_decoder
 from services.engine.interface import GREEDY_STEPS, SamplingParams, StreamDelta, TokenLogprob
 from services.engine.sampling import choose_token, is_greedy, make_generator
 from services.family.compat import cache_argument_name
@@ -53,7 +53,7 @@ class DecodeBatch:
         self.cache_arg = cache_argument_name(type(model))
         self.attention_mask: torch.Tensor | None = None  # [batch, seen]
         self.positions: torch.Tensor | None = None  # [batch, 1]
-        self.fused = fused_decoder(model)  # native per-layer decode steps, or None (transformers forward)
+        self.decoder_step = decoder_step(model)  # native per-layer decode steps, or None (transformers forward)
         for seq in sequences:
             seq.tracker = TextTracker(tokenizer, seq.params.stop)
             seq.generator = make_generator(seq.params.seed, self.device)
@@ -96,13 +96,14 @@ class DecodeBatch:
     def step(self) -> int:
         """Advance every row: one token, or up to `greedy_steps` where all rows are greedy and the native
         decoder can run several steps in one call. Returns the number of tokens each row advanced."""
-        fused = self.fused is not None and self.fused.accepts(len(self.sequences), self.cache)
-        steps = self._greedy_steps() if fused else 1
+        native = self.decoder_step is not None and self.decoder_step.accepts(len(self.sequences), self.cache)
+        steps = self._greedy_steps() if native else 1
         input_ids = self._next_input()  # [batch, 1]
         if steps > 1:
             return self._advance_greedy(input_ids, steps)
-        if fused:
-            logits = self.fused.step(input_ids, self.positions, self.attention_mask, self.cache)  # [batch, vocab]
+        if native:
+            logits = self.decoder_step.step(input_ids, self.positions, self.attention_mask,
+                                            self.cache)  # [batch, vocab]
         else:
             logits = self._forward(input_ids, self.positions)
         self._advance(logits)
@@ -112,7 +113,7 @@ class DecodeBatch:
         """How many steps one native call may take: 1 unless every live row is plain greedy (no logprobs);
         never more than the most tokens a live row may still produce."""
         live = [seq for seq in self.sequences if not seq.done]
-        if not live or not self.fused.takes_steps_ahead or any(
+        if not live or not self.decoder_step.takes_steps_ahead or any(
                 not is_greedy(seq.params) or seq.params.logprobs is not None for seq in live):
             return 1
         return max(1, min(self.greedy_steps, max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in live)))
@@ -122,7 +123,7 @@ class DecodeBatch:
         rest: the chosen tokens are exactly those of single steps)."""
         alive = [not seq.done for seq in self.sequences]
         stop_ids = [] if any(seq.params.ignore_eos for seq in self.sequences) else sorted(self.eos_ids)
-        chosen = self.fused.greedy_steps(input_ids[:, 0], self.positions, self.attention_mask, self.cache, steps,
+        chosen = self.decoder_step.greedy_steps(input_ids[:, 0], self.positions, self.attention_mask, self.cache, steps,
                                          stop_ids, alive)  # [n, batch]
         taken = len(chosen)
         ones = torch.ones(len(self.sequences), taken - 1, dtype=self.attention_mask.dtype)  # [batch, n-1]

@@ -11,12 +11,12 @@ import torch
 
 from services.cpu.heap import trim_heap
 from services.engine.batch import DecodeBatch, Sequence
-from services.engine.fused_decode import fused_decoder
+from services.engine.decoder_step import decoder_step
 from services.engine.interface import EngineLimits, ModelCard, SamplingParams, ScoreResult, StreamDelta
 from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.mixed import MixedBatch, mixable
-from services.engine.scheduler import Housekeeping, Scheduler
+from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
 
@@ -27,7 +27,7 @@ class InferenceEngine:
     """Implements `services.engine.interface.Engine` for a loaded `Family`."""
 
     def __init__(self, family: Family, limits: EngineLimits = EngineLimits(),
-                 on_batch: Callable[[int | str, int], None] | None = None):
+                 on_batch: Callable[[BatchKey, int], None] | None = None):
         self.family, self.limits = family, limits
         self.tokenizer = family.tokenizer
         self.family_name = family.name
@@ -57,7 +57,7 @@ class InferenceEngine:
         """Assembles the sizes the variant cache holds, with their native decoders, before the first request:
         what they allocate is there at start, not a minute into traffic."""
         for n in self.family.sizes[-self.family.cache_size:]:
-            fused_decoder(self.family.variant(n))
+            decoder_step(self.family.variant(n))
 
     def _memory_bound(self):
         config, family = self.family.teacher.config, self.family
@@ -136,7 +136,7 @@ class InferenceEngine:
                 f"of {self.max_model_len} tokens", param="max_tokens")
 
     # -- generation -------------------------------------------------------------------------------------------
-    def _make_batch(self, key: int | str, sequences: list[Sequence]) -> DecodeBatch:
+    def _make_batch(self, key: BatchKey, sequences: list[Sequence]) -> DecodeBatch:
         if key == MIXED:
             return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id,
                               joinable=self.limits.join_batches, pool=self.kv_pool)

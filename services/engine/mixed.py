@@ -18,7 +18,7 @@ import torch
 from services.cpu.kernels.decoder_step import load_decoder_step
 from services.cpu.rotary_table import rotary_lookup
 from services.engine.batch import DecodeBatch, Sequence
-from services.engine.fused_decode import fused_decoder, layer_stack
+from services.engine.decoder_step import decoder_step, layer_stack
 from services.engine.kv_pool import KVPool
 from services.family import Family
 from services.family.architectures import get_path
@@ -71,7 +71,7 @@ class _CaptureKV:
 def mixable(family: Family) -> bool:
     """Whether the family's sizes can share decode batches (the native decode step serves its layers)."""
     return load_decoder_step() is not None and all(
-        fused_decoder(family.variant(n)) is not None for n in (family.sizes[0], family.sizes[-1]))
+        decoder_step(family.variant(n)) is not None for n in (family.sizes[0], family.sizes[-1]))
 
 
 class MixedBatch(DecodeBatch):

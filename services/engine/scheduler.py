@@ -20,6 +20,7 @@ from services.engine.batch import DecodeBatch, Sequence
 from services.engine.interface import EngineLimits
 
 log = logging.getLogger(__name__)
+BatchKey = int | str  # a size's number of layers, or "mixed" for batches that mix sizes
 
 # A burst of requests (clients answered by the same step send their next ones together) reaches the
 # engine over tens of milliseconds; a fixed window from the first of them split it into a small batch
@@ -44,13 +45,13 @@ class _Job:
 
 
 class Scheduler:
-    def __init__(self, make_batch: Callable[[int | str, list[Sequence]], DecodeBatch], limits: EngineLimits,
-                 on_batch: Callable[[int | str, int], None] | None = None, housekeeping: Housekeeping | None = None):
+    def __init__(self, make_batch: Callable[[BatchKey, list[Sequence]], DecodeBatch], limits: EngineLimits,
+                 on_batch: Callable[[BatchKey, int], None] | None = None, housekeeping: Housekeeping | None = None):
         self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
         self.housekeeping, self.last_housekeeping = housekeeping, time.monotonic()
-        self.waiting: OrderedDict[int | str, deque[tuple[float, Sequence]]] = OrderedDict()
+        self.waiting: OrderedDict[BatchKey, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
-        self.active: list[tuple[int | str, DecodeBatch]] = []
+        self.active: list[tuple[BatchKey, DecodeBatch]] = []
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
@@ -64,9 +65,9 @@ class Scheduler:
             self.wake.notify()
         self.thread.join(timeout=10)
 
-    def submit(self, num_layers: int | str, seq: Sequence) -> None:
+    def submit(self, key: BatchKey, seq: Sequence) -> None:
         with self.wake:
-            self.waiting.setdefault(num_layers, deque()).append((time.monotonic(), seq))
+            self.waiting.setdefault(key, deque()).append((time.monotonic(), seq))
             self.wake.notify()
 
     def submit_job(self, run: Callable[[], None]) -> None:
@@ -106,29 +107,29 @@ class Scheduler:
         self.housekeeping.run()
         self.last_housekeeping = time.monotonic()
 
-    def _joinable(self, key: int | str) -> DecodeBatch | None:
+    def _joinable(self, key: BatchKey) -> DecodeBatch | None:
         """The key's running batch that new requests may join between steps, if any."""
-        return next((batch for n, batch in self.active if n == key and batch.joinable and not batch.done), None)
+        return next((batch for k, batch in self.active if k == key and batch.joinable and not batch.done), None)
 
-    def _room(self, key: int | str) -> int:
+    def _room(self, key: BatchKey) -> int:
         """How many requests of `key` may start now: a batch's worth, or the free rows of the batch they
         would join."""
         batch = self._joinable(key)
         live = sum(not seq.done for seq in batch.sequences) if batch is not None else 0
         return self.limits.max_batch_size - live
 
-    def _ready(self, num_layers: int, queue: deque, now: float) -> bool:
+    def _ready(self, key: BatchKey, queue: deque, now: float) -> bool:
         """Waiting requests of a key start when they would fill what room there is, or when the batching
         window has passed since the newest one arrived (a burst gathers while it keeps coming, up to
         `MAX_WINDOWS` windows after the oldest) and the key has no batch running or one they may join;
         else they wait for its next batch."""
-        room = self._room(num_layers)
+        room = self._room(key)
         if room <= 0:
             return False
         if len(queue) >= room:
             return True
-        running = any(n == num_layers and not batch.done for n, batch in self.active)
-        if running and self._joinable(num_layers) is None:
+        running = any(k == key and not batch.done for k, batch in self.active)
+        if running and self._joinable(key) is None:
             return False
         window = self.limits.batch_wait_ms / 1000
         return now - queue[-1][0] >= window or now - queue[0][0] >= MAX_WINDOWS * window
@@ -138,48 +139,48 @@ class Scheduler:
         free = self.limits.max_concurrent - self.num_running
         now = time.monotonic()
         with self.wake:
-            for num_layers, queue in list(self.waiting.items()):
+            for key, queue in list(self.waiting.items()):
                 while queue and queue[0][1].cancelled.is_set():
                     queue.popleft()
                 if not queue:
-                    del self.waiting[num_layers]
+                    del self.waiting[key]
                     continue
-                if free <= 0 or not self._ready(num_layers, queue, now):
+                if free <= 0 or not self._ready(key, queue, now):
                     continue
-                count = min(len(queue), self._room(num_layers), free)
+                count = min(len(queue), self._room(key), free)
                 taken = [queue.popleft()[1] for _ in range(count)]
-                self.waiting.move_to_end(num_layers)  # fairness: this size goes to the back
-                return num_layers, taken
+                self.waiting.move_to_end(key)  # fairness: this key goes to the back
+                return key, taken
         return None
 
     def _admit(self) -> None:
         while (taken := self._take()) is not None:
-            num_layers, sequences = taken
-            target = self._joinable(num_layers)
+            key, sequences = taken
+            target = self._joinable(key)
             if target is None:
-                self._guard(sequences, lambda n=num_layers, s=sequences: self._start_batch(n, s))
+                self._guard(sequences, lambda k=key, s=sequences: self._start_batch(k, s))
             else:
                 involved = [*target.sequences, *sequences]
-                self._guard(involved, lambda n=num_layers, s=sequences, t=target: self._join(t, n, s))
+                self._guard(involved, lambda k=key, s=sequences, t=target: self._join(t, k, s))
         if not self.active and any(self.waiting.values()):
             time.sleep(max(self.limits.batch_wait_ms / 2000, 0.0005))  # let the batching window fill
 
-    def _start_batch(self, num_layers: int, sequences: list[Sequence]) -> None:
-        batch = self._prefilled(num_layers, sequences)
-        self.active.append((num_layers, batch))
+    def _start_batch(self, key: BatchKey, sequences: list[Sequence]) -> None:
+        batch = self._prefilled(key, sequences)
+        self.active.append((key, batch))
 
-    def _join(self, target: DecodeBatch, num_layers: int | str, sequences: list[Sequence]) -> None:
-        newcomers = self._prefilled(num_layers, sequences)
+    def _join(self, target: DecodeBatch, key: BatchKey, sequences: list[Sequence]) -> None:
+        newcomers = self._prefilled(key, sequences)
         try:
             target.join(newcomers)
         except BaseException:
             newcomers.release()
             raise
 
-    def _prefilled(self, num_layers: int | str, sequences: list[Sequence]) -> DecodeBatch:
-        batch = self.make_batch(num_layers, sequences)
+    def _prefilled(self, key: BatchKey, sequences: list[Sequence]) -> DecodeBatch:
+        batch = self.make_batch(key, sequences)
         if self.on_batch:
-            self.on_batch(num_layers, len(sequences))
+            self.on_batch(key, len(sequences))
         try:
             batch.prefill()
         except BaseException:

@@ -1,4 +1,4 @@
-"""The fused decode step of decoder layers (`decoder_step.cpp`): built once per machine, `None` where it cannot be."""
+"""The native decode step of decoder layers (`decoder_step.cpp`): built once per machine, `None` where it cannot be."""
 
 from __future__ import annotations
 

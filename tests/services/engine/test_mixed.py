@@ -50,7 +50,7 @@ def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
     for n, prompt, m, got in zip(sizes, PROMPTS, max_tokens, mixed):
         alone, (want,) = _collect([n], [prompt], [m])
         batch = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
-        batch.fused = None  # the transformers forward, as reference
+        batch.decoder_step = None  # the transformers forward, as reference
         _run(batch)
         assert got == want, (n, prompt)
 
@@ -66,7 +66,7 @@ def test_an_output_layer_both_models_share_is_read_once_for_all_rows(tiny_pair):
     for n, prompt, got in zip(sizes, PROMPTS, mixed):
         alone, (want,) = _collect([n], [prompt], [6])
         reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
-        reference.fused = None  # the transformers forward
+        reference.decoder_step = None  # the transformers forward
         _run(reference)
         assert got == want, (n, prompt)
 
@@ -112,7 +112,7 @@ def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair):
     for n, prompt, tokens in zip(family.sizes, PROMPTS, results):
         seqs, (want,) = _collect([n], [prompt], [6])
         batch = DecodeBatch(family.variant(n), seqs, family.tokenizer, {2}, pad_id=0)
-        batch.fused = None
+        batch.decoder_step = None
         _run(batch)
         assert tokens == want
 
@@ -155,7 +155,7 @@ def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
     for (n, prompt, m), got in zip(runs, outputs):
         alone, (want,) = _collect([n], [prompt], [m])
         reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
-        reference.fused = None  # the transformers forward
+        reference.decoder_step = None  # the transformers forward
         _run(reference)
         assert got == want, (n, prompt)
 

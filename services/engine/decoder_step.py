@@ -73,8 +73,8 @@ def _config_supported(config) -> bool:
     return config.model_type in FUSED_MODEL_TYPES and config.hidden_act == "silu" and full_attention and no_window
 
 
-class FusedDecoder:
-    """The decode step of one variant; build with `fused_decoder(model)`."""
+class DecoderStep:
+    """The decode step of one variant; build with `decoder_step(model)`."""
 
     def __init__(self, model: nn.Module, stack, kernel):
         spec = spec_for(model.config.model_type)
@@ -88,7 +88,7 @@ class FusedDecoder:
         self.head_weight = get_path(model, spec.head).weight.detach()
 
     def accepts(self, batch_size: int, cache) -> bool:
-        """Whether this batch can take fused steps (few rows; a prefilled in-place KV cache)."""
+        """Whether this batch can take native steps (few rows; a prefilled in-place KV cache)."""
         return batch_size <= MAX_ROWS and len(cache.layers) == len(self.stack) and all(
             type(layer) is GrowingLayer and layer.filled() for layer in cache.layers)
 
@@ -136,17 +136,17 @@ def _advance(cache, length: int) -> None:
         cache_layer.advance(length)
 
 
-def fused_decoder(model: nn.Module) -> FusedDecoder | None:
-    """The variant's fused decoder (built once, kept on the model), or None where it does not apply."""
-    cached = model.__dict__.get("_boomerang_fused_decoder", False)
+def decoder_step(model: nn.Module) -> DecoderStep | None:
+    """The variant's native decoder step (built once, kept on the model), or None where it does not apply."""
+    cached = model.__dict__.get("_boomerang_decoder_step", False)
     if cached is not False:
         return cached
     decoder = _build(model)
-    model.__dict__["_boomerang_fused_decoder"] = decoder
+    model.__dict__["_boomerang_decoder_step"] = decoder
     return decoder
 
 
-def _build(model: nn.Module) -> FusedDecoder | None:
+def _build(model: nn.Module) -> DecoderStep | None:
     config = model.config
     if not _config_supported(config):
         return None
@@ -156,4 +156,4 @@ def _build(model: nn.Module) -> FusedDecoder | None:
         return None
     kernel = load_decoder_step()
     stack = layer_stack(kernel, list(get_path(model, spec.layers)), config) if kernel is not None else None
-    return FusedDecoder(model, stack, kernel) if stack is not None else None
+    return DecoderStep(model, stack, kernel) if stack is not None else None

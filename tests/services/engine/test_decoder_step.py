@@ -1,4 +1,4 @@
-"""The fused native decode step against the transformers forward it replaces, on tiny random models."""
+"""The native decode step against the transformers forward it replaces, on tiny random models."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from services.cpu.fast_linear import enable_fast_linear
 from services.cpu.kernels.decoder_step import load_decoder_step
 from services.engine.batch import DecodeBatch, Sequence
-from services.engine.fused_decode import fused_decoder
+from services.engine.decoder_step import decoder_step
 from services.engine.interface import SamplingParams
 from services.family import load_family
 from services.family.compat import cache_argument_name
@@ -52,10 +52,10 @@ def _prefilled(model, rows: list[list[int]]):
 @pytest.mark.parametrize(("model_type", "extra"), [("llama", {}), ("qwen2", {}), ("qwen3", {}),
                                                    ("llama", {"attention_bias": True})])
 @torch.inference_mode()
-def test_fused_steps_match_the_transformers_forward(model_type, extra, shape):
+def test_native_steps_match_the_transformers_forward(model_type, extra, shape):
     model = _model(model_type, shape, **extra)
-    fused = fused_decoder(model)
-    assert fused is not None
+    step = decoder_step(model)
+    assert step is not None
     rows = [[5, 9, 14, 2, 7, 31, 8], [3, 4], [11, 12, 13, 60]]
     ours, mask, positions = _prefilled(model, rows)
     theirs, _, _ = _prefilled(model, rows)
@@ -63,8 +63,8 @@ def test_fused_steps_match_the_transformers_forward(model_type, extra, shape):
     for _ in range(6):
         mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)  # [B, seen]
         positions = positions + 1
-        assert fused.accepts(len(rows), ours)
-        got = fused.step(tokens, positions, mask, ours)  # [B, vocab]
+        assert step.accepts(len(rows), ours)
+        got = step.step(tokens, positions, mask, ours)  # [B, vocab]
         want = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                      **{cache_argument_name(type(model)): theirs}).logits[:, -1]  # [B, vocab]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -81,46 +81,46 @@ def test_any_thread_count_gives_the_same_step(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        test_fused_steps_match_the_transformers_forward("llama", {}, "odd")
+        test_native_steps_match_the_transformers_forward("llama", {}, "odd")
     finally:
         torch.set_num_threads(before)
 
 
-def _greedy(model, tokenizer, prompts: list[list[int]], fused: bool) -> tuple[list[list[int]], bool]:
+def _greedy(model, tokenizer, prompts: list[list[int]], native: bool) -> tuple[list[list[int]], bool]:
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outputs = [[] for _ in prompts]
     seqs = [Sequence(p, params, lambda delta, out=out: out.extend(delta.token_ids)) for p, out in zip(prompts, outputs)]
     batch = DecodeBatch(model, seqs, tokenizer, {2}, pad_id=0)
-    if not fused:
-        batch.fused = None
+    if not native:
+        batch.decoder_step = None
     batch.prefill()
-    took_fused = batch.fused is not None and batch.fused.accepts(len(seqs), batch.cache)
+    took_native = batch.decoder_step is not None and batch.decoder_step.accepts(len(seqs), batch.cache)
     while not batch.done:
         batch.step()
-    return outputs, took_fused
+    return outputs, took_native
 
 
-def test_engine_batches_take_fused_steps_with_the_same_greedy_tokens(tiny_pair):
+def test_engine_batches_take_native_steps_with_the_same_greedy_tokens(tiny_pair):
     family = load_family(*tiny_pair, device="cpu")
     prompts = [[5, 9, 14, 2, 7, 31], [40, 41], [7, 8, 9]]
     for n in family.sizes:
         model = family.variant(n)
-        fused, took_fused = _greedy(model, family.tokenizer, prompts, fused=True)
-        stock, _ = _greedy(model, family.tokenizer, prompts, fused=False)
-        assert took_fused and fused == stock
+        native, took_native = _greedy(model, family.tokenizer, prompts, native=True)
+        stock, _ = _greedy(model, family.tokenizer, prompts, native=False)
+        assert took_native and native == stock
 
 
 def test_not_used_where_it_does_not_apply(llama_pair):
     stock = load_family(*llama_pair, device="cpu", native_kernels=False)
-    assert fused_decoder(stock.variant(stock.sizes[0])) is None
+    assert decoder_step(stock.variant(stock.sizes[0])) is None
     neox = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "gpt_neox", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4)).eval()
     enable_fast_linear(neox)
-    assert fused_decoder(neox) is None
-    assert fused_decoder(_model("llama", "even", hidden_act="gelu")) is None
+    assert decoder_step(neox) is None
+    assert decoder_step(_model("llama", "even", hidden_act="gelu")) is None
     mistral = _model("mistral", "even", sliding_window=16)
-    assert fused_decoder(mistral) is None
+    assert decoder_step(mistral) is None
 
 
 def _run(model, tokenizer, prompts, params, greedy_steps: int):
@@ -157,19 +157,19 @@ def test_several_greedy_steps_per_call_choose_what_single_steps_choose(tiny_pair
 @torch.inference_mode()
 def test_greedy_steps_end_once_every_live_row_has_stopped():
     model = _model("llama", "even")
-    fused = fused_decoder(model)
+    step = decoder_step(model)
     rows = [[5, 9, 14, 2, 7, 31, 8], [3, 4]]
     cache, mask, positions = _prefilled(model, rows)
     mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)  # [B, seen]
     start = torch.tensor([1, 2])
-    free = fused.greedy_steps(start, positions + 1, mask, cache, 6, [], [True, True])  # [6, B]
+    free = step.greedy_steps(start, positions + 1, mask, cache, 6, [], [True, True])  # [6, B]
     assert free.shape == (6, 2)
     cache, _, _ = _prefilled(model, rows)
     stop = [int(free[1, 0]), int(free[2, 1])]  # row 0 stops at step 2 at the latest, row 1 at step 3
-    stopped = fused.greedy_steps(start, positions + 1, mask, cache, 6, stop, [True, True])
+    stopped = step.greedy_steps(start, positions + 1, mask, cache, 6, stop, [True, True])
     ends = [min(i for i in range(6) if int(free[i, b]) in stop) for b in range(2)]
     assert torch.equal(stopped, free[: max(ends) + 1])
     assert cache.layers[0].keys.shape[-2] == mask.shape[1] + max(ends)  # one position per step taken
     cache, _, _ = _prefilled(model, rows)
-    only_row_0 = fused.greedy_steps(start, positions + 1, mask, cache, 6, stop, [True, False])  # row 1 finished
+    only_row_0 = step.greedy_steps(start, positions + 1, mask, cache, 6, stop, [True, False])  # row 1 finished
     assert torch.equal(only_row_0, free[: ends[0] + 1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -36,13 +37,9 @@ async def _respond(result):
 async def list_models(engine: EngineDep) -> ModelList:
     """Every size of the family, plus the family id (an alias of the largest size)."""
     cards = engine.models()
-    entries = [ModelEntry(id=c.id, created=STARTED, num_layers=c.num_layers, patched_blocks=c.patched_blocks,
-                          parameters=c.parameters, bytes=c.bytes, quality=c.quality, root=engine.family_name)
-               for c in cards]
+    entries = [ModelEntry(**asdict(c), created=STARTED, root=engine.family_name) for c in cards]
     largest = max(cards, key=lambda c: c.num_layers)
-    entries.append(ModelEntry(id=engine.family_name, created=STARTED, num_layers=largest.num_layers,
-                              patched_blocks=largest.patched_blocks, parameters=largest.parameters,
-                              bytes=largest.bytes, quality=largest.quality, root=largest.id))
+    entries.append(ModelEntry(**{**asdict(largest), "id": engine.family_name}, created=STARTED, root=largest.id))
     return ModelList(data=entries)
 
 

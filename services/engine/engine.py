@@ -6,6 +6,7 @@ import asyncio
 import re
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 
 import torch
 
@@ -69,12 +70,8 @@ class InferenceEngine:
 
     # -- sizes -------------------------------------------------------------------------------------------
     def models(self) -> list[ModelCard]:
-        cards = []
-        for n in self.family.sizes:
-            info = self.family.size_info(n)
-            cards.append(ModelCard(self.family.model_id(n), n, info.patched_blocks, info.parameters, info.bytes,
-                                   self.family.quality.get(str(n), {})))
-        return cards
+        return [ModelCard(id=self.family.model_id(n), **asdict(self.family.size_info(n)),
+                          quality=self.family.quality.get(str(n), {})) for n in self.family.sizes]
 
     def model_id(self, num_layers: int) -> str:
         return self.family.model_id(num_layers)

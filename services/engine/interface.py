@@ -69,7 +69,8 @@ class ScoreResult:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """One size of the family as `/v1/models` lists it."""
+    """One size of the family as `/v1/models` lists it: the family's `SizeInfo` (which app/ cannot import:
+    torch) with its id and quality; the HTTP schema `ModelEntry` is built from it field for field."""
 
     id: str
     num_layers: int

@@ -26,8 +26,7 @@ inline float horizontal_sum(__m256 v) {
 
 // The two cache lines 4 KiB ahead of `p` (one loop step of 32 floats), prefetched with the non-temporal
 // hint: data read once per step then does not push out of the caches what the rest of the step (Python,
-// activations, the KV cache) needs next. Measured in alternation with a plain sum, a whole decode step:
-// +4-5% while the machine reads ~48 GB/s, unchanged at ~73 GB/s (2 KiB and 8 KiB: no better; T0: no gain).
+// activations, the KV cache) needs next (measured in docs/performance.md).
 inline void prefetch_ahead(const float* p) {
   const char* ahead = reinterpret_cast<const char*>(p) + 4096;
   _mm_prefetch(ahead, _MM_HINT_NTA);
@@ -118,10 +117,8 @@ __attribute__((noinline)) inline void dot8(const float* w, int64_t n, const floa
 // y[b * y_stride + (r - first)] = w_r . x_b for weight rows [first, last) of w [rows, n] and input rows
 // x [batch, n]. One input row: each weight row is one sequential stream (bandwidth-bound decode). More:
 // eight weight rows per pass, re-read from L1 for each input row, so loads of x do not dominate; while
-// they are, the next eight rows are prefetched, a share per input row, so memory and arithmetic overlap.
-// Measured in alternation with a plain sum, 256 MiB of weights [*, 576]: prefetching the next rows lifts
-// batch 2 from 0.56-0.74 of the sum's rate to 0.85-0.93, batch 8 from 0.31-0.51 to 0.58-0.85, batch 16
-// from 0.22-0.35 to 0.34-0.50 (prefetch to L1; to L2 or non-temporal: no better).
+// they are, the next eight rows are prefetched (to L1), a share per input row, so memory and arithmetic
+// overlap (measured in docs/performance.md).
 inline void matvec_rows(const float* w, int64_t first, int64_t last, int64_t n, const float* x, int64_t batch,
                         float* y, int64_t y_stride) {
   int64_t r = first;

@@ -94,6 +94,8 @@ def boomerang_error_response(error: BoomerangError) -> JSONResponse:
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     first = error.errors()[0] if error.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "unsupported_field":  # raised for the whole body, about one field
+        return first["msg"], first["ctx"]["param"]
     param = location[0] if location else None  # the top-level field, as OpenAI names it
     return f"{param or 'request'}: {first.get('msg', 'invalid')}", param
 

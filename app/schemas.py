@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.fields import check_extra_fields
 
 MAX_STOP_LENGTH = 256
 PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]
@@ -16,9 +18,9 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by every generating endpoint."""
+    """Fields shared by every generating endpoint; any other field is checked by `app.fields`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="a size id from /v1/models, or the family id (the teacher)")
     num_layers: int | None = Field(None, ge=1, le=100_000, description="the size as a layer count")
@@ -40,6 +42,11 @@ class SamplingFields(BaseModel):
         if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
             raise ValueError(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters")
         return value
+
+    @model_validator(mode="after")
+    def _no_silent_drops(self):
+        check_extra_fields(self.model_extra or {})
+        return self
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -141,3 +141,22 @@ def test_api_keys_never_reach_the_logs(make_server, caplog):
     assert caplog.records, "nothing was logged: the check would be vacuous"
     assert all("sekret-in-no-log" not in r.getMessage() and "wrong-key-guess" not in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("field, value, status_code", [
+    ("presence_penalty", 0.5, 400), ("presence_penalty", 0, 200), ("logit_bias", {"5": 100}, 400),
+    ("logit_bias", {}, 200), ("response_format", {"type": "json_object"}, 400), ("tools", [{"type": "function"}], 400),
+    ("user", "someone", 200), ("metadata", {"k": "v"}, 200), ("no_such_field", 1, 400),
+])
+def test_a_field_we_cannot_honour_is_refused_by_name_never_dropped(make_server, field, value, status_code, caplog):
+    live, _ = make_server()
+    body = {"model": "fake-3L", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    response = httpx.post(live.url + "/v1/chat/completions", json=body)
+    assert response.status_code == status_code, response.text
+    if status_code == 400:
+        error = response.json()["error"]
+        assert error["param"] == field and field in error["message"] and error["code"] == "invalid_parameter"
+    completion = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, field: value})
+    assert completion.status_code == status_code
+    if field in ("user", "metadata"):
+        assert f"request field '{field}' is not used" in caplog.text

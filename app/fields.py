@@ -1,0 +1,48 @@
+"""Request fields the OpenAI API defines that we do not implement: refused, never dropped in silence.
+
+A field that would change the answer is accepted only at the value that changes nothing (a client library
+that always sends `presence_penalty: 0` keeps working); any other value is answered with 400 naming the field.
+Fields that cannot change the answer are dropped with a logged warning. A field nobody defines is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic_core import PydanticCustomError
+
+log = logging.getLogger("boomerang.requests")
+
+NEUTRAL: dict[str, tuple] = {  # not implemented: accepted only at these values
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "min_p": (0, 0.0),
+    "min_tokens": (0,),
+    "logit_bias": ({},),
+    "stop_token_ids": ([],),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none", "auto"),  # with no tools, either changes nothing
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+}
+HARMLESS = frozenset({  # cannot change the answer: dropped with a warning
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls",
+    "reasoning_effort",
+})
+
+
+def check_extra_fields(extra: dict) -> None:
+    """Raises a validation error naming the first field we cannot honour; warns of those we drop."""
+    for name, value in extra.items():
+        if value is None or (name in NEUTRAL and value in NEUTRAL[name]):
+            continue
+        if name in HARMLESS:
+            log.warning("request field %r is not used; ignored", name)
+            continue
+        reason = "is not supported" if name in NEUTRAL else "is not a field of this endpoint"
+        raise PydanticCustomError("unsupported_field", "{param} {reason}", {"param": name, "reason": reason})

@@ -10,7 +10,7 @@ from pathlib import Path
 from services.errors import InvalidPairError
 from services.store.files import read_json, write_json
 from services.store.integrity import verify_hashes
-from services.store.student_pack import PACK_FORMAT, unpack_student
+from services.store.student_pack import READABLE_FORMATS, unpack_student
 from services.store.teacher_import import PackagedGGUF, import_teacher
 
 MANIFEST = "manifest.json"
@@ -71,7 +71,7 @@ def resolve_teacher(manifest: Manifest) -> Path:
 def resolve_student(manifest: Manifest, teacher_dir: Path) -> Path:
     """A verified student folder; a packed (int8) student is unpacked once into the cache."""
     folder = _verified_folder(manifest.folder, manifest.student, "student")
-    if manifest.student.get("format") == PACK_FORMAT:
+    if manifest.student.get("format") in READABLE_FORMATS:
         return unpack_student(folder, teacher_dir, cache_dir() / f"{manifest.name}-student")
     return folder
 

@@ -86,3 +86,28 @@ def test_update_manifest_changes_only_what_it_is_told_and_leaves_no_temporary_fi
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(InvalidPairError, match="not valid JSON"):
         update_manifest(tmp_path, lambda m: None)
+
+
+def test_a_student_near_its_teacher_packs_as_deltas_and_keeps_steps_smaller_than_int8_rounding(llama_pair, tmp_path):
+    """A fine-tuning step far below the int8 rounding of the whole weight must survive packing."""
+    from safetensors.torch import load_file, save_file
+
+    from services.store.student_pack import read_weights, teacher_origin, unpack_student
+
+    teacher_dir, student_dir = llama_pair
+    kept = json.loads((student_dir / "student_config.json").read_text())["copied_teacher_layers"]
+    teacher = read_weights(teacher_dir)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(student_dir, tuned)
+    weights = load_file(tuned / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    origin = teacher[teacher_origin(name, kept)]  # [out, in]
+    step = 1e-3 * origin.abs().amax(dim=1, keepdim=True) / 127 * torch.randn_like(origin)  # far below rounding
+    weights[name] = origin + step
+    save_file(weights, tuned / "model.safetensors")
+    info = pack_student(tuned, teacher_dir, tmp_path / "packed")
+    assert info["format"] == "boomerang-int8-v2"
+    assert info["delta_from"][name] == f"model.layers.{kept[1]}.mlp.up_proj.weight"
+    unpacked = load_file(unpack_student(tmp_path / "packed", teacher_dir, tmp_path / "unpacked") / "model.safetensors")
+    error = (unpacked[name] - weights[name]).abs().max()
+    assert error < 0.01 * step.abs().max()  # whole-weight int8 errs by up to half a rounding step: 500x the step

@@ -66,12 +66,16 @@ def _distinct_parameters(models: list[nn.Module], min_bytes: int) -> dict[int, l
 
 def move_to_huge_pages(models: list[nn.Module], min_bytes: int = MIN_BYTES) -> int:
     """Moves the parameters of `models` onto 2 MiB pages (see the module); returns the bytes moved, 0 where
-    the kernel has no transparent huge pages or the mapping cannot be advised (then into plain memory)."""
+    the kernel has no transparent huge pages or the mapping cannot be advised (then into plain memory).
+    Tensors under `min_bytes` get plain memory of their own: one left on the loaded file's pages would keep
+    the whole file's mapping, and every page of it that was read, resident."""
     groups = _distinct_parameters(models, min_bytes)
+    small = {pointer: params for pointer, params in _distinct_parameters(models, 0).items() if pointer not in groups}
     sizes = [-(-params[0].nbytes // ALIGN) * ALIGN for params in groups.values()]
     advised = _advised_mapping(sum(sizes)) if groups and huge_pages_available() else None
+    _copy_to_own_memory(small if advised is not None else {**groups, **small})
     if advised is None:
-        _copy_to_own_memory(groups)
+        _release_freed_memory()
         return 0
     mapping, offset = advised
     for params, size in zip(groups.values(), sizes):
@@ -93,7 +97,6 @@ def _copy_to_own_memory(groups: dict[int, list[nn.Parameter]]) -> None:
         target = params[0].detach().clone()
         for param in params:
             param.data = target
-    _release_freed_memory()
 
 
 def _release_freed_memory() -> None:

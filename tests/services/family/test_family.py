@@ -213,3 +213,15 @@ def test_bit_identical_student_tensors_are_shared_with_the_teacher(llama_pair, t
     reference = load_family(teacher_dir, student_dir, device="cpu")
     for n in family.sizes:
         torch.testing.assert_close(family.variant(n)(TOKENS).logits, reference.variant(n)(TOKENS).logits)
+
+
+def test_a_loaded_family_keeps_no_weight_file_mapped(llama_pair):
+    """Every weight gets memory of its own on CPU: a tensor left on the loaded file's pages keeps the whole
+    file mapped, and every page of it that was read resident (one more copy of the pair in RSS)."""
+    import gc
+
+    family = load_family(*llama_pair, device="cpu")
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = maps.read()
+    assert family.sizes and not any(str(folder) in mapped for folder in llama_pair)

@@ -87,12 +87,11 @@ class Serving:
 
     def _until_end_of_turn(self, prompts: list[list[int]]) -> int:
         """A chat with no `max_tokens` may answer until the end of its turn or the context limit, as OpenAI's."""
-        room = self._context_limit() - max(len(ids) for ids in prompts)
-        if room < 1:
-            raise ContextLengthError(f"the conversation ({max(len(ids) for ids in prompts)} tokens) leaves no room "
-                                     f"for an answer in the context length of {self._context_limit()} tokens",
-                                     param="messages")
-        return room
+        limit, longest = self._context_limit(), max(len(ids) for ids in prompts)
+        if longest >= limit:
+            raise ContextLengthError(f"the conversation ({longest} tokens) leaves no room for an answer in the "
+                                     f"context length of {limit} tokens", param="messages")
+        return limit - longest
 
     def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
                  logprobs: int | None) -> list[Choice]:

@@ -56,13 +56,13 @@ def pack_student(student_dir: Path, teacher_dir: Path, out_dir: Path) -> dict:
     packed: dict[str, torch.Tensor] = {}
     shared, quantized, delta_from = [], [], {}
     for name, tensor in student.items():
-        origin = teacher.get(teacher_origin(name, kept))
         if name in teacher and teacher[name].shape == tensor.shape and torch.equal(teacher[name], tensor):
             shared.append(name)
         elif tensor.dim() == 2 and tensor.is_floating_point():
-            if origin is not None and origin.shape == tensor.shape:
-                delta_from[name] = teacher_origin(name, kept)
-                tensor = tensor.float() - origin.float()  # [out, in]
+            origin = teacher_origin(name, kept)
+            if origin in teacher and teacher[origin].shape == tensor.shape:
+                delta_from[name] = origin
+                tensor = tensor.float() - teacher[origin].float()  # [out, in]
             packed[name], packed[name + SCALE_SUFFIX] = quantize_rows(tensor)
             quantized.append(name)
         else:

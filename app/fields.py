@@ -1,7 +1,7 @@
 """Request fields the OpenAI API defines that we do not implement: refused, never dropped in silence.
 
 A field that would change the answer is accepted only at the value that changes nothing (a client library
-that always sends `presence_penalty: 0` keeps working); any other value is answered with 400 naming the field.
+that always sends `best_of: 1` keeps working); any other value is answered with 400 naming the field.
 Fields that cannot change the answer are dropped with a logged warning. A field nobody defines is refused.
 """
 
@@ -14,13 +14,6 @@ from pydantic_core import PydanticCustomError
 log = logging.getLogger("boomerang.requests")
 
 NEUTRAL: dict[str, tuple] = {  # not implemented: accepted only at these values
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "min_p": (0, 0.0),
-    "min_tokens": (0,),
-    "logit_bias": ({},),
-    "stop_token_ids": ([],),
     "best_of": (1,),
     "suffix": ("",),
     "tools": ([],),

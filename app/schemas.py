@@ -34,6 +34,14 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, description="token id -> added to its logit"))
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(None, max_length=1024)
+    min_tokens: int = Field(0, ge=0, le=1_000_000)
 
     @field_validator("stop")
     @classmethod

@@ -73,6 +73,10 @@ class Serving:
             raise InvalidRequestError(f"n={req.n} exceeds the limit of {self.settings.max_n}", param="n")
         if len(req.stop_list()) > self.settings.max_stop_strings:
             raise InvalidRequestError(f"at most {self.settings.max_stop_strings} stop strings", param="stop")
+        if req.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
+                                      param="min_tokens")
+        self._check_token_ids(list(req.logit_bias or {}), "logit_bias")
         limit = self._context_limit()
         for ids in prompts:
             if len(ids) > self.settings.max_prompt_tokens:
@@ -81,6 +85,12 @@ class Serving:
             if len(ids) + max_tokens > limit:
                 raise ContextLengthError(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                          f"context length of {limit} tokens", param="max_tokens")
+
+    def _check_token_ids(self, token_ids: list[int], param: str) -> None:
+        try:
+            self.engine.detokenize(token_ids)  # raises on ids outside the vocabulary
+        except InvalidRequestError as error:
+            raise InvalidRequestError(str(error), param=param) from None
 
     def _context_limit(self) -> int:
         return min(self.settings.max_total_tokens, self.engine.max_model_len)
@@ -102,7 +112,12 @@ class Serving:
                 seed = None if req.seed is None else req.seed + index
                 params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                         top_k=max(0, req.top_k), stop=req.stop_list(), seed=seed,
-                                        logprobs=logprobs, ignore_eos=req.ignore_eos)
+                                        logprobs=logprobs, ignore_eos=req.ignore_eos,
+                                        presence_penalty=req.presence_penalty,
+                                        frequency_penalty=req.frequency_penalty,
+                                        repetition_penalty=req.repetition_penalty, min_p=req.min_p,
+                                        logit_bias=tuple((req.logit_bias or {}).items()),
+                                        stop_token_ids=tuple(req.stop_token_ids or ()), min_tokens=req.min_tokens)
                 choices.append(Choice(index, ids, params))
         return choices
 

@@ -11,6 +11,7 @@ import torch
 from services.engine.decoder_step import decoder_step
 from services.engine.detokenize import TextTracker
 from services.engine.interface import GREEDY_STEPS, SamplingParams, StreamDelta, TokenLogprob
+from services.engine.logit_processors import adjusts_logits, apply_logit_processors
 from services.engine.sampling import choose_token, is_greedy, make_generator
 from services.family.compat import cache_argument_name
 
@@ -110,11 +111,12 @@ class DecodeBatch:
         return 1
 
     def _greedy_steps(self) -> int:
-        """How many steps one native call may take: 1 unless every live row is plain greedy (no logprobs);
-        never more than the most tokens a live row may still produce."""
+        """How many steps one native call may take: 1 unless every live row is plain greedy (no logprobs, no
+        logit adjustments); never more than the most tokens a live row may still produce."""
         live = [seq for seq in self.sequences if not seq.done]
         if not live or not self.decoder_step.takes_steps_ahead or any(
-                not is_greedy(seq.params) or seq.params.logprobs is not None for seq in live):
+                not is_greedy(seq.params) or seq.params.logprobs is not None or adjusts_logits(seq.params)
+                for seq in live):
             return 1
         return max(1, min(self.greedy_steps, max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in live)))
 
@@ -135,7 +137,11 @@ class DecodeBatch:
         return taken
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
-        """One token per row; a single argmax for the whole batch when every row is greedy."""
+        """One token per row, after the rows' logit adjustments; a single argmax for the whole batch when every
+        row is greedy."""
+        logits = apply_logit_processors(logits, [seq.params for seq in self.sequences],
+                                        [seq.prompt_ids for seq in self.sequences],
+                                        [seq.tracker.token_ids for seq in self.sequences], self.eos_ids)
         if all(is_greedy(seq.params) for seq in self.sequences):
             return logits.argmax(-1).tolist()
         return [choose_token(logits[row], seq.params, seq.generator) for row, seq in enumerate(self.sequences)]
@@ -159,9 +165,10 @@ class DecodeBatch:
         if params.logprobs is not None:
             top = _top_logprobs(logprobs, params.logprobs, self.tokenizer) if params.logprobs else {}
             info = (TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), top),)
-        if token in self.eos_ids and not params.ignore_eos:
-            tracker.token_ids.append(token)
-            return self._finish(seq, tracker.flush(), "stop", info)
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            text = tracker.flush()
+            tracker.token_ids.append(token)  # counted in the usage, never shown
+            return self._finish(seq, text, "stop", info)
         text, stopped = tracker.push(token)
         if stopped:
             return self._finish(seq, text, "stop", info, token)

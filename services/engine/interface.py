@@ -34,6 +34,13 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives per token; None = no log-probs
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in what was generated
+    repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of prompt and generated tokens
+    min_p: float = 0.0  # drops tokens less likely than min_p x the most likely one (sampling only)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # finish when one is generated (not in the text)
+    min_tokens: int = 0  # end-of-sequence and stop tokens are barred until this many are generated
 
 
 @dataclass(frozen=True)

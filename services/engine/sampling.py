@@ -1,4 +1,5 @@
-"""Next-token choice per sequence: greedy, or temperature / top-k / top-p sampling with a seeded generator."""
+"""Next-token choice per sequence: greedy, or temperature / top-k / top-p / min-p sampling with a seeded
+generator."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on one row of logits [vocab]."""
+    """Temperature, then top-k, top-p (nucleus) and min-p on one row of logits [vocab]."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -24,6 +25,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)  # [vocab]
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     return logits
 
 

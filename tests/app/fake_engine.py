@@ -6,9 +6,10 @@ import asyncio
 import threading
 
 from services.engine.interface import ModelCard, SamplingParams, ScoreResult, StreamDelta
-from services.errors import OverloadedError, UnknownSizeError
+from services.errors import InvalidRequestError, OverloadedError, UnknownSizeError
 
 WORDS = ["alpha ", "beta ", "gamma ", "delta "]
+VOCAB_SIZE = 50_000
 
 
 class FakeEngine:
@@ -35,6 +36,8 @@ class FakeEngine:
         return [ord(c) % 97 for c in text]
 
     def detokenize(self, token_ids) -> str:
+        if any(not 0 <= t < VOCAB_SIZE for t in token_ids):
+            raise InvalidRequestError("token ids outside the vocabulary", param="tokens")
         return "".join(chr(97 + t % 26) for t in token_ids)
 
     def apply_chat_template(self, messages) -> str:

@@ -143,9 +143,19 @@ def test_api_keys_never_reach_the_logs(make_server, caplog):
                for r in caplog.records)
 
 
+def test_min_tokens_above_max_tokens_and_a_bias_outside_the_vocabulary_are_refused_by_name(make_server):
+    live, _ = make_server()
+    for extra, param in (({"min_tokens": 5}, "min_tokens"), ({"logit_bias": {"1000000": 1}}, "logit_bias")):
+        body = {"model": "fake-3L", "prompt": "hi", "max_tokens": 2, **extra}
+        response = httpx.post(live.url + "/v1/completions", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 @pytest.mark.parametrize("field, value, status_code", [
-    ("presence_penalty", 0.5, 400), ("presence_penalty", 0, 200), ("logit_bias", {"5": 100}, 400),
-    ("logit_bias", {}, 200), ("response_format", {"type": "json_object"}, 400), ("tools", [{"type": "function"}], 400),
+    ("presence_penalty", 0.5, 200), ("presence_penalty", 3, 400), ("logit_bias", {"5": 100}, 200),
+    ("logit_bias", {"5": 101}, 400), ("logit_bias", {"x": 1}, 400), ("min_p", 0.1, 200), ("min_tokens", 1, 200),
+    ("stop_token_ids", [3], 200), ("repetition_penalty", 0, 400), ("best_of", 2, 400),
+    ("response_format", {"type": "json_object"}, 400), ("tools", [{"type": "function"}], 400),
     ("user", "someone", 200), ("metadata", {"k": "v"}, 200), ("no_such_field", 1, 400),
 ])
 def test_a_field_we_cannot_honour_is_refused_by_name_never_dropped(make_server, field, value, status_code, caplog):

@@ -7,6 +7,7 @@ import torch
 
 from services.engine.engine import EngineLimits, InferenceEngine
 from services.engine.interface import SamplingParams
+from services.engine.logit_processors import apply_logit_processors
 from services.errors import ContextLengthError, OverloadedError, UnknownSizeError
 from services.family import load_family
 
@@ -51,6 +52,44 @@ def test_batched_greedy_equals_unbatched_reference(engine):
     for prompt, (_, tokens, finish) in zip(PROMPTS, results):
         assert tokens == _greedy_reference(model, prompt, 6)
         assert finish == "length"
+
+
+def _adjusted_greedy_reference(model, prompt_ids, params, steps, eos_ids):
+    answer: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + answer]), use_cache=False).logits[:, -1].float()  # [1, vocab]
+        answer.append(int(apply_logit_processors(logits, [params], [prompt_ids], [answer], eos_ids).argmax()))
+    return answer
+
+
+def test_penalised_rows_batched_with_plain_ones_equal_their_offline_reference(engine):
+    small, large = engine.family.sizes[0], engine.family.sizes[-1]
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    penalised = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, repetition_penalty=1.5,
+                               presence_penalty=0.7, frequency_penalty=0.4, logit_bias=((7, 0.8),))
+    requests = [(small, PROMPTS[0], plain), (large, PROMPTS[1], penalised), (small, PROMPTS[3], penalised),
+                (large, PROMPTS[2], plain)]
+
+    async def together():
+        return await asyncio.gather(*[_run(engine, *request) for request in requests])
+
+    for (size, prompt, params), (_, tokens, _) in zip(requests, asyncio.run(together())):
+        model = engine.family.variant(size)
+        assert tokens == _adjusted_greedy_reference(model, prompt, params, 8, engine.eos_ids)
+    assert _adjusted_greedy_reference(engine.family.variant(large), PROMPTS[1], penalised, 8, engine.eos_ids) != \
+        _greedy_reference(engine.family.variant(large), PROMPTS[1], 8), "the penalties changed nothing: vacuous"
+
+
+def test_bias_min_tokens_and_stop_token_ids_end_where_asked(engine):
+    size, eos = engine.family.sizes[0], min(engine.eos_ids)
+    forced = SamplingParams(max_tokens=10, temperature=0, logit_bias=((eos, 100.0),), min_tokens=3)
+    _, tokens, finish = asyncio.run(_run(engine, size, PROMPTS[0], forced))
+    assert len(tokens) == 3 and eos not in tokens and finish == "stop"  # eos barred for 3 tokens, then taken
+    first = _greedy_reference(engine.family.variant(size), PROMPTS[0], 1)[0]
+    stopped = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=(first,))
+    text, tokens, finish = asyncio.run(_run(engine, size, PROMPTS[0], stopped))
+    assert (text, tokens, finish) == ("", [], "stop")
 
 
 def test_score_equals_offline_variant(engine):

@@ -104,8 +104,22 @@ class ScoreRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    text: Annotated[str, Field(max_length=1_000_000)]
+    """vLLM's shape: a `prompt` or chat `messages`; `text` is kept as an alias of `prompt`."""
+
     model: str | None = None
+    prompt: Annotated[str, Field(max_length=1_000_000)] | None = None
+    text: Annotated[str, Field(max_length=1_000_000)] | None = Field(None, description="alias of prompt")
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(False, description="as /v1/completions tokenizes prompts")
+    add_generation_prompt: bool = Field(True, description="with messages: end with the assistant's header")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [name for name in ("prompt", "text", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of prompt, text or messages")
+        return self
 
 
 class DetokenizeRequest(BaseModel):
@@ -123,6 +137,7 @@ class ModelEntry(BaseModel):
     parameters: int
     bytes: int
     quality: dict = Field(default_factory=dict)
+    max_model_len: int
     root: str | None = None
 
 
@@ -145,7 +160,10 @@ class ScoreResponse(BaseModel):
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
+    max_model_len: int
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):
-    text: str
+    prompt: str
+    text: str = Field(..., description="the same as prompt, for clients of earlier versions")

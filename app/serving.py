@@ -12,7 +12,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from app.metrics import Metrics
-from app.schemas import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields, ScoreRequest
+from app.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    SamplingFields,
+    ScoreRequest,
+    TokenizeRequest,
+)
 from app.settings import Settings
 from app.streams import SSE_DONE, merge, sse, with_deadline
 from services.engine.interface import Engine, SamplingParams, ScoreResult, StreamDelta
@@ -77,7 +85,7 @@ class Serving:
             raise InvalidRequestError(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
                                       param="min_tokens")
         self._check_token_ids(list(req.logit_bias or {}), "logit_bias")
-        limit = self._context_limit()
+        limit = self.context_limit()
         for ids in prompts:
             if len(ids) > self.settings.max_prompt_tokens:
                 raise ContextLengthError(f"prompt has {len(ids)} tokens; the limit is "
@@ -92,12 +100,13 @@ class Serving:
         except InvalidRequestError as error:
             raise InvalidRequestError(str(error), param=param) from None
 
-    def _context_limit(self) -> int:
+    def context_limit(self) -> int:
+        """Prompt plus completion, in tokens: the smaller of the server's limit and the model's."""
         return min(self.settings.max_total_tokens, self.engine.max_model_len)
 
     def _until_end_of_turn(self, prompts: list[list[int]]) -> int:
         """A chat with no `max_tokens` may answer until the end of its turn or the context limit, as OpenAI's."""
-        limit, longest = self._context_limit(), max(len(ids) for ids in prompts)
+        limit, longest = self.context_limit(), max(len(ids) for ids in prompts)
         if longest >= limit:
             raise ContextLengthError(f"the conversation ({longest} tokens) leaves no room for an answer in the "
                                      f"context length of {limit} tokens", param="messages")
@@ -306,3 +315,21 @@ class Serving:
                 "token_ids": list(result.token_ids), "token_logprobs": list(result.logprobs),
                 "top_logprobs": list(result.top_logprobs) if req.top_logprobs else None,
                 "total_logprob": result.total, "perplexity": perplexity}
+
+    # -- tokenizer ------------------------------------------------------------------------------------------
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        if req.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            text = self.engine.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        else:
+            text = req.prompt if req.prompt is not None else req.text
+        tokens = self.engine.tokenize(text, add_special_tokens=req.add_special_tokens)
+        strings = self.engine.token_strings(tokens) if req.return_token_strs else None
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_limit(), "token_strs": strings}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        text = self.engine.detokenize(req.tokens)
+        return {"prompt": text, "text": text}
+
+    def tokenizer_info(self) -> dict:
+        return {**self.engine.tokenizer_info(), "max_model_len": self.context_limit()}

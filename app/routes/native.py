@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import Authorized, EngineDep, ServingDep
+from app.deps import Authorized, ServingDep
 from app.errors import ERRORS
 from app.schemas import (
     DetokenizeRequest,
@@ -32,13 +32,18 @@ async def score(body: ScoreRequest, serving: ServingDep) -> dict:
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
-    """Token ids of a text (no special tokens added)."""
-    tokens = engine.tokenize(body.text)
-    return TokenizeResponse(tokens=tokens, count=len(tokens))
+async def tokenize(body: TokenizeRequest, serving: ServingDep) -> dict:
+    """Token ids of a prompt, or of chat messages in the model's template (vLLM's shape)."""
+    return serving.tokenize(body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
+async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> dict:
     """Text of a list of token ids."""
-    return DetokenizeResponse(text=engine.detokenize(body.tokens))
+    return serving.detokenize(body)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(serving: ServingDep) -> dict:
+    """The tokenizer's special tokens, chat template and limits, for clients that tokenize remotely."""
+    return serving.tokenizer_info()

@@ -34,12 +34,13 @@ async def _respond(result):
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(engine: EngineDep) -> ModelList:
+async def list_models(engine: EngineDep, serving: ServingDep) -> ModelList:
     """Every size of the family, plus the family id (an alias of the largest size)."""
-    cards = engine.models()
-    entries = [ModelEntry(**asdict(c), created=STARTED, root=engine.family_name) for c in cards]
+    cards, limit = engine.models(), serving.context_limit()
+    entries = [ModelEntry(**asdict(c), created=STARTED, root=engine.family_name, max_model_len=limit) for c in cards]
     largest = max(cards, key=lambda c: c.num_layers)
-    entries.append(ModelEntry(**{**asdict(largest), "id": engine.family_name}, created=STARTED, root=largest.id))
+    entries.append(ModelEntry(**{**asdict(largest), "id": engine.family_name}, created=STARTED, root=largest.id,
+                              max_model_len=limit))
     return ModelList(data=entries)
 
 

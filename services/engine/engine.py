@@ -97,8 +97,8 @@ class InferenceEngine:
         return size
 
     # -- text ----------------------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def detokenize(self, token_ids: list[int]) -> str:
         vocab = len(self.tokenizer)
@@ -107,10 +107,23 @@ class InferenceEngine:
             raise InvalidRequestError(f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens")
         return self.tokenizer.decode(token_ids)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        self.detokenize(token_ids)  # raises on ids outside the vocabulary
+        return self.tokenizer.convert_ids_to_tokens(token_ids)
+
+    def tokenizer_info(self) -> dict:
+        """What a remote client needs to tokenize as we do (lm-eval reads the special tokens and template)."""
+        tokenizer = self.tokenizer
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
+                "chat_template": tokenizer.chat_template, "vocab_size": len(tokenizer),
+                "model_max_length": self.max_model_len}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     # -- admission -------------------------------------------------------------------------------------------
     def _admit(self) -> None:

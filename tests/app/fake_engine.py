@@ -32,7 +32,7 @@ class FakeEngine:
     def model_id(self, num_layers: int) -> str:
         return f"fake-{num_layers}L"
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [ord(c) % 97 for c in text]
 
     def detokenize(self, token_ids) -> str:
@@ -40,7 +40,14 @@ class FakeEngine:
             raise InvalidRequestError("token ids outside the vocabulary", param="tokens")
         return "".join(chr(97 + t % 26) for t in token_ids)
 
-    def apply_chat_template(self, messages) -> str:
+    def token_strings(self, token_ids) -> list[str]:
+        return list(self.detokenize(token_ids))
+
+    def tokenizer_info(self) -> dict:
+        return {"tokenizer_class": "FakeTokenizer", "eos_token": "</s>", "bos_token": None, "pad_token": None,
+                "chat_template": "{{ messages }}", "vocab_size": VOCAB_SIZE, "model_max_length": self.max_model_len}
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         return "".join(m["content"] for m in messages)
 
     async def generate(self, num_layers: int, prompt_ids, params: SamplingParams):

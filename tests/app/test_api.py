@@ -36,6 +36,25 @@ def test_models_lists_every_size_and_the_family(client, server):
     assert entry["num_layers"] == family.sizes[0] and entry["parameters"] > 0 and entry["bytes"] > 0
 
 
+def test_vllm_shaped_tokenizer_endpoints_tokenize_as_the_server_does(server):
+    family = server.app.state.engine.family
+    messages = [{"role": "user", "content": "To be or not"}]
+    templated = family.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = family.tokenizer(templated, add_special_tokens=False)["input_ids"]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages, "return_token_strs": True}).json()
+    assert chat["tokens"] == want and chat["count"] == len(want)
+    assert chat["token_strs"] == family.tokenizer.convert_ids_to_tokens(want)
+    plain = httpx.post(server.url + "/tokenize", json={"prompt": templated}).json()
+    assert plain["tokens"] == want and plain["max_model_len"] == chat["max_model_len"] > 0
+    assert httpx.post(server.url + "/detokenize", json={"tokens": want}).json()["prompt"] == templated
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == family.tokenizer.eos_token and info["chat_template"] == family.tokenizer.chat_template
+    models = httpx.get(server.url + "/v1/models").json()["data"]
+    assert {m["max_model_len"] for m in models} == {info["max_model_len"]}
+    both = httpx.post(server.url + "/tokenize", json={"prompt": "a", "messages": messages})
+    assert both.status_code == 400
+
+
 def test_completion_names_the_size_used(client):
     out = client.completions.create(model="tiny-6L", prompt="To be", max_tokens=5, temperature=0)
     assert out.model == "tiny-6L"

@@ -124,8 +124,8 @@ def test_metrics_show_memory_before_the_oom_killer_does(make_server):
 def test_tokenize_detokenize_and_native_generate(make_server):
     live, _ = make_server()
     tokens = httpx.post(live.url + "/tokenize", json={"text": "abc"}).json()
-    assert tokens == {"tokens": [0, 1, 2], "count": 3}
-    assert httpx.post(live.url + "/detokenize", json={"tokens": [0, 1, 2]}).json() == {"text": "abc"}
+    assert tokens == {"tokens": [0, 1, 2], "count": 3, "max_model_len": 64, "token_strs": None}
+    assert httpx.post(live.url + "/detokenize", json={"tokens": [0, 1, 2]}).json() == {"prompt": "abc", "text": "abc"}
     generated = httpx.post(live.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 2, "num_layers": 3}).json()
     assert generated["model"] == "fake-3L" and generated["outputs"][0]["text"] == "alpha beta "
 

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 … (default: bf16 on GPU, fp32 on CPU)")
     name: str | None = Field(None, description="family id served (default: the pair's name)")
+    threads: int | None = Field(None, ge=1, description="torch's compute threads (default: OMP_NUM_THREADS if "
+                                "set, else the container's CPU quota, else the CPUs this process may use)")
     native_kernels: bool = Field(True, description="fp32 CPU decode through the native AVX2 GEMV kernel "
                                                    "(false: torch's matmul)")
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = no auth")

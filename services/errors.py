@@ -80,3 +80,9 @@ class MemoryLimitError(BoomerangError):
     """The configured limits could need more memory than the machine has left."""
 
     code = "memory_limit"
+
+
+class InvalidSettingError(BoomerangError):
+    """A server or engine setting has a value that cannot work."""
+
+    code = "invalid_setting"

@@ -23,7 +23,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.streams import SSE_DONE, merge, sse, with_deadline
-from services.engine.interface import Engine, SamplingParams, ScoreResult, StreamDelta
+from services.engine.interface import MIN_TEMPERATURE, Engine, SamplingParams, ScoreResult, StreamDelta
 from services.errors import BoomerangError, ContextLengthError, InvalidRequestError
 
 
@@ -53,6 +53,22 @@ def _score_as_legacy_logprobs(score: ScoreResult) -> dict:
     tops = list(score.top_logprobs) if score.top_logprobs else [None] * len(score.tokens)
     return {"tokens": list(score.tokens), "token_logprobs": list(score.logprobs), "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int) -> bool:
+    """A log-likelihood request (echo, logprobs, one greedy token, nothing that shapes the choice) gets its token
+    from the scoring forward: one pass instead of a scoring and a generation."""
+    plain = SamplingParams()
+    return (max_tokens == 1 and req.n == 1 and req.temperature < MIN_TEMPERATURE and not req.stop_list()
+            and not req.ignore_eos and not req.logit_bias and not req.stop_token_ids and req.min_tokens == 0
+            and (req.presence_penalty, req.frequency_penalty, req.repetition_penalty) ==
+            (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty))
+
+
+def _collected_from_score(score: ScoreResult) -> Collected:
+    token = score.next_token
+    return Collected(text="" if token.is_eos else token.text, finish_reason="stop" if token.is_eos else "length",
+                     completion_tokens=1, prompt_tokens=len(score.token_ids), logprobs=[token.logprob])
 
 
 class Serving:
@@ -161,7 +177,13 @@ class Serving:
         scores = await self._echo_scores(size, prompts, req) if req.echo else None
         if req.stream:
             return self._completion_stream(size, prompts, choices, req, scores)
-        results = await self._collect(size, choices, "completions")
+        if scores and _next_token_is_in_the_score(req, max_tokens):
+            results = [_collected_from_score(score) for score in scores]
+            for result in results:
+                self.metrics.count("completions", self.engine.model_id(size), prompt_tokens=result.prompt_tokens,
+                                   completion_tokens=result.completion_tokens)
+        else:
+            results = await self._collect(size, choices, "completions")
         body = [self._completion_choice(c, r, req, prompts, scores) for c, r in zip(choices, results)]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.engine.model_id(size), "choices": body,
@@ -170,7 +192,7 @@ class Serving:
     async def _echo_scores(self, size: int, prompts: list[list[int]], req: CompletionRequest) -> list | None:
         if req.logprobs is None:
             return None
-        return [await self.engine.score(size, ids, req.logprobs) for ids in prompts]
+        return await self.engine.score_batch(size, prompts, req.logprobs)
 
     def _completion_choice(self, choice: Choice, result: Collected, req: CompletionRequest, prompts,
                            scores) -> dict:

@@ -18,6 +18,7 @@ from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
+from services.engine.scoring import score_prompts
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
 
@@ -180,15 +181,20 @@ class InferenceEngine:
 
     async def score(self, num_layers: int, prompt_ids: list[int], top_logprobs: int = 0) -> ScoreResult:
         """Log-probability of each prompt token given the ones before it (the first has none)."""
+        return (await self.score_batch(num_layers, [prompt_ids], top_logprobs))[0]
+
+    async def score_batch(self, num_layers: int, prompts: list[list[int]], top_logprobs: int = 0) -> list[ScoreResult]:
+        """Several prompts scored as one piece of work, up to `max_batch_size` prompts per forward."""
         self.family.plan(num_layers)
-        self._check_length(prompt_ids, 0)
+        for prompt_ids in prompts:
+            self._check_length(prompt_ids, 0)
         self._admit()
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
         def run() -> None:
             try:
-                result = self._score_now(num_layers, prompt_ids, top_logprobs)
+                result = self._score_now(num_layers, prompts, top_logprobs)
                 loop.call_soon_threadsafe(_resolve, future, result)
             except Exception as error:  # noqa: BLE001 - handed to the awaiting caller
                 loop.call_soon_threadsafe(_resolve, future, error)
@@ -199,21 +205,11 @@ class InferenceEngine:
         finally:
             self._release()
 
-    @torch.inference_mode()
-    def _score_now(self, num_layers: int, prompt_ids: list[int], top_logprobs: int) -> ScoreResult:
-        model = self.family.variant(num_layers)
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([prompt_ids], device=device)  # [1, seq]
-        logits = model(input_ids, use_cache=False).logits[0, :-1].float()  # [seq-1, vocab]: predicts 1..seq-1
-        # log-softmax by its normaliser alone: no second tensor of the logits' size for a long prompt
-        normaliser = torch.logsumexp(logits, dim=-1)  # [seq-1]
-        chosen = logits.gather(-1, input_ids[0, 1:, None])[:, 0] - normaliser  # [seq-1]
-        tops: list[dict[str, float] | None] = [None]
-        for row, norm in zip(logits, normaliser) if top_logprobs else []:
-            values, ids = torch.topk(row, top_logprobs)
-            tops.append({self.tokenizer.decode([int(i)]): float(v - norm) for v, i in zip(values, ids)})
-        tokens = tuple(self.tokenizer.decode([t]) for t in prompt_ids)
-        return ScoreResult(tuple(prompt_ids), tokens, (None, *map(float, chosen)), tuple(tops) if top_logprobs else ())
+    def _score_now(self, num_layers: int, prompts: list[list[int]], top_logprobs: int) -> list[ScoreResult]:
+        model, group = self.family.variant(num_layers), self.limits.max_batch_size
+        return [result for start in range(0, len(prompts), group)
+                for result in score_prompts(model, prompts[start:start + group], top_logprobs, self.tokenizer,
+                                            self.eos_ids, self.pad_id)]
 
     def stats(self) -> dict:
         return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,

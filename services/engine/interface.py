@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: sampling is treated as greedy
+
 # decode steps per native call for all-greedy batches: their tokens stream in bursts of up to this many
 GREEDY_STEPS = 8
 
@@ -63,11 +65,22 @@ class StreamDelta:
 
 
 @dataclass(frozen=True)
+class NextToken:
+    """The greedy token after a scored prompt, as generation would have produced it."""
+
+    token_id: int
+    text: str  # as it would stream: special tokens dropped
+    logprob: TokenLogprob
+    is_eos: bool
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     token_ids: tuple[int, ...]
     tokens: tuple[str, ...]
     logprobs: tuple[float | None, ...]  # first token has none
     top_logprobs: tuple[dict[str, float] | None, ...] = ()
+    next_token: NextToken | None = None
 
     @property
     def total(self) -> float:
@@ -113,6 +126,9 @@ class Engine(Protocol):
         ...
 
     async def score(self, num_layers: int, prompt_ids: list[int], top_logprobs: int = 0) -> ScoreResult: ...
+
+    async def score_batch(self, num_layers: int, prompts: list[list[int]], top_logprobs: int = 0) -> list[ScoreResult]:
+        ...
 
     def stats(self) -> dict: ...
 

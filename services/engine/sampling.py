@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.interface import SamplingParams
+from services.engine.interface import MIN_TEMPERATURE, SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -29,9 +29,6 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = logits.softmax(-1)  # [vocab]
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     return logits
-
-
-MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: treat it as greedy
 
 
 def is_greedy(params: SamplingParams) -> bool:

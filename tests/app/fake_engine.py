@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from services.engine.interface import ModelCard, SamplingParams, ScoreResult, StreamDelta
+from services.engine.interface import ModelCard, NextToken, SamplingParams, ScoreResult, StreamDelta, TokenLogprob
 from services.errors import InvalidRequestError, OverloadedError, UnknownSizeError
 
 WORDS = ["alpha ", "beta ", "gamma ", "delta "]
@@ -63,8 +63,12 @@ class FakeEngine:
             self.in_flight -= 1
 
     async def score(self, num_layers, prompt_ids, top_logprobs=0) -> ScoreResult:
+        next_token = NextToken(0, WORDS[0], TokenLogprob(WORDS[0], -0.5), False)
         return ScoreResult(tuple(prompt_ids), tuple("x" for _ in prompt_ids),
-                           (None, *[-1.0] * (len(prompt_ids) - 1)))
+                           (None, *[-1.0] * (len(prompt_ids) - 1)), next_token=next_token)
+
+    async def score_batch(self, num_layers, prompts, top_logprobs=0) -> list[ScoreResult]:
+        return [await self.score(num_layers, ids, top_logprobs) for ids in prompts]
 
     def stats(self) -> dict:
         return {"in_flight": self.in_flight, "waiting": 0, "running": self.in_flight, "kv_reserved_bytes": 4096,

@@ -55,6 +55,34 @@ def test_vllm_shaped_tokenizer_endpoints_tokenize_as_the_server_does(server):
     assert both.status_code == 400
 
 
+def test_log_likelihood_requests_take_one_forward_and_match_scoring_plus_generation(client, server):
+    """lm-eval's request: echo, logprobs, max_tokens 1, greedy, several prompts; the token comes from the
+    scoring pass and equals what generation picks."""
+    prompts = ["To be, or not to be", "The quick brown fox jumps", "Hello"]
+    engine = server.app.state.engine
+    forwards = []
+    original = engine._score_now
+    engine._score_now = lambda *args: forwards.append(len(args[1])) or original(*args)
+    try:
+        both = client.completions.create(model="tiny-6L", prompt=prompts, max_tokens=1, temperature=0, echo=True,
+                                         logprobs=1)
+    finally:
+        engine._score_now = original
+    assert forwards == [len(prompts)]  # one scoring job for every prompt, no generation
+    for prompt, choice in zip(prompts, both.choices):
+        generated = client.completions.create(model="tiny-6L", prompt=prompt, max_tokens=1, temperature=0,
+                                              logprobs=1)
+        scored = client.completions.create(model="tiny-6L", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        assert choice.text == prompt + generated.choices[0].text
+        assert choice.finish_reason == generated.choices[0].finish_reason
+        lp, want = choice.logprobs, scored.choices[0].logprobs
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:-1]), torch.tensor(want.token_logprobs[1:]))
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs[-1]),
+                                   torch.tensor(generated.choices[0].logprobs.token_logprobs[0]), atol=1e-4,
+                                   rtol=1e-4)
+    assert both.usage.completion_tokens == len(prompts)
+
+
 def test_completion_names_the_size_used(client):
     out = client.completions.create(model="tiny-6L", prompt="To be", max_tokens=5, temperature=0)
     assert out.model == "tiny-6L"

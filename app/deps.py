@@ -26,7 +26,8 @@ def get_engine(request: Request) -> Engine:
 
 
 def get_serving(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> Serving:
-    return Serving(engine, request.app.state.settings, request.app.state.metrics)
+    state = request.app.state
+    return Serving(engine, state.settings, state.metrics, state.latency)
 
 
 def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:

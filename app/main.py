@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
-from app.routes import native, ops
+from app.routes import native, ops, playground
 from app.routes import openai as openai_routes
 from app.settings import Settings
 from services.engine.interface import Engine
+from services.engine.latency import LatencyModel
 from services.errors import BoomerangError
 
 log = logging.getLogger("boomerang.server")
@@ -42,6 +43,7 @@ async def _load(app: FastAPI, factory: EngineFactory) -> None:
         log.error("error: %s", error.message)
         state.on_fatal()
         return
+    state.latency = LatencyModel(engine.models(), state.settings.max_concurrent)
     state.engine = engine
     state.metrics.stats = engine.stats
     log.info("ready: %s, sizes %s", engine.family_name, [m.num_layers for m in engine.models()])
@@ -68,4 +70,6 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for router in (ops.router, openai_routes.router, native.router):
         app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.build_router())
     return app

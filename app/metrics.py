@@ -29,6 +29,9 @@ class Metrics:
         self.batch_size = Histogram("boomerang_batch_size", "Sequences per batch (model: its layer count, or "
                                     "'mixed' for a batch of several sizes)", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.size_choices = Counter("boomerang_size_choices", "Sizes served to requests that let the server "
+                                    "choose (auto, allow_smaller), by the largest allowed and the one served",
+                                    ["requested", "served"], registry=self.registry)
         self.queue_depth = Gauge("boomerang_queue_depth", "Requests waiting for a slot", registry=self.registry)
         self.running = Gauge("boomerang_running", "Sequences decoding now (rows of the running batches)",
                              registry=self.registry)

@@ -23,7 +23,12 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="a size id from /v1/models, or the family id (the teacher)")
-    num_layers: int | None = Field(None, ge=1, le=100_000, description="the size as a layer count")
+    num_layers: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] | None = Field(
+        None, description="the size as a layer count, or auto: the largest that fits the budget")
+    max_latency_ms: float | None = Field(None, gt=0, description="auto: time to the whole answer")
+    max_time_to_first_token_ms: float | None = Field(None, gt=0, description="auto: time to the first token")
+    min_num_layers: int | None = Field(None, ge=1, le=100_000, description="auto: the smallest size accepted")
+    allow_smaller: bool = Field(False, description="with --overload-policy degrade: may be served smaller")
     max_tokens: int | None = Field(None, ge=0, le=1_000_000)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -137,6 +142,7 @@ class ModelEntry(BaseModel):
     parameters: int
     bytes: int
     quality: dict = Field(default_factory=dict)
+    speed: dict = Field(default_factory=dict, description="current estimates, learned from requests served")
     max_model_len: int
     root: str | None = None
 

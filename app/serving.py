@@ -5,6 +5,7 @@ No routing here and no FastAPI: routes call these methods and wrap what they ret
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -22,9 +23,13 @@ from app.schemas import (
     TokenizeRequest,
 )
 from app.settings import Settings
+from app.sizes import Requested, choose, observed, requested_size
 from app.streams import SSE_DONE, merge, sse, with_deadline
 from services.engine.interface import MIN_TEMPERATURE, Engine, SamplingParams, ScoreResult, StreamDelta
+from services.engine.latency import LatencyModel
 from services.errors import BoomerangError, ContextLengthError, InvalidRequestError
+
+log = logging.getLogger("boomerang.sizes")
 
 
 @dataclass
@@ -72,8 +77,9 @@ def _collected_from_score(score: ScoreResult) -> Collected:
 
 
 class Serving:
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
-        self.engine, self.settings, self.metrics = engine, settings, metrics
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, latency: LatencyModel):
+        self.engine, self.settings, self.metrics, self.latency = engine, settings, metrics, latency
+        self.served_size: int | None = None  # the size chosen for this request (the response names it)
 
     # -- validation ---------------------------------------------------------------------------------------
     def _tokenized(self, prompt) -> list[list[int]]:
@@ -128,6 +134,18 @@ class Serving:
                                      f"context length of {limit} tokens", param="messages")
         return limit - longest
 
+    def _choose(self, wanted: Requested, req: SamplingFields, prompts: list[list[int]],
+                max_tokens: int | None) -> int:
+        """The size that serves: the one asked for, or the largest that fits the budget (see app.sizes)."""
+        sizes = sorted(self.latency.cards)
+        size = choose(wanted, req, self.settings, self.latency, sizes, self.engine.stats(),
+                      max(len(ids) for ids in prompts), max_tokens)
+        if wanted.may_shrink:
+            self.metrics.size_choices.labels(str(wanted.largest), str(size)).inc()
+            log.info("size chosen: %d of up to %d layers", size, wanted.largest)
+        self.served_size = size
+        return size
+
     def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
                  logprobs: int | None) -> list[Choice]:
         choices = []
@@ -147,7 +165,7 @@ class Serving:
         return choices
 
     def _stream(self, size: int, choice: Choice, endpoint: str) -> AsyncIterator[StreamDelta]:
-        stream = self.engine.generate(size, choice.prompt_ids, choice.params)
+        stream = observed(self.engine.generate(size, choice.prompt_ids, choice.params), self.latency, size)
         return with_deadline(self.metrics.observe_stream(stream, self.engine.model_id(size), endpoint),
                              self.settings.request_timeout_s)
 
@@ -169,10 +187,11 @@ class Serving:
 
     # -- completions ----------------------------------------------------------------------------------------
     async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[str]:
-        size = self.engine.resolve_size(req.model, req.num_layers)
+        wanted = requested_size(self.engine, req, self.settings)
         prompts = self._tokenized(req.prompt)
         max_tokens = self.settings.max_tokens_default if req.max_tokens is None else req.max_tokens
         self._check(prompts, max_tokens, req)
+        size = self._choose(wanted, req, prompts, max_tokens)
         choices = self._choices(prompts, req, max_tokens, req.logprobs)
         scores = await self._echo_scores(size, prompts, req) if req.echo else None
         if req.stream:
@@ -272,12 +291,13 @@ class Serving:
 
     # -- chat ---------------------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> dict | AsyncIterator[str]:
-        size = self.engine.resolve_size(req.model, req.num_layers)
+        wanted = requested_size(self.engine, req, self.settings)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompts = [self.engine.tokenize(self.engine.apply_chat_template(messages))]
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._until_end_of_turn(prompts) if requested is None else requested
         self._check(prompts, max_tokens, req)
+        size = self._choose(wanted, req, prompts, requested)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = self._choices(prompts, req, max_tokens, logprobs)
         if req.stream:
@@ -311,10 +331,11 @@ class Serving:
 
     # -- native ---------------------------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> dict:
-        size = self.engine.resolve_size(req.model, req.num_layers)
+        wanted = requested_size(self.engine, req, self.settings)
         prompts = [self.engine.tokenize(req.prompt)]
         max_tokens = self.settings.max_tokens_default if req.max_tokens is None else req.max_tokens
         self._check(prompts, max_tokens, req)
+        size = self._choose(wanted, req, prompts, max_tokens)
         choices = self._choices(prompts, req, max_tokens, req.logprobs)
         results = await self._collect(size, choices, "generate")
         return {"model": self.engine.model_id(size), "num_layers": size,

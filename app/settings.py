@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -45,10 +47,16 @@ class Settings(BaseSettings):
                               "request of a batch is greedy: more is faster, 1 streams every token as it is chosen")
     batch_wait_ms: float = Field(_LIMITS.batch_wait_ms, ge=0,
                                  description="a batch forms once no request arrived for this long (cap: 8x)")
+    latency_target_ms: float | None = Field(None, gt=0, description="`auto` requests without a budget get the "
+                                            "largest size predicted to answer within this; none: the largest")
+    overload_policy: Literal["reject", "degrade"] = Field(
+        "reject", description="degrade: a request with allow_smaller is served smaller when its size would miss "
+        "its budget or the latency target; reject: explicit sizes are never changed")
     variant_cache_size: int = Field(32, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     graceful_timeout_s: float = Field(30.0, ge=0)
+    playground: bool = Field(True, description="serve the playground page at / (--no-playground: off)")
 
     def engine_limits(self) -> EngineLimits:
         """The one place server settings become engine limits."""

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from services.errors import InvalidRequestError
+from services.eval.baselines import needs_calibration, parse_baselines
+from services.eval.baselines.calibration import calibration_text
 from services.eval.chat import chat_quality, evaluate_chat, write_chat_report
 from services.eval.curve import evaluate_curve, write_report
 from services.family import load_family
@@ -23,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=STUDENT_DIR",
                         help="another student of the same teacher, plotted on the same axes")
+    parser.add_argument("--baselines", default="naive",
+                        help="the teacher pruned without training at every size, comma-separated: naive (the "
+                             "student's layout, undistilled), shortgpt (lowest Block Influence dropped), laco "
+                             "(layers merged); see docs/baselines.md")
+    parser.add_argument("--calibration-data", default="shakespeare",
+                        help="text that shortgpt and laco are calibrated on (never the held-out texts; default: "
+                             "the plays without The Tempest)")
+    parser.add_argument("--calibration-chunks", type=int, default=8, help="calibration windows")
+    parser.add_argument("--calibration-seq-len", type=int, default=256)
     parser.add_argument("--chat", action="store_true",
                         help="also measure chat quality per size (answer perplexity, degenerate answers, agreement "
                              "with the teacher, multiple choice): chat.json and chat.md")
@@ -32,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    baselines = parse_baselines(args.baselines)  # before loading: a misspelt name fails at once
+    if args.update_manifest and "naive" not in baselines:
+        raise InvalidRequestError("--update-manifest records the naive baseline: keep naive in --baselines",
+                                  param="baselines")
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:
         chat = evaluate_chat(family)
@@ -43,20 +59,22 @@ def run(args: argparse.Namespace) -> int:
     if args.no_curve:
         return 0
     options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
-    report = evaluate_curve(family, **options)
+    calibration = (calibration_text(args.calibration_data, family.tokenizer, args.calibration_chunks,
+                                    args.calibration_seq_len) if needs_calibration(baselines) else None)
+    report = evaluate_curve(family, **options, baselines=baselines, calibration=calibration)
     ablations = {}
     for spec in args.ablation:
         name, _, student = spec.partition("=")
         teacher_dir = args.teacher or _teacher_dir(family)
         ablations[name] = evaluate_curve(load_family(teacher_dir, student, order=family.order,
-                                                     device="cpu", name=name), **options)
+                                                     device="cpu", name=name), **options, baselines=())
     write_report(report, Path(args.out), ablations)
     if args.update_manifest:
         _record_quality(Path(args.pair or DEFAULT_PAIR), report)
     for row in report["sizes"]:
         ppl = {f"ppl_{k}": round(v, 2) for k, v in row["perplexity"].items()}
-        naive = {f"naive_{k}": round(v, 2) for k, v in row["naive_perplexity"].items()}
-        print(json.dumps({"num_layers": row["num_layers"], **ppl, **naive,
+        pruned = {f"{name}_{k}": round(v, 2) for name, texts in row["baselines"].items() for k, v in texts.items()}
+        print(json.dumps({"num_layers": row["num_layers"], **ppl, **pruned,
                           "tok_s": round(row["decode_tokens_per_s"], 2)}))
     return 0
 
@@ -78,10 +96,11 @@ def _record_quality(pair_dir: Path, report: dict) -> None:
     def change(manifest: dict) -> None:
         quality = manifest.setdefault("quality", {})
         for r in report["sizes"]:
-            quality.setdefault(str(r["num_layers"]), {}).update({
-                "perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
-                "naive_perplexity": {k: round(v, 3) for k, v in r["naive_perplexity"].items()},
-                "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)})
+            entry = quality.setdefault(str(r["num_layers"]), {})
+            entry.update({"perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
+                          "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)})
+            if "naive" in r["baselines"]:  # other baselines stay in curve.json: the manifest describes the pair
+                entry["naive_perplexity"] = {k: round(v, 3) for k, v in r["baselines"]["naive"].items()}
         manifest["quality_method"] = {k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype",
                                                              "machine")}
     update_manifest(pair_dir, change)

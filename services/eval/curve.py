@@ -1,4 +1,5 @@
-"""The interpolation curve: held-out perplexity of every size, boomerang vs the naively pruned teacher."""
+"""The interpolation curve: held-out perplexity of every size, boomerang vs the teacher pruned without training
+(naively, ShortGPT, LaCo: `services.eval.baselines`)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import json
 import math
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from services.eval.baselines import LABELS, prepare_baselines
+from services.eval.baselines.calibration import CalibrationText
 from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
 from services.family import Family
+from services.family.assembly import make_template
 from services.family.plan import order_to_json
 from services.family.student_init import init_student
 
@@ -24,8 +29,22 @@ class SizeResult:
     num_layers: int
     parameters: int
     perplexity: dict[str, float]
-    naive_perplexity: dict[str, float]
     decode_tokens_per_s: float
+    baselines: dict[str, dict[str, float]]  # baseline -> text -> perplexity
+
+    def to_json(self) -> dict:
+        """The row of curve.json; `naive_perplexity` is kept beside `baselines` for the readers of older files."""
+        row = asdict(self)
+        if "naive" in self.baselines:
+            row["naive_perplexity"] = self.baselines["naive"]
+        return row
+
+
+def baseline_perplexities(row: dict) -> dict[str, dict[str, float]]:
+    """A curve.json row's baselines, from files of either form (older ones have only `naive_perplexity`)."""
+    if "baselines" in row:
+        return row["baselines"]
+    return {"naive": row["naive_perplexity"]} if "naive_perplexity" in row else {}
 
 
 @torch.inference_mode()
@@ -51,64 +70,85 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> flo
 
 
 def naive_family(family: Family) -> Family:
-    """The same plans over a student that is only the teacher's kept layers, with no distillation."""
+    """The same plans over a student that is only the teacher's kept layers, with no distillation (a copy of the
+    teacher: the `naive` baseline builds the same models from the teacher's own layers instead)."""
     student = init_student(family.teacher, family.layout)
     return Family(family.name + "-naive", family.teacher, student, family.layout, family.order, family.tokenizer)
 
 
 def evaluate_curve(family: Family, num_chunks: int = 8, seq_len: int = 256, decode_tokens: int = 32,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, baselines: Sequence[str] = ("naive",),
+                   calibration: CalibrationText | None = None) -> dict:
+    """Every size of the family and of each baseline (the teacher pruned without training), on the same windows."""
     from tqdm import tqdm
 
     texts = {name: eval_chunks(load(), family.tokenizer, num_chunks, seq_len) for name, load in HELD_OUT_TEXTS.items()}
-    naive = naive_family(family)
+    prepared = prepare_baselines(baselines, family, calibration)
+    template = make_template(family.teacher, family.teacher)
     prompt = next(iter(texts.values()))[:1, :16].to(family.device)  # [1, 16]
     results = []
     for n in tqdm(family.sizes, desc="sizes", disable=not progress):
-        variant, pruned = family.variant(n), naive.variant(n)
+        variant = family.variant(n)
+        scores = {}
+        for name, baseline in prepared.items():
+            pruned = baseline.model(family, n, template)  # merged layers live only while it is measured
+            scores[name] = {text: perplexity(pruned, chunks) for text, chunks in texts.items()}
         results.append(SizeResult(
             n, family.size_info(n).parameters,
             {name: perplexity(variant, chunks) for name, chunks in texts.items()},
-            {name: perplexity(pruned, chunks) for name, chunks in texts.items()},
-            decode_speed(variant, prompt, decode_tokens)))
-    return {"family": family.name, "order": order_to_json(family.order), "num_chunks": num_chunks, "seq_len": seq_len,
-            "texts": list(texts), "device": str(family.device), "dtype": str(family.dtype),
-            "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
-            "sizes": [asdict(r) for r in results]}
+            decode_speed(variant, prompt, decode_tokens), scores))
+    report = {"family": family.name, "order": order_to_json(family.order), "num_chunks": num_chunks,
+              "seq_len": seq_len, "texts": list(texts), "device": str(family.device), "dtype": str(family.dtype),
+              "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
+              "sizes": [r.to_json() for r in results],
+              "baselines": {name: baseline.describe() for name, baseline in prepared.items()}}
+    if calibration is not None:
+        report["calibration"] = calibration.describe()
+    return report
+
+
+def baseline_names(report: dict) -> list[str]:
+    return list(baseline_perplexities(report["sizes"][0])) if report["sizes"] else []
 
 
 def write_report(report: dict, out_dir: Path, ablations: dict[str, dict] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "curve.json").write_text(json.dumps({**report, "ablations": ablations or {}}, indent=2) + "\n")
+    texts, names = report["texts"], baseline_names(report)
     with open(out_dir / "curve.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        texts = report["texts"]
         writer.writerow(["num_layers", "parameters", *[f"ppl_{t}" for t in texts],
-                         *[f"naive_ppl_{t}" for t in texts], "decode_tokens_per_s"])
+                         *[f"{name}_ppl_{t}" for name in names for t in texts], "decode_tokens_per_s"])
         for row in report["sizes"]:
+            pruned = baseline_perplexities(row)
             writer.writerow([row["num_layers"], row["parameters"], *[f"{row['perplexity'][t]:.3f}" for t in texts],
-                             *[f"{row['naive_perplexity'][t]:.3f}" for t in texts],
+                             *[f"{pruned[name][t]:.3f}" for name in names for t in texts],
                              f"{row['decode_tokens_per_s']:.2f}"])
     (out_dir / "curve.md").write_text(markdown_table(report, ablations or {}))
     plot_curve(report, out_dir / "curve.png", ablations or {})
 
 
+def _ppl(value: float) -> str:
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.1f}"
+
+
 def markdown_table(report: dict, ablations: dict[str, dict]) -> str:
-    """Per size: perplexity on each text with its change from the size below, naive pruning, ablations, speed."""
-    texts = report["texts"]
+    """Per size: perplexity on each text with its change from the size below, each baseline, ablations, speed."""
+    texts, names = report["texts"], baseline_names(report)
     header = ["layers", "params (M)"]
     for text in texts:
-        header += [f"ppl {text}", "Δ vs n-1", f"naive {text}"] + [f"{name} {text}" for name in ablations]
+        header += [f"ppl {text}", "Δ vs n-1"] + [f"{name} {text}" for name in [*names, *ablations]]
     header.append("greedy tok/s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     others = {name: {r["num_layers"]: r for r in other["sizes"]} for name, other in ablations.items()}
     previous = None
     for row in report["sizes"]:
         cells = [str(row["num_layers"]), f"{row['parameters'] / 1e6:.1f}"]
+        pruned = baseline_perplexities(row)
         for text in texts:
             ppl = row["perplexity"][text]
             change = f"{(ppl / previous['perplexity'][text] - 1) * 100:+.1f}%" if previous else ""
-            cells += [f"{ppl:.1f}", change, f"{row['naive_perplexity'][text]:,.0f}"]
+            cells += [f"{ppl:.1f}", change] + [_ppl(pruned[name][text]) for name in names]
             cells += [f"{others[name][row['num_layers']]['perplexity'][text]:.1f}"
                       if row["num_layers"] in others[name] else "" for name in ablations]
         cells.append(f"{row['decode_tokens_per_s']:.1f}")
@@ -123,12 +163,14 @@ def plot_curve(report: dict, path: Path, ablations: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    texts = report["texts"]
+    texts, names = report["texts"], baseline_names(report)
     fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5))
     for ax, text in zip(axes if len(texts) > 1 else [axes], texts):
         layers = [r["num_layers"] for r in report["sizes"]]
         ax.plot(layers, [r["perplexity"][text] for r in report["sizes"]], "o-", label="boomerang (patched)")
-        ax.plot(layers, [r["naive_perplexity"][text] for r in report["sizes"]], "s--", label="naively pruned teacher")
+        for name, marker in zip(names, ("s--", "D--", "v--", "x--")):
+            ax.plot(layers, [baseline_perplexities(r)[name][text] for r in report["sizes"]], marker,
+                    label=LABELS.get(name, name))
         for name, other in ablations.items():
             ax.plot([r["num_layers"] for r in other["sizes"]], [r["perplexity"][text] for r in other["sizes"]],
                     "^:", label=name)

@@ -106,6 +106,26 @@ def assemble_variant(plan: VariantPlan, teacher: nn.Module, student: nn.Module, 
     return shell
 
 
+def assemble_layers(model: nn.Module, layers: list[nn.Module], config_layers: list[int], spec: ArchitectureSpec,
+                    template: nn.Module | None = None) -> nn.Module:
+    """A variant of one model over any decoder layers (its own or new ones, each with a unique KV slot) and its
+    own embeddings, norm, rotary embedding and head; `config_layers` names the model's layer whose per-layer
+    config fields each layer takes."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(layers)
+    for field in PER_LAYER_CONFIG_FIELDS:
+        if getattr(config, field, None) is not None:
+            setattr(config, field, [getattr(model.config, field)[i] for i in config_layers])
+    template = template if template is not None else _meta_template(type(model), config)
+    shell = _clone_shell(template, config, spec)
+    set_path(shell, spec.layers, nn.ModuleList(layers))
+    for path in (spec.embed, spec.norm, spec.rotary, spec.head):
+        set_path(shell, path, get_path(model, path))
+    shell.generation_config = copy.deepcopy(model.generation_config)
+    shell.boomerang_slots = {attention_slot(layer, spec): i for i, layer in enumerate(layers)}
+    return shell
+
+
 def make_template(teacher: nn.Module, student: nn.Module) -> nn.Module:
     """The reusable meta template for a pair (teacher and student share one model class)."""
     return _meta_template(type(teacher), teacher.config)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
@@ -68,6 +69,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.on_fatal = on_fatal or (lambda: None)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["x-boomerang-num-layers", "Retry-After"])
     for router in (ops.router, openai_routes.router, native.router):
         app.include_router(router)
     if settings.playground:

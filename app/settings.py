@@ -15,8 +15,13 @@ _LIMITS = EngineLimits()  # each default written once: there
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BOOMERANG_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe level logged")
+    log_format: Literal["text", "json"] = Field("text", description="text lines with timestamps, or one JSON "
+                                                 "object per line")
+    allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the "
+                                       "API (CORS); empty: none")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     pair: str | None = Field(None, description="models_store pair folder (default: the default pair)")
     teacher: str | None = Field(None, description="teacher folder (paper layout; with --student)")
     student: str | None = Field(None, description="student folder holding student_config.json")
@@ -29,16 +34,16 @@ class Settings(BaseSettings):
     native_kernels: bool = Field(True, description="fp32 CPU decode through the native AVX2 GEMV kernel "
                                                    "(false: torch's matmul)")
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = no auth")
-    max_prompt_tokens: int = Field(4096, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted, in tokens")
     max_total_tokens: int = Field(8192, ge=1, description="prompt + completion")
     max_tokens_default: int = Field(16, ge=0, description="completions' max_tokens when a request gives none "
                                     "(OpenAI's default); a chat with none answers until its turn ends")
-    max_n: int = Field(8, ge=1)
-    max_stop_strings: int = Field(16, ge=0)
+    max_n: int = Field(8, ge=1, description="most choices (n) per request")
+    max_stop_strings: int = Field(16, ge=0, description="most stop strings per request")
     max_concurrent: int = Field(_LIMITS.max_concurrent, ge=1, description="sequences decoding at once")
     max_queue: int = Field(_LIMITS.max_queue, ge=0,
                            description="requests waiting beyond max_concurrent; more get 429")
-    max_batch_size: int = Field(_LIMITS.max_batch_size, ge=1)
+    max_batch_size: int = Field(_LIMITS.max_batch_size, ge=1, description="rows a batch starts with")
     mix_sizes: bool = Field(_LIMITS.mix_sizes, description="requests of different sizes share decode batches "
                             "(native decode step only); false: one batch per size")
     join_batches: bool = Field(_LIMITS.join_batches, description="new requests join a running batch that mixes "
@@ -52,10 +57,10 @@ class Settings(BaseSettings):
     overload_policy: Literal["reject", "degrade"] = Field(
         "reject", description="degrade: a request with allow_smaller is served smaller when its size would miss "
         "its budget or the latency target; reject: explicit sizes are never changed")
-    variant_cache_size: int = Field(32, ge=1)
-    request_timeout_s: float = Field(300.0, gt=0)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    graceful_timeout_s: float = Field(30.0, ge=0)
+    variant_cache_size: int = Field(32, ge=1, description="assembled sizes kept")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this gets 504")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long")
     playground: bool = Field(True, description="serve the playground page at / (--no-playground: off)")
 
     def engine_limits(self) -> EngineLimits:

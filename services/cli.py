@@ -74,8 +74,18 @@ def _add_synth(sub) -> None:
     parser.set_defaults(handler=run_synth)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("boomerang")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     teacher = sub.add_parser("import-teacher", help="convert the pair's teacher once and cache it (and its student)")
     teacher.add_argument("--pair", help="models_store pair folder (default: the default pair)")

@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# nginx (Debian's package) is what the load-balancer tests run; installing it needs root, as CI has.
+# nginx (Debian's package) is what the load-balancer tests run, Chromium (Debian's) what the playground's
+# browser tests drive through Playwright (no browser download); installing them needs root, as CI has.
 system-deps:
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) || \
 		echo "warning: nginx could not be installed; the load-balancer tests will be skipped"
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+		echo "warning: chromium could not be installed; the playground's browser tests will be skipped"
 
 lint: install
 	$(BIN)/ruff check app services tests

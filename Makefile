@@ -26,7 +26,7 @@ system-deps:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) || \
 		echo "warning: nginx could not be installed; the load-balancer tests will be skipped"
 	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null) || \
 		echo "warning: chromium could not be installed; the playground's browser tests will be skipped"
 
 lint: install

@@ -20,7 +20,6 @@ NEUTRAL: dict[str, tuple] = {  # not implemented: accepted only at these values
     "functions": ([],),
     "tool_choice": ("none", "auto"),  # with no tools, either changes nothing
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
 }
 HARMLESS = frozenset({  # cannot change the answer: dropped with a warning

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.fields import check_extra_fields
 
@@ -15,6 +17,24 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict = Field(..., alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema")
+        return self
 
 
 class SamplingFields(BaseModel):
@@ -47,6 +67,27 @@ class SamplingFields(BaseModel):
         Field(None, description="token id -> added to its logit"))
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(None, max_length=1024)
     min_tokens: int = Field(0, ge=0, le=1_000_000)
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: the answer parses")
+    guided_json: dict | str | None = Field(None, description="vLLM's name: a JSON schema the answer follows")
+    guided_regex: str | None = Field(None, max_length=10_000, description="vLLM's name: a regex the answer matches")
+
+    def _structured_asks(self) -> list[str]:
+        return [name for name, given in (
+            ("response_format", self.response_format is not None and self.response_format.type != "text"),
+            ("guided_json", self.guided_json is not None), ("guided_regex", self.guided_regex is not None)) if given]
+
+    def structured(self) -> tuple[str, str] | None:
+        """The grammar asked for, as the engine takes it (at most one way is given: see the validator)."""
+        if self.guided_regex is not None:
+            return ("regex", self.guided_regex)
+        if self.guided_json is not None:
+            text = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            return ("json_schema", text)
+        if self._structured_asks():
+            if self.response_format.type == "json_object":
+                return ("json_object", "")
+            return ("json_schema", json.dumps(self.response_format.json_schema.schema_))
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -59,6 +100,10 @@ class SamplingFields(BaseModel):
     @model_validator(mode="after")
     def _no_silent_drops(self):
         check_extra_fields(self.model_extra or {})
+        asked = self._structured_asks()
+        if len(asked) > 1:
+            raise PydanticCustomError("unsupported_field", "{param} cannot be combined with {other}",
+                                      {"param": asked[1], "other": asked[0]})
         return self
 
     def stop_list(self) -> tuple[str, ...]:

@@ -65,6 +65,7 @@ def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int) -> bool
     from the scoring forward: one pass instead of a scoring and a generation."""
     plain = SamplingParams()
     return (max_tokens == 1 and req.n == 1 and req.temperature < MIN_TEMPERATURE and not req.stop_list()
+            and req.structured() is None
             and not req.ignore_eos and not req.logit_bias and not req.stop_token_ids and req.min_tokens == 0
             and (req.presence_penalty, req.frequency_penalty, req.repetition_penalty) ==
             (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty))
@@ -160,7 +161,8 @@ class Serving:
                                         frequency_penalty=req.frequency_penalty,
                                         repetition_penalty=req.repetition_penalty, min_p=req.min_p,
                                         logit_bias=tuple((req.logit_bias or {}).items()),
-                                        stop_token_ids=tuple(req.stop_token_ids or ()), min_tokens=req.min_tokens)
+                                        stop_token_ids=tuple(req.stop_token_ids or ()), min_tokens=req.min_tokens,
+                                        structured=req.structured())
                 choices.append(Choice(index, ids, params))
         return choices
 

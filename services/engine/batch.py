@@ -13,6 +13,7 @@ from services.engine.detokenize import TextTracker
 from services.engine.interface import GREEDY_STEPS, SamplingParams, StreamDelta, TokenLogprob
 from services.engine.logit_processors import adjusts_logits, apply_logit_processors
 from services.engine.sampling import choose_token, is_greedy, make_generator
+from services.engine.structured import apply_grammar_masks
 from services.family.compat import cache_argument_name
 
 
@@ -28,6 +29,7 @@ class Sequence:
     tracker: TextTracker | None = None
     generator: torch.Generator | None = None
     num_layers: int | None = None  # the size asked for (needed where a batch mixes sizes)
+    matcher: object | None = None  # the grammar an answer must follow (structured output), if any
 
     @property
     def done(self) -> bool:
@@ -116,7 +118,7 @@ class DecodeBatch:
         live = [seq for seq in self.sequences if not seq.done]
         if not live or not self.decoder_step.takes_steps_ahead or any(
                 not is_greedy(seq.params) or seq.params.logprobs is not None or adjusts_logits(seq.params)
-                for seq in live):
+                or seq.matcher is not None for seq in live):
             return 1
         return max(1, min(self.greedy_steps, max(seq.params.max_tokens - len(seq.tracker.token_ids) for seq in live)))
 
@@ -142,6 +144,7 @@ class DecodeBatch:
         logits = apply_logit_processors(logits, [seq.params for seq in self.sequences],
                                         [seq.prompt_ids for seq in self.sequences],
                                         [seq.tracker.token_ids for seq in self.sequences], self.eos_ids)
+        logits = apply_grammar_masks(logits, [seq.matcher for seq in self.sequences])
         if all(is_greedy(seq.params) for seq in self.sequences):
             return logits.argmax(-1).tolist()
         return [choose_token(logits[row], seq.params, seq.generator) for row, seq in enumerate(self.sequences)]
@@ -161,6 +164,8 @@ class DecodeBatch:
 
     def _accept(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> None:
         params, tracker = seq.params, seq.tracker
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         info = ()
         if params.logprobs is not None:
             top = _top_logprobs(logprobs, params.logprobs, self.tokenizer) if params.logprobs else {}

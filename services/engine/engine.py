@@ -19,6 +19,7 @@ from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.engine.scoring import score_prompts
+from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
 
@@ -38,6 +39,7 @@ class InferenceEngine:
         eos = family.teacher.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, family.teacher.config.vocab_size)
         self.mix_sizes = limits.mix_sizes and mixable(family)
         self.memory_bound = self._memory_bound()
         check_fits(self.memory_bound, available_bytes())
@@ -162,10 +164,12 @@ class InferenceEngine:
         if params.max_tokens == 0:
             yield StreamDelta("", (), (), "length", len(prompt_ids), 0)
             return
+        # compiling a grammar (and, the first time, the tokenizer's view) is too slow for the event loop
+        matcher = await asyncio.to_thread(self.grammars.matcher, params.structured) if params.structured else None
         self._admit()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seq = Sequence(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                       num_layers=num_layers)
+                       num_layers=num_layers, matcher=matcher)
         try:
             self.scheduler.submit(MIXED if self.mix_sizes else num_layers, seq)
             while True:

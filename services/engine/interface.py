@@ -43,6 +43,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     stop_token_ids: tuple[int, ...] = ()  # finish when one is generated (not in the text)
     min_tokens: int = 0  # end-of-sequence and stop tokens are barred until this many are generated
+    structured: tuple[str, str] | None = None  # ("json_schema", schema as JSON) | ("json_object", "") | ("regex", …)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,26 @@ def test_log_likelihood_requests_take_one_forward_and_match_scoring_plus_generat
     assert both.usage.completion_tokens == len(prompts)
 
 
+def test_response_format_json_schema_answers_validate_at_every_size(client, server):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+              "required": ["city"], "additionalProperties": False}
+    for size in server.app.state.engine.family.sizes:
+        chat = client.chat.completions.create(
+            model=f"tiny-{size}L", messages=[{"role": "user", "content": "Capital of France?"}], temperature=0,
+            max_tokens=30, response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+        jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    anything = client.completions.create(model="tiny-6L", prompt="data:", max_tokens=40, temperature=0,
+                                         extra_body={"guided_regex": "[a-c]{4}"})
+    assert len(anything.choices[0].text) == 4 and set(anything.choices[0].text) <= set("abc")
+    both = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "guided_regex": "a",
+                                                             "response_format": {"type": "json_object"}})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "guided_regex"
+    broken = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "guided_json": {"type": "nonsense"}})
+    assert broken.status_code == 400 and broken.json()["error"]["param"] == "response_format"
+
+
 def test_completion_names_the_size_used(client):
     out = client.completions.create(model="tiny-6L", prompt="To be", max_tokens=5, temperature=0)
     assert out.model == "tiny-6L"

@@ -155,7 +155,8 @@ def test_min_tokens_above_max_tokens_and_a_bias_outside_the_vocabulary_are_refus
     ("presence_penalty", 0.5, 200), ("presence_penalty", 3, 400), ("logit_bias", {"5": 100}, 200),
     ("logit_bias", {"5": 101}, 400), ("logit_bias", {"x": 1}, 400), ("min_p", 0.1, 200), ("min_tokens", 1, 200),
     ("stop_token_ids", [3], 200), ("repetition_penalty", 0, 400), ("best_of", 2, 400),
-    ("response_format", {"type": "json_object"}, 400), ("tools", [{"type": "function"}], 400),
+    ("response_format", {"type": "xml"}, 400), ("response_format", {"type": "json_schema"}, 400),
+    ("tools", [{"type": "function"}], 400),
     ("user", "someone", 200), ("metadata", {"k": "v"}, 200), ("no_such_field", 1, 400),
 ])
 def test_a_field_we_cannot_honour_is_refused_by_name_never_dropped(make_server, field, value, status_code, caplog):

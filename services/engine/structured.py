@@ -1,0 +1,77 @@
+"""Structured output: a grammar per sequence (a JSON schema, any JSON object, or a regex) masks the logits so
+the answer parses, at every size. llguidance compiles the grammar and computes each step's allowed tokens
+(a bitmask over the vocabulary, in well under a decode step); a row that asks for none is left alone."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+
+from services.errors import InvalidRequestError
+
+ANY_JSON_OBJECT = {"type": "object"}
+# compact JSON: free whitespace lets a small model loop on blanks until max_tokens
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+KINDS = ("json_schema", "json_object", "regex")
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+    except ImportError as error:  # pragma: no cover - a dependency of the project
+        raise InvalidRequestError("structured output needs the package llguidance, which is not installed",
+                                  param="response_format") from error
+    return llguidance
+
+
+class GrammarCompiler:
+    """One per engine: the tokenizer's llguidance view (built on first use) and grammars checked against it."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.hf_tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def _llg_tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = _llguidance().hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size)
+            return self._tokenizer
+
+    def matcher(self, structured: tuple[str, str]):
+        """A fresh matcher for one sequence; an invalid schema or regex is the client's error (400)."""
+        llguidance = _llguidance()
+        kind, text = structured
+        if kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(text)
+        else:
+            schema = ANY_JSON_OBJECT if kind == "json_object" else json.loads(text)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+        tokenizer = self._llg_tokenizer()
+        problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        if problem:
+            raise InvalidRequestError(f"the {kind.replace('_', ' ')} cannot be used: {problem}",
+                                      param="response_format")
+        return llguidance.LLMatcher(tokenizer, grammar)
+
+
+def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
+    """Logits [batch, vocab] with every token a row's grammar forbids at -inf (once the answer is complete, all
+    but the end of sequence); rows with no matcher (None) are left as they are, and the input is returned where
+    no row has a grammar."""
+    rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+    if not rows:
+        return logits
+    llg_torch = _llguidance().torch
+    bitmask = llg_torch.allocate_token_bitmask(len(rows), logits.shape[-1])  # [rows, vocab / 32]
+    for index, row in enumerate(rows):
+        llg_torch.fill_next_token_bitmask(matchers[row], bitmask, index)
+    masked = logits[rows].float().contiguous()  # [rows, vocab]
+    llg_torch.apply_token_bitmask_inplace(masked, bitmask)
+    out = logits.clone()
+    out[rows] = masked
+    return out

@@ -4,7 +4,8 @@ budget. Pure Python (no torch): the HTTP layer consults it before it hands a req
 Decode reads every weight of a size once per token, so a size's time per token is taken as proportional to
 its bytes; prefill is arithmetic, so its time per prompt token is taken as proportional to its parameters.
 One rate of each kind, learned from every size served, predicts all of them: a size never asked for yet is
-predicted from the others. Queueing is added from the engine's counts of running and waiting sequences.
+predicted from the others; before the first request, decode starts from the model card's recorded speed.
+Queueing is added from the engine's counts of running and waiting sequences.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SMOOTHING = 0.2  # weight of the newest observation in each running average
 PRIOR_SECONDS_PER_BYTE = 1 / 20e9  # until a request is observed: a modest memory bandwidth
 PRIOR_SECONDS_PER_PARAM_TOKEN = 2 / 50e9  # two operations per parameter and token at a modest rate
 PRIOR_COMPLETION_TOKENS = 128.0  # expected answer length where a request sets no max_tokens
+RECORDED_SPEED = "decode_tokens_per_s_cpu"  # the model card's measure, where a pair has one
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,13 @@ class Budget:
         return self.max_latency_s is not None or self.max_time_to_first_token_s is not None
 
 
+def _recorded_seconds_per_byte(cards: list[ModelCard]) -> float | None:
+    """The model card's decode speed per size, where the pair records one, as the first estimate."""
+    rates = sorted(1 / (card.quality[RECORDED_SPEED] * card.bytes) for card in cards
+                   if card.quality.get(RECORDED_SPEED))
+    return rates[len(rates) // 2] if rates else None
+
+
 def _blend(old: float, new: float) -> float:
     return (1 - SMOOTHING) * old + SMOOTHING * new
 
@@ -66,7 +75,7 @@ class LatencyModel:
     def __init__(self, cards: list[ModelCard], max_concurrent: int):
         self.cards = {card.num_layers: card for card in cards}
         self.max_concurrent = max_concurrent
-        self.seconds_per_byte = PRIOR_SECONDS_PER_BYTE
+        self.seconds_per_byte = _recorded_seconds_per_byte(cards) or PRIOR_SECONDS_PER_BYTE
         self.seconds_per_param_token = PRIOR_SECONDS_PER_PARAM_TOKEN
         self.completion_tokens = PRIOR_COMPLETION_TOKENS
         self.request_s: float | None = None

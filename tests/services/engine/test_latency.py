@@ -74,3 +74,12 @@ def test_the_largest_size_that_fits_is_chosen_never_below_the_floor():
     assert choose_size(model, SIZES, 30, Budget(max_time_to_first_token_s=ttft_s), 400, 1, 0, 0) == 18
     crowded = choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64, running=8, waiting=4)
     assert crowded < 23  # the same budget under a queue buys a smaller size
+
+
+def test_before_any_request_decode_starts_from_the_model_cards_speed():
+    cards = [ModelCard(c.id, c.num_layers, 0, c.parameters, c.bytes,
+                       quality={"decode_tokens_per_s_cpu": 1 / (c.bytes * TRUE_S_PER_BYTE)}) for c in CARDS]
+    model = LatencyModel(cards, max_concurrent=8)
+    for n in (16, 23, 30):
+        assert model.speed(n)["decode_tokens_per_s"] == pytest.approx(1 / (cards[n - 16].bytes * TRUE_S_PER_BYTE),
+                                                                       rel=1e-3)

@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"],
+                           allow_headers=["*"],
                            expose_headers=["x-boomerang-num-layers", "Retry-After"])
     for router in (ops.router, openai_routes.router, native.router):
         app.include_router(router)

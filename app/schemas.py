@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from app.fields import check_extra_fields
+from services.engine.interface import StructuredOutput
 
 MAX_STOP_LENGTH = 256
 PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]
@@ -17,6 +18,13 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 class JsonSchemaFormat(BaseModel):
@@ -76,17 +84,18 @@ class SamplingFields(BaseModel):
             ("response_format", self.response_format is not None and self.response_format.type != "text"),
             ("guided_json", self.guided_json is not None), ("guided_regex", self.guided_regex is not None)) if given]
 
-    def structured(self) -> tuple[str, str] | None:
+    def structured(self) -> StructuredOutput | None:
         """The grammar asked for, as the engine takes it (at most one way is given: see the validator)."""
         if self.guided_regex is not None:
-            return ("regex", self.guided_regex)
+            return StructuredOutput("regex", self.guided_regex, "guided_regex")
         if self.guided_json is not None:
             text = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
-            return ("json_schema", text)
+            return StructuredOutput("json_schema", text, "guided_json")
         if self._structured_asks():
             if self.response_format.type == "json_object":
-                return ("json_object", "")
-            return ("json_schema", json.dumps(self.response_format.json_schema.schema_))
+                return StructuredOutput("json_object", "", "response_format")
+            return StructuredOutput("json_schema", json.dumps(self.response_format.json_schema.schema_),
+                                    "response_format")
         return None
 
     @field_validator("stop")
@@ -104,6 +113,12 @@ class SamplingFields(BaseModel):
         if len(asked) > 1:
             raise PydanticCustomError("unsupported_field", "{param} cannot be combined with {other}",
                                       {"param": asked[1], "other": asked[0]})
+        if asked and self.min_tokens:  # a complete answer may only end: barring the end leaves no token
+            raise PydanticCustomError("unsupported_field", "{param} cannot be combined with {other}",
+                                      {"param": "min_tokens", "other": asked[0]})
+        if isinstance(self.guided_json, str) and not isinstance(_json_or_none(self.guided_json), dict):
+            raise PydanticCustomError("unsupported_field", "{param} must be a JSON schema object",
+                                      {"param": "guided_json"})
         return self
 
     def stop_list(self) -> tuple[str, ...]:

@@ -108,6 +108,7 @@ class Serving:
             raise InvalidRequestError(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
                                       param="min_tokens")
         self._check_token_ids(list(req.logit_bias or {}), "logit_bias")
+        self._check_token_ids(list(req.stop_token_ids or ()), "stop_token_ids")
         limit = self.context_limit()
         for ids in prompts:
             if len(ids) > self.settings.max_prompt_tokens:
@@ -167,7 +168,9 @@ class Serving:
         return choices
 
     def _stream(self, size: int, choice: Choice, endpoint: str) -> AsyncIterator[StreamDelta]:
-        stream = observed(self.engine.generate(size, choice.prompt_ids, choice.params), self.latency, size)
+        stats = self.engine.stats()
+        queued = stats.get("waiting", 0) > 0 or stats.get("running", 0) >= self.settings.max_concurrent
+        stream = observed(self.engine.generate(size, choice.prompt_ids, choice.params), self.latency, size, queued)
         return with_deadline(self.metrics.observe_stream(stream, self.engine.model_id(size), endpoint),
                              self.settings.request_timeout_s)
 

@@ -11,6 +11,7 @@ from app.schemas import SamplingFields
 from app.settings import Settings
 from services.engine.interface import Engine, StreamDelta
 from services.engine.latency import Budget, LatencyModel, Observation, choose_size
+from services.errors import InvalidRequestError
 
 AUTO = "auto"
 
@@ -28,6 +29,9 @@ def requested_size(engine: Engine, req: SamplingFields, settings: Settings) -> R
     auto = req.num_layers == AUTO or req.model == auto_id
     model = None if req.model == auto_id else req.model
     largest = engine.resolve_size(model, None if req.num_layers == AUTO else req.num_layers)
+    if req.min_num_layers is not None and req.min_num_layers > largest:
+        raise InvalidRequestError(f"min_num_layers ({req.min_num_layers}) is above the largest size allowed "
+                                  f"({largest})", param="min_num_layers")
     return Requested(largest, auto or (req.allow_smaller and settings.overload_policy == "degrade"))
 
 
@@ -52,8 +56,8 @@ def choose(requested: Requested, req: SamplingFields, settings: Settings, latenc
                        stats.get("running", 0), stats.get("waiting", 0))
 
 
-async def observed(stream: AsyncIterator[StreamDelta], latency: LatencyModel,
-                   num_layers: int) -> AsyncIterator[StreamDelta]:
+async def observed(stream: AsyncIterator[StreamDelta], latency: LatencyModel, num_layers: int,
+                   queued: bool) -> AsyncIterator[StreamDelta]:
     """Pass deltas through; a sequence that finishes teaches the latency model what it cost."""
     start, first = time.perf_counter(), None
     async for delta in stream:
@@ -61,5 +65,5 @@ async def observed(stream: AsyncIterator[StreamDelta], latency: LatencyModel,
             first = time.perf_counter() - start
         if delta.finish_reason is not None and first is not None:
             latency.observe(Observation(num_layers, delta.prompt_tokens, delta.completion_tokens, first,
-                                        time.perf_counter() - start))
+                                        time.perf_counter() - start, queued))
         yield delta

@@ -32,6 +32,9 @@ def build_router() -> APIRouter:
     async def page() -> Response:
         return serve("index.html")
 
+    def route(name: str):
+        return lambda: serve(name)  # no parameter: FastAPI would read one from the query string
+
     for asset in ASSETS:
-        router.add_api_route(f"/playground/{asset}", lambda asset=asset: serve(asset), methods=["GET"])
+        router.add_api_route(f"/playground/{asset}", route(asset), methods=["GET"])
     return router

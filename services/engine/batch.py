@@ -37,8 +37,12 @@ class Sequence:
 
 
 def _top_logprobs(logprobs: torch.Tensor, k: int, tokenizer) -> dict[str, float]:
+    """The k likeliest tokens as {text: logprob}; where two decode alike, the likelier one's."""
     values, ids = torch.topk(logprobs, k)
-    return {tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids)}
+    top: dict[str, float] = {}
+    for value, token in zip(values.tolist(), ids.tolist()):
+        top.setdefault(tokenizer.decode([token]), value)
+    return top
 
 
 class DecodeBatch:

@@ -164,13 +164,14 @@ class InferenceEngine:
         if params.max_tokens == 0:
             yield StreamDelta("", (), (), "length", len(prompt_ids), 0)
             return
-        # compiling a grammar (and, the first time, the tokenizer's view) is too slow for the event loop
-        matcher = await asyncio.to_thread(self.grammars.matcher, params.structured) if params.structured else None
         self._admit()
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        seq = Sequence(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                       num_layers=num_layers, matcher=matcher)
+        seq = None
         try:
+            # compiling a grammar (and, the first time, the tokenizer's view) is too slow for the event loop
+            matcher = await asyncio.to_thread(self.grammars.matcher, params.structured) if params.structured else None
+            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+            seq = Sequence(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                           num_layers=num_layers, matcher=matcher)
             self.scheduler.submit(MIXED if self.mix_sizes else num_layers, seq)
             while True:
                 item = await queue.get()
@@ -180,7 +181,8 @@ class InferenceEngine:
                 if item.finish_reason is not None:
                     return
         finally:
-            seq.cancelled.set()
+            if seq is not None:
+                seq.cancelled.set()
             self._release()
 
     async def score(self, num_layers: int, prompt_ids: list[int], top_logprobs: int = 0) -> ScoreResult:

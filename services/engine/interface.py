@@ -27,6 +27,13 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    kind: str  # "json_schema" (text: the schema as JSON), "json_object" (text unused) or "regex"
+    text: str
+    field: str  # the request field that asked for it, named in errors
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -43,7 +50,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     stop_token_ids: tuple[int, ...] = ()  # finish when one is generated (not in the text)
     min_tokens: int = 0  # end-of-sequence and stop tokens are barred until this many are generated
-    structured: tuple[str, str] | None = None  # ("json_schema", schema as JSON) | ("json_object", "") | ("regex", …)
+    structured: StructuredOutput | None = None  # a grammar every answer follows
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class Observation:
     completion_tokens: int
     time_to_first_token_s: float
     total_s: float
+    queued: bool = False  # it waited for a slot: its first token measures the queue, not the prefill
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,13 @@ class LatencyModel:
             if obs.completion_tokens > 1 and obs.total_s > obs.time_to_first_token_s:
                 per_token = (obs.total_s - obs.time_to_first_token_s) / (obs.completion_tokens - 1)
                 self.seconds_per_byte = _blend(self.seconds_per_byte, per_token / card.bytes)
-            if obs.prompt_tokens:
+            if obs.prompt_tokens and not obs.queued:
                 per_param_token = obs.time_to_first_token_s / (obs.prompt_tokens * card.parameters)
                 self.seconds_per_param_token = _blend(self.seconds_per_param_token, per_param_token)
             self.completion_tokens = _blend(self.completion_tokens, obs.completion_tokens)
-            self.request_s = obs.total_s if self.request_s is None else _blend(self.request_s, obs.total_s)
+            # a slot is held for the prefill and the decode; the wait before it is the queue's, counted apart
+            service_s = obs.total_s - obs.time_to_first_token_s + self.prefill_s(obs.num_layers, obs.prompt_tokens)
+            self.request_s = service_s if self.request_s is None else _blend(self.request_s, service_s)
 
     def token_s(self, num_layers: int) -> float:
         return self.seconds_per_byte * self.cards[num_layers].bytes

@@ -9,6 +9,7 @@ import threading
 
 import torch
 
+from services.engine.interface import StructuredOutput
 from services.errors import InvalidRequestError
 
 ANY_JSON_OBJECT = {"type": "object"}
@@ -42,20 +43,21 @@ class GrammarCompiler:
                 self._tokenizer = _llguidance().hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size)
             return self._tokenizer
 
-    def matcher(self, structured: tuple[str, str]):
+    def matcher(self, structured: StructuredOutput):
         """A fresh matcher for one sequence; an invalid schema or regex is the client's error (400)."""
         llguidance = _llguidance()
-        kind, text = structured
-        if kind == "regex":
-            grammar = llguidance.LLMatcher.grammar_from_regex(text)
-        else:
-            schema = ANY_JSON_OBJECT if kind == "json_object" else json.loads(text)
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
         tokenizer = self._llg_tokenizer()
-        problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        try:
+            if structured.kind == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(structured.text)
+            else:
+                schema = ANY_JSON_OBJECT if structured.kind == "json_object" else json.loads(structured.text)
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+            problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        except (ValueError, TypeError, RuntimeError) as error:
+            problem = str(error)
         if problem:
-            raise InvalidRequestError(f"the {kind.replace('_', ' ')} cannot be used: {problem}",
-                                      param="response_format")
+            raise InvalidRequestError(f"{structured.field} cannot be used: {problem}", param=structured.field)
         return llguidance.LLMatcher(tokenizer, grammar)
 
 
@@ -67,11 +69,18 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     if not rows:
         return logits
     llg_torch = _llguidance().torch
-    bitmask = llg_torch.allocate_token_bitmask(len(rows), logits.shape[-1])  # [rows, vocab / 32]
+    vocab = logits.shape[-1]
+    bitmask = llg_torch.allocate_token_bitmask(len(rows), vocab)  # [rows, words], 32 tokens per word
     for index, row in enumerate(rows):
         llg_torch.fill_next_token_bitmask(matchers[row], bitmask, index)
-    masked = logits[rows].float().contiguous()  # [rows, vocab]
-    llg_torch.apply_token_bitmask_inplace(masked, bitmask)
     out = logits.clone()
-    out[rows] = masked
+    out[rows] = logits[rows].masked_fill(~allowed_tokens(bitmask.to(logits.device), vocab), float("-inf"))
     return out
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bool [rows, vocab] from llguidance's bitmask [rows, words] (bit j of word i: token 32 i + j), in plain
+    eager torch on the logits' device (llguidance's own kernel compiles on first use and stays on the CPU)."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)  # [32]
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()  # [rows, vocab]

@@ -99,8 +99,12 @@ def test_response_format_json_schema_answers_validate_at_every_size(client, serv
     both = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "guided_regex": "a",
                                                              "response_format": {"type": "json_object"}})
     assert both.status_code == 400 and both.json()["error"]["param"] == "guided_regex"
-    broken = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "guided_json": {"type": "nonsense"}})
-    assert broken.status_code == 400 and broken.json()["error"]["param"] == "response_format"
+    for body, field in (({"guided_json": {"type": "nonsense"}}, "guided_json"),
+                        ({"guided_json": "not json"}, "guided_json"),
+                        ({"response_format": {"type": "json_object"}, "min_tokens": 3}, "min_tokens"),
+                        ({"stop_token_ids": [10**6], "min_tokens": 1}, "stop_token_ids")):
+        broken = httpx.post(server.url + "/v1/completions", json={"prompt": "x", **body})
+        assert broken.status_code == 400 and broken.json()["error"]["param"] == field, broken.text
 
 
 def test_completion_names_the_size_used(client):

@@ -399,3 +399,14 @@ def test_the_page_fits_a_phone_width_screen(tab, server, tmp_path):
         assert overflow <= 0, (view, overflow)
         page.screenshot(path=str(tmp_path / f"phone-{view}.png"), full_page=True)
     assert t.errors == [] and t.offsite() == []
+
+
+def test_asset_routes_take_no_query_parameter(tmp_path):
+    from app.main import create_app
+    from app.settings import Settings
+    from tests.app.fake_engine import FakeEngine
+    from tests.conftest import LiveServer
+
+    with LiveServer(create_app(Settings(), engine_factory=lambda s, m: FakeEngine())) as live:
+        css = httpx.get(live.url + "/playground/app.css?asset=index.html")
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")

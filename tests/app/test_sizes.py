@@ -61,8 +61,19 @@ def test_under_a_flood_auto_shrinks_without_rejections_and_explicit_sizes_stay(s
 
 
 def test_models_carry_speed_learned_from_traffic(server):
-    _chat(server, model="tiny-4L", max_tokens=8)
-    entries = httpx.get(server.url + "/v1/models").json()["data"]
-    assert all(e["speed"]["decode_tokens_per_s"] > 0 and e["speed"]["prefill_tokens_per_s"] > 0 for e in entries)
-    by_size = {e["num_layers"]: e["speed"]["decode_tokens_per_s"] for e in entries[:-1]}
-    assert by_size[min(by_size)] > by_size[max(by_size)]  # fewer bytes per token: faster
+    def speeds():
+        return {e["id"]: e["speed"]["decode_tokens_per_s"] for e in httpx.get(server.url + "/v1/models").json()["data"]}
+
+    before = speeds()
+    for _ in range(3):
+        response = _chat(server, model=f"tiny-{server.app.state.engine.family.sizes[0]}L", max_tokens=12,
+                         ignore_eos=True)
+        assert response.status_code == 200
+    after = speeds()
+    assert all(after[k] != before[k] and after[k] > 0 for k in before), (before, after)  # every size follows traffic
+
+
+def test_a_floor_above_the_size_asked_is_refused(server):
+    sizes = server.app.state.engine.family.sizes
+    response = _chat(server, model=f"tiny-{sizes[0]}L", num_layers="auto", min_num_layers=sizes[1])
+    assert response.status_code == 400 and response.json()["error"]["param"] == "min_num_layers"

@@ -60,6 +60,18 @@ def test_a_queue_beyond_the_free_slots_delays_the_first_token():
     assert full.total_s - idle.total_s == pytest.approx(full.time_to_first_token_s - idle.time_to_first_token_s)
 
 
+def test_a_wait_for_a_slot_is_not_learned_as_prefill():
+    model = LatencyModel(CARDS, max_concurrent=8)
+    for obs in _trace(SIZES, 100):
+        model.observe(obs)
+    prefill = model.prefill_s(30, 100)
+    for obs in _trace(SIZES, 40, seed=2):
+        model.observe(Observation(obs.num_layers, obs.prompt_tokens, obs.completion_tokens,
+                                  obs.time_to_first_token_s + 5.0, obs.total_s + 5.0, queued=True))
+    assert model.prefill_s(30, 100) == pytest.approx(prefill)
+    assert model.request_s < 5.0  # a slot's time excludes the wait before it
+
+
 def test_the_largest_size_that_fits_is_chosen_never_below_the_floor():
     model = LatencyModel(CARDS, max_concurrent=8)
     for obs in _trace(SIZES, 200):

@@ -10,8 +10,10 @@ R = max_batch_size:
 - batches of one size (GPU, --mix-sizes false) hold at most max_concurrent rows, whose buffers double when full:
   KV <= max_concurrent x 2 x 2C x bytes per token.
 One piece of work runs besides the KV at a time, the larger of a prefill of R prompts of C tokens (attention mask
-R x C^2 bytes, activations R x C x (4 hidden_size + 3 intermediate_size) x dtype bytes) and the scoring of one
-prompt of C tokens (its logits and one temporary of their size, 2 x C x vocab_size x dtype bytes).
+R x C^2 bytes, activations R x C x (4 hidden_size + 3 intermediate_size) x dtype bytes) and the head of a scoring
+(up to R prompts per forward, whose forward is such a prefill: the last hidden states of all of them,
+R x C x hidden_size, while one prompt's logits and one temporary of their size, 2 x C x vocab_size, are made;
+x dtype bytes).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def memory_bound(config, item_bytes: int, weights_bytes: int, context: int, max_
     kv = rows_positions * per_token
     prefill = max_batch_size * context * (context + (4 * config.hidden_size + 3 * config.intermediate_size)
                                           * item_bytes)
-    scoring = 2 * context * config.vocab_size * item_bytes
+    scoring = (max_batch_size * config.hidden_size + 2 * config.vocab_size) * context * item_bytes
     return MemoryBound(weights_bytes, kv, max(prefill, scoring), per_token, context)
 
 

@@ -13,6 +13,7 @@ from services.engine.detokenize import TextTracker
 from services.engine.interface import GREEDY_STEPS, SamplingParams, StreamDelta, TokenLogprob
 from services.engine.logit_processors import adjusts_logits, apply_logit_processors
 from services.engine.sampling import choose_token, is_greedy, make_generator
+from services.engine.scoring import top_by_text
 from services.engine.structured import apply_grammar_masks
 from services.family.compat import cache_argument_name
 
@@ -37,12 +38,8 @@ class Sequence:
 
 
 def _top_logprobs(logprobs: torch.Tensor, k: int, tokenizer) -> dict[str, float]:
-    """The k likeliest tokens as {text: logprob}; where two decode alike, the likelier one's."""
-    values, ids = torch.topk(logprobs, k)
-    top: dict[str, float] = {}
-    for value, token in zip(values.tolist(), ids.tolist()):
-        top.setdefault(tokenizer.decode([token]), value)
-    return top
+    """The k likeliest tokens of one row of log-probs [vocab] as {text: logprob} (already normalised)."""
+    return top_by_text(logprobs[None], logprobs.new_zeros(1), k, tokenizer.decode)[0]
 
 
 class DecodeBatch:

@@ -21,7 +21,7 @@ def _padded_batch(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.
     return input_ids, mask
 
 
-def _tops(logits: torch.Tensor, normaliser: torch.Tensor, k: int, decode) -> list[dict[str, float]]:
+def top_by_text(logits: torch.Tensor, normaliser: torch.Tensor, k: int, decode) -> list[dict[str, float]]:
     """The k likeliest tokens of each row of logits [rows, vocab], as {text: logprob}; where two tokens decode
     alike, the likelier one's."""
     values, ids = torch.topk(logits, k)  # [rows, k]
@@ -43,9 +43,9 @@ def _score_row(logits: torch.Tensor, prompt_ids: list[int], top_logprobs: int, t
     normaliser = torch.logsumexp(logits, dim=-1)  # [seq]
     targets = torch.tensor(prompt_ids[1:], device=logits.device)  # [seq-1]
     chosen = logits[:-1].gather(-1, targets[:, None])[:, 0] - normaliser[:-1]  # [seq-1]
-    tops = [None, *_tops(logits[:-1], normaliser[:-1], top_logprobs, decode)] if top_logprobs else []
+    tops = [None, *top_by_text(logits[:-1], normaliser[:-1], top_logprobs, decode)] if top_logprobs else []
     next_id = int(logits[-1].argmax())
-    next_top = _tops(logits[-1:], normaliser[-1:], top_logprobs, decode)[0] if top_logprobs else {}
+    next_top = top_by_text(logits[-1:], normaliser[-1:], top_logprobs, decode)[0] if top_logprobs else {}
     next_logprob = TokenLogprob(decode([next_id]), float(logits[-1, next_id] - normaliser[-1]), next_top)
     next_token = NextToken(next_id, text_decoder(tokenizer)([next_id]), next_logprob, next_id in eos_ids)
     tokens = tuple(decode([t]) for t in prompt_ids)

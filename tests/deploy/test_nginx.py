@@ -30,13 +30,20 @@ def replicas(llama_pair):
         replica.stop()
 
 
-async def _many(url: str, count: int, concurrency: int, on_progress=None) -> list[int]:
+async def _many(url: str, count: int, concurrency: int, on_progress=None, retried: list | None = None) -> list[int]:
     codes: list[int] = []
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(http: httpx.AsyncClient) -> None:
         async with semaphore:
-            response = await http.post("/v1/completions", json=BODY)
+            try:
+                response = await http.post("/v1/completions", json=BODY)
+            except httpx.RemoteProtocolError:
+                if retried is None:
+                    raise
+                # A response cut after its headers cannot be retried by a proxy; openai's client retries it.
+                retried.append(1)
+                response = await http.post("/v1/completions", json=BODY)
             codes.append(response.status_code)
             if on_progress:
                 on_progress(len(codes))
@@ -70,9 +77,11 @@ def test_killing_a_replica_mid_load_loses_no_request(replicas, tmp_path):
         if done == 10:
             victim.signal(signal.SIGKILL)
 
+    retried: list = []
     with Nginx(tmp_path, [r.port for r in replicas]) as nginx:
-        codes = asyncio.run(_many(nginx.url, 60, 8, maybe_kill))
+        codes = asyncio.run(_many(nginx.url, 60, 8, maybe_kill, retried))
         assert codes == [200] * 60
+        assert len(retried) <= 8, "more responses were cut than the victim could have had in flight"
         assert victim.process.wait(timeout=10) != 0
         assert asyncio.run(_many(nginx.url, 10, 4)) == [200] * 10
 

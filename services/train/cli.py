@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from services.errors import BoomerangError
+from services.errors import BoomerangError, TrainingConfigError
 from services.train.loop import TrainConfig, run_training
 from services.train.losses import LossWeights
 from services.train.synth import SynthConfig, synthesize
@@ -76,6 +76,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        progress=not args.no_progress, **{n: getattr(args, n) for n in names})
 
 
+def _sizes(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got {value!r}") from None
+
+
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SynthConfig(teacher="", out="", tokens=0)
     parser.add_argument("--teacher", default=DEFAULT_TEACHER,
@@ -91,6 +98,11 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="conversations in the teacher's chat template (it writes the user turns too) instead "
                              "of samples from its start token; --max-new-tokens bounds each answer")
+    parser.add_argument("--answer-num-layers", type=_sizes, default=(),
+                        help="with --chat: answers written by these sizes of --pair's family (comma-separated, "
+                             "e.g. 16,18,20), the teacher still writing the user turns: the student's own "
+                             "answers, for the trainer to correct towards the teacher's (on-policy distillation)")
+    parser.add_argument("--pair", help="the models_store pair whose sizes answer (default: the default pair)")
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -100,7 +112,10 @@ def run_synth(args: argparse.Namespace) -> int:
     config = SynthConfig(teacher=teacher_folder(args.teacher), out=args.out, tokens=args.tokens,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, seed=args.seed, max_minutes=args.max_minutes,
-                         device=args.device, resume=args.resume)
+                         device=args.device, resume=args.resume, answer_num_layers=args.answer_num_layers,
+                         pair=args.pair)
+    if config.answer_num_layers and not args.chat:
+        raise TrainingConfigError("--answer-num-layers needs --chat")
     print(json.dumps((synthesize_chats if args.chat else synthesize)(config)))
     return 0
 

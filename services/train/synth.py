@@ -33,6 +33,8 @@ class SynthConfig:
     max_minutes: float | None = None  # or stop after the round that passes this wall-clock budget
     device: str | None = None
     resume: bool = False
+    answer_num_layers: tuple[int, ...] = ()  # chat only: answers written by these sizes of `pair`'s family
+    pair: str | None = None  # the pair whose sizes answer (None: the default pair)
 
 
 def check_config(config: SynthConfig) -> None:

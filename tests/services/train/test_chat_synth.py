@@ -74,3 +74,36 @@ def test_the_user_header_is_the_template_up_to_the_user_text(llama_pair):
     assert user_header(tokenizer, []) == "<|im_start|>user\n"
     history = [{"role": "system", "content": "Be brief."}]
     assert user_header(tokenizer, history) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+
+
+def _sample_by_size(model, tokenizer, prompts, max_new_tokens, temperature, end_ids):
+    """Says which size wrote each turn."""
+    return ChatTurns([f"written by {model.config.num_hidden_layers} layers"] * len(prompts), [True] * len(prompts))
+
+
+def test_answers_by_the_family_s_sizes_are_written_by_those_sizes(llama_pair, tmp_path, monkeypatch):
+    from tests.services.store.test_store import make_store_pair
+
+    monkeypatch.setenv("BOOMERANG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(chat_synth, "sample", _sample_by_size)
+    pair = make_store_pair(llama_pair, tmp_path, packed=False)
+    out = tmp_path / "chat.jsonl"
+    synthesize_chats(_config(llama_pair[0], out, answer_num_layers=(5, 7), pair=str(pair), tokens=600))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["answer_num_layers"] for r in records} == {5, 7}
+    for record in records:
+        turns = record["text"].split("<|im_start|>")
+        users = [t for t in turns if t.startswith("user\n")]
+        answers = [t for t in turns if t.startswith("assistant\n")]
+        assert all("written by 8 layers" in t for t in users)
+        assert all(f"written by {record['answer_num_layers']} layers" in t for t in answers)
+
+
+def test_an_answer_size_the_family_lacks_is_refused(llama_pair, tmp_path, monkeypatch):
+    from services.errors import UnknownSizeError
+    from tests.services.store.test_store import make_store_pair
+
+    monkeypatch.setenv("BOOMERANG_CACHE_DIR", str(tmp_path / "cache"))
+    pair = make_store_pair(llama_pair, tmp_path, packed=False)
+    with pytest.raises(UnknownSizeError, match="sizes are"):
+        synthesize_chats(_config(llama_pair[0], tmp_path / "chat.jsonl", answer_num_layers=(99,), pair=str(pair)))

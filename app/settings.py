@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     name: str | None = Field(None, description="family id served (default: the pair's name)")
     threads: int | None = Field(None, ge=1, description="torch's compute threads (default: OMP_NUM_THREADS if "
                                 "set, else the container's CPU quota, else the CPUs this process may use)")
-    native_kernels: bool = Field(True, description="fp32 CPU decode through the native AVX2 GEMV kernel "
-                                                   "(false: torch's matmul)")
+    native_kernels: bool = Field(True, description="fp32 CPU decode through the native kernels: the AVX2 GEMV, "
+                                 "and the fused decoder step for Llama/Qwen layers (false: torch's matmul and "
+                                 "the layers' own forward)")
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = no auth")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted, in tokens")
     max_total_tokens: int = Field(8192, ge=1, description="prompt + completion")
@@ -45,11 +46,9 @@ class Settings(BaseSettings):
                            description="requests waiting beyond max_concurrent; more get 429")
     max_batch_size: int = Field(_LIMITS.max_batch_size, ge=1, description="rows a batch starts with")
     mix_sizes: bool = Field(_LIMITS.mix_sizes, description="requests of different sizes share decode batches "
-                            "(native decode step only); false: one batch per size")
-    join_batches: bool = Field(_LIMITS.join_batches, description="new requests join a running batch that mixes "
-                               "sizes between two steps; false: they wait for it to end")
-    greedy_steps: int = Field(_LIMITS.greedy_steps, ge=1, description="decode steps per native call when every "
-                              "request of a batch is greedy: more is faster, 1 streams every token as it is chosen")
+                            "(each weight read once per step for all of them); false: one batch per size")
+    join_batches: bool = Field(_LIMITS.join_batches, description="new requests join a running batch between two "
+                               "steps; false: they wait for it to end")
     batch_wait_ms: float = Field(_LIMITS.batch_wait_ms, ge=0,
                                  description="a batch forms once no request arrived for this long (cap: 8x)")
     latency_target_ms: float | None = Field(None, gt=0, description="`auto` requests without a budget get the "
@@ -68,4 +67,4 @@ class Settings(BaseSettings):
         return EngineLimits(max_concurrent=self.max_concurrent, max_queue=self.max_queue,
                             max_batch_size=self.max_batch_size, batch_wait_ms=self.batch_wait_ms,
                             max_model_len=self.max_total_tokens, mix_sizes=self.mix_sizes,
-                            greedy_steps=self.greedy_steps, join_batches=self.join_batches)
+                            join_batches=self.join_batches)

@@ -23,7 +23,7 @@ def _import_teacher(args: argparse.Namespace) -> int:
 
     print(f"native GEMV kernel: {'built' if load_gemv() is not None else 'unavailable (torch matmul serves)'}")
     built = load_decoder_step() is not None
-    print(f"native decoder-step kernel: {'built' if built else 'unavailable (the transformers forward serves)'}")
+    print(f"native decoder-step kernel: {'built' if built else 'unavailable (the decoder layers forward serves)'}")
     return 0
 
 

@@ -33,18 +33,18 @@ def make_tokenizer(vocab_size: int = 320):
                                    pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(model_type: str, vocab_size: int, num_hidden_layers: int = 8):
+def tiny_config(model_type: str, vocab_size: int, num_hidden_layers: int = 8, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=256, tie_word_embeddings=model_type == "llama", eos_token_id=2,
-        bos_token_id=0, pad_token_id=0)
+    fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=model_type == "llama", eos_token_id=2, bos_token_id=0, pad_token_id=0)
+    return AutoConfig.for_model(model_type, **{**fields, **overrides})
 
 
-def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02) -> tuple[Path, Path]:
-    """Save a random teacher and a perturbed student made from it by the default layout."""
+def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02, **config) -> tuple[Path, Path]:
+    """Save a random teacher and a perturbed student made from it by the default layout (`config`: fields of
+    the teacher's config that differ from `tiny_config`'s)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +53,7 @@ def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02) -
 
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    teacher = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer))).eval()
+    teacher = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer), **config)).eval()
     layout = layout_from_rule(teacher.config.num_hidden_layers)
     student = init_student(teacher, layout)
     with torch.no_grad():

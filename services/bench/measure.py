@@ -15,8 +15,10 @@ import torch
 
 from services.cpu.fast_linear import disable_fast_linear
 from services.cpu.kernels.gemv import load_stream_sum
-from services.engine.batch import DecodeBatch, Sequence
+from services.engine.batch import Sequence
+from services.engine.family_batch import FamilyBatch
 from services.engine.interface import SamplingParams
+from services.engine.kv_pool import KVPool
 from services.family import Family
 from services.family.plan import order_to_json
 from services.family.reference import build_reference
@@ -80,29 +82,31 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
     }, dict(zip(sizes, references))
 
 
-def _runner(model, tokenizer, eos: set[int], batch: int, prompt: list[int], max_tokens: int) -> DecodeBatch:
-    """The engine's own batch loop on `batch` greedy copies of `prompt` (not yet prefilled)."""
+def _runner(family: Family, num_layers: int, batch: int, prompt: list[int], max_tokens: int,
+            pool: KVPool) -> FamilyBatch:
+    """The batch the server runs, on `batch` greedy copies of `prompt` all of size `num_layers` (not yet
+    prefilled); its KV buffers come from `pool`, as the engine's do."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    seqs = [Sequence(list(prompt), params, lambda _: None) for _ in range(batch)]
-    return DecodeBatch(model, seqs, tokenizer, eos, pad_id=0)
+    seqs = [Sequence(list(prompt), params, lambda _: None, num_layers=num_layers) for _ in range(batch)]
+    return FamilyBatch(family, seqs, family.tokenizer, {family.tokenizer.eos_token_id}, pad_id=0, pool=pool)
 
 
-def _ours_decode(model, tokenizer, eos: set[int], batch: int, prompt: list[int], steps: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for `steps` steps) of the engine's own batch loop."""
-    runner = _runner(model, tokenizer, eos, batch, prompt, steps + 1)
+def _ours_decode(family: Family, num_layers: int, batch: int, prompt: list[int], steps: int,
+                 pool: KVPool) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for `steps` steps) of the serving batch."""
+    runner = _runner(family, num_layers, batch, prompt, steps + 1, pool)
     start = time.perf_counter()
     runner.prefill()
     prefilled = time.perf_counter()
     _advance_by(runner, steps)
-    return prefilled - start, time.perf_counter() - prefilled
+    decoded = time.perf_counter()
+    runner.release()
+    return prefilled - start, decoded - prefilled
 
 
-def _advance_by(runner: DecodeBatch, tokens: int) -> int:
-    """Decode steps until `tokens` more per row (a step may take several); returns how many were taken."""
-    taken = 0
-    while taken < tokens:
-        taken += runner.step()
-    return taken
+def _advance_by(runner: FamilyBatch, steps: int) -> None:
+    for _ in range(steps):
+        runner.step()
 
 
 @torch.inference_mode()
@@ -119,23 +123,24 @@ def _standalone_decode(model, batch: int, prompt: list[int], steps: int) -> floa
 
 def speed_per_size(family: Family, references: dict, batch_sizes: list[int], steps: int, prompt_len: int = 32,
                    prefill_len: int = 256) -> list[dict]:
-    tokenizer, eos = family.tokenizer, {family.tokenizer.eos_token_id}
-    span = min(1000, len(tokenizer) - 10)
+    """Per size: decode tokens/s of the serving batch (rows all of that size: prefill, then `steps` timed
+    steps) at each batch size, against transformers' `generate()` on a deep-copied model; and prefill time."""
+    span = min(1000, len(family.tokenizer) - 10)
     prompt = [10 + i % span for i in range(prompt_len)]
     long_prompt = [10 + i % span for i in range(prefill_len)]
     long_ids = torch.tensor([long_prompt])  # [1, prefill_len]
+    pool = KVPool(family.dtype, device=family.device)
     rows = []
     for n, reference in references.items():
-        variant = family.variant(n)
         row = {"num_layers": n, "bytes": family.size_info(n).bytes}
         for batch in batch_sizes:
-            _ours_decode(variant, tokenizer, eos, batch, prompt, 2)  # warm-up
-            _, ours = _ours_decode(variant, tokenizer, eos, batch, prompt, steps)
+            _ours_decode(family, n, batch, prompt, 2, pool)  # warm-up
+            _, ours = _ours_decode(family, n, batch, prompt, steps, pool)
             theirs = _standalone_decode(reference, batch, prompt, steps)
             row[f"tok_s_b{batch}"] = batch * steps / ours
             row[f"standalone_tok_s_b{batch}"] = batch * steps / theirs
             row[f"ratio_b{batch}"] = theirs / ours
-        ours_prefill = statistics.median(_ours_decode(variant, tokenizer, eos, 1, long_prompt, 0)[0] for _ in range(3))
+        ours_prefill = statistics.median(_ours_decode(family, n, 1, long_prompt, 0, pool)[0] for _ in range(3))
         with torch.inference_mode():
             theirs_prefill = timed(lambda r=reference: r(long_ids, use_cache=True, logits_to_keep=1))
         row.update(prefill_ms=ours_prefill * 1e3, standalone_prefill_ms=theirs_prefill * 1e3,
@@ -181,10 +186,10 @@ def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, roun
     probes = _read_probes(data)
     for probe in probes.values():
         probe()
-    tokenizer, eos, seen = family.tokenizer, {family.tokenizer.eos_token_id}, []
-    prompt = [10 + i % min(1000, len(tokenizer) - 10) for i in range(prompt_len)]
+    seen, pool = [], KVPool(family.dtype, device=family.device)
+    prompt = [10 + i % min(1000, len(family.tokenizer) - 10) for i in range(prompt_len)]
     for row in rows:
-        runner = _runner(family.variant(row["num_layers"]), tokenizer, eos, 1, prompt, rounds * steps + 4)
+        runner = _runner(family, row["num_layers"], 1, prompt, rounds * steps + 4, pool)
         runner.prefill()
         runner.step()
         matmuls = _matmuls_alone(family, row["num_layers"])
@@ -197,8 +202,8 @@ def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, roun
             bandwidth = max(seen_rates[-1] for seen_rates in probe_rates.values())
             bound = bandwidth * 1e9 / row["bytes"]  # tokens/s
             start = time.perf_counter()
-            taken = _advance_by(runner, steps)
-            rates.append(taken / (time.perf_counter() - start))
+            _advance_by(runner, steps)
+            rates.append(steps / (time.perf_counter() - start))
             fractions.append(rates[-1] / bound)
             matmul_fractions.append(1 / timed(matmuls, repeats=1) / bound)
             bandwidths.append(bandwidth)
@@ -210,4 +215,5 @@ def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, roun
         row["matmul_only_fraction_of_bound"] = statistics.median(matmul_fractions)
         row["matmul_only_tok_s_b1"] = row["matmul_only_fraction_of_bound"] * row["bound_tok_s_b1"]
         seen += bandwidths
+        runner.release()
     return statistics.median(seen)

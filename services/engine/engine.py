@@ -11,17 +11,18 @@ from dataclasses import asdict
 import torch
 
 from services.cpu.heap import trim_heap
-from services.engine.batch import DecodeBatch, Sequence
-from services.engine.decoder_step import decoder_step
+from services.engine.backends import steps_for
+from services.engine.batch import Sequence
+from services.engine.family_batch import FamilyBatch
 from services.engine.interface import EngineLimits, ModelCard, SamplingParams, ScoreResult, StreamDelta
 from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
-from services.engine.mixed import MixedBatch, mixable
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.engine.scoring import score_prompts
 from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
+from services.family.architectures import get_path
 
 MIXED = "mixed"  # the scheduler key of batches that mix sizes
 
@@ -40,7 +41,7 @@ class InferenceEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.grammars = GrammarCompiler(self.tokenizer, family.teacher.config.vocab_size)
-        self.mix_sizes = limits.mix_sizes and mixable(family)
+        self.mix_sizes = limits.mix_sizes
         self.memory_bound = self._memory_bound()
         check_fits(self.memory_bound, available_bytes())
         self.kv_pool = KVPool(family.dtype, self.memory_bound.kv_bytes, family.device)
@@ -58,10 +59,17 @@ class InferenceEngine:
         trim_heap()
 
     def _warm_up(self) -> None:
-        """Assembles the sizes the variant cache holds, with their native decoders, before the first request:
-        what they allocate is there at start, not a minute into traffic."""
-        for n in self.family.sizes[-self.family.cache_size:]:
-            decoder_step(self.family.variant(n))
+        """Assembles the sizes the variant cache holds and every group's step backends (the kernel's layer
+        stacks) before the first request: what they allocate is there at start, not a minute into traffic,
+        and a model the backends cannot serve is refused here, not at its first request."""
+        family = self.family
+        for n in family.sizes[-family.cache_size:]:
+            family.variant(n)
+        teacher_layers = get_path(family.teacher, family.spec.layers)
+        student_layers = get_path(family.student, family.spec.layers)
+        for block, teacher_block in enumerate(family.layout.blocks):
+            steps_for(family, [student_layers[block]])
+            steps_for(family, [teacher_layers[t] for t in teacher_block])
 
     def _memory_bound(self):
         config, family = self.family.teacher.config, self.family
@@ -149,12 +157,10 @@ class InferenceEngine:
                 f"of {self.max_model_len} tokens", param="max_tokens")
 
     # -- generation -------------------------------------------------------------------------------------------
-    def _make_batch(self, key: BatchKey, sequences: list[Sequence]) -> DecodeBatch:
-        if key == MIXED:
-            return MixedBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id,
-                              joinable=self.limits.join_batches, pool=self.kv_pool)
-        return DecodeBatch(self.family.variant(key), sequences, self.tokenizer, self.eos_ids, self.pad_id,
-                           self.limits.greedy_steps)
+    def _make_batch(self, key: BatchKey, sequences: list[Sequence]) -> FamilyBatch:
+        """Both keys (`mixed`, or one size with --mix-sizes false) build the same batch."""
+        return FamilyBatch(self.family, sequences, self.tokenizer, self.eos_ids, self.pad_id,
+                           joinable=self.limits.join_batches, pool=self.kv_pool)
 
     async def generate(self, num_layers: int, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[StreamDelta]:

@@ -8,9 +8,6 @@ from typing import Protocol
 
 MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: sampling is treated as greedy
 
-# decode steps per native call for all-greedy batches: their tokens stream in bursts of up to this many
-GREEDY_STEPS = 8
-
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -21,9 +18,8 @@ class EngineLimits:
     max_batch_size: int = 8  # rows a batch starts with
     batch_wait_ms: float = 5.0  # a batch forms once no request arrived for this long (capped)
     max_model_len: int | None = None  # prompt + completion; None: the model's own limit
-    mix_sizes: bool = True  # requests of different sizes share decode batches (where the native step serves)
-    greedy_steps: int = GREEDY_STEPS  # decode steps per native call for all-greedy batches
-    join_batches: bool = True  # new requests join a running mixed batch between steps
+    mix_sizes: bool = True  # requests of different sizes share decode batches; false: one batch per size
+    join_batches: bool = True  # new requests join a running batch between steps
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 KV bytes per token per row = 2 (keys, values) x num_hidden_layers x num_key_value_heads x head_dim x dtype bytes,
 for the largest size (the teacher: every layer). With C = the context limit (prompt + completion) and
 R = max_batch_size:
-- batches that mix sizes hold at most R rows of at most 2C + G positions each (rows are right-aligned at the
-  longest one's context, so a short row's padding can reach C more; capacities come in granules of G = 64
-  positions), and a join holds at once the old buffers, the newcomers' and the new ones (at most C + G
-  positions each): KV <= R x (4C + 3G) x bytes per token;
-- batches of one size (GPU, --mix-sizes false) hold at most max_concurrent rows, whose buffers double when full:
-  KV <= max_concurrent x 2 x 2C x bytes per token.
+- a batch holds at most R rows of at most 2C + G positions each (rows are right-aligned at the longest one's
+  context, so a short row's padding can reach C more; capacities come in granules of G = 64 positions), and a
+  join holds at once the old buffers, the newcomers' and the new ones (at most C + G positions each);
+- batches that mix sizes are one batch: KV <= R x (4C + 3G) x bytes per token;
+- with --mix-sizes false each size has its own batch, all of them together at most max_concurrent rows:
+  KV <= max_concurrent x (4C + 3G) x bytes per token.
 One piece of work runs besides the KV at a time, the larger of a prefill of R prompts of C tokens (attention mask
 R x C^2 bytes, activations R x C x (4 hidden_size + 3 intermediate_size) x dtype bytes) and the head of a scoring
 (up to R prompts per forward, whose forward is such a prefill: the last hidden states of all of them,
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from services.errors import MemoryLimitError
+from services.family.architectures import kv_shape
 from services.family.kv_buffer import MIN_CAPACITY
 
 GIB = 2 ** 30
@@ -28,14 +29,14 @@ GIB = 2 ** 30
 
 def kv_bytes_per_token(config, item_bytes: int) -> int:
     """Keys and values of one position of one row through every layer of the teacher."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * item_bytes
+    kv_heads, head_dim = kv_shape(config)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * item_bytes
 
 
 @dataclass(frozen=True)
 class MemoryBound:
     weights_bytes: int
-    kv_bytes: int  # the KV pool's budget on the mixed path
+    kv_bytes: int  # the KV pool's budget
     work_bytes: int  # one prefill or one scoring
     kv_bytes_per_token: int
     context: int
@@ -52,8 +53,8 @@ def memory_bound(config, item_bytes: int, weights_bytes: int, context: int, max_
                  max_concurrent: int, mixed: bool) -> MemoryBound:
     """The most the limits let the server hold (see the module's formula)."""
     per_token = kv_bytes_per_token(config, item_bytes)
-    rows_positions = max_batch_size * (4 * context + 3 * MIN_CAPACITY) if mixed else max_concurrent * 2 * 2 * context
-    kv = rows_positions * per_token
+    rows = max_batch_size if mixed else max_concurrent
+    kv = rows * (4 * context + 3 * MIN_CAPACITY) * per_token
     prefill = max_batch_size * context * (context + (4 * config.hidden_size + 3 * config.intermediate_size)
                                           * item_bytes)
     scoring = (max_batch_size * config.hidden_size + 2 * config.vocab_size) * context * item_bytes

@@ -2,8 +2,8 @@
 
 Each loop admits new requests (those of one key that arrived within a short window; the key is a size, or
 "mixed" for batches that mix sizes): they join the key's running batch between two steps where it takes
-joins and has room (`DecodeBatch.joinable`: batches that mix sizes), else form a batch of their own once
-none of the key runs. Then it runs one decode step of every active batch in turn, so sizes interleave
+joins and has room (`FamilyBatch.joinable`, `--join-batches`), else form a batch of their own once none of
+the key runs. Then it runs one decode step of every active batch in turn, so sizes interleave
 step by step and none starves.
 """
 
@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.engine.batch import DecodeBatch, Sequence
+from services.engine.batch import RowBatch, Sequence
 from services.engine.interface import EngineLimits
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,13 @@ class _Job:
 
 
 class Scheduler:
-    def __init__(self, make_batch: Callable[[BatchKey, list[Sequence]], DecodeBatch], limits: EngineLimits,
+    def __init__(self, make_batch: Callable[[BatchKey, list[Sequence]], RowBatch], limits: EngineLimits,
                  on_batch: Callable[[BatchKey, int], None] | None = None, housekeeping: Housekeeping | None = None):
         self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
         self.housekeeping, self.last_housekeeping = housekeeping, time.monotonic()
         self.waiting: OrderedDict[BatchKey, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
-        self.active: list[tuple[BatchKey, DecodeBatch]] = []
+        self.active: list[tuple[BatchKey, RowBatch]] = []
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
@@ -107,7 +107,7 @@ class Scheduler:
         self.housekeeping.run()
         self.last_housekeeping = time.monotonic()
 
-    def _joinable(self, key: BatchKey) -> DecodeBatch | None:
+    def _joinable(self, key: BatchKey) -> RowBatch | None:
         """The key's running batch that new requests may join between steps, if any."""
         return next((batch for k, batch in self.active if k == key and batch.joinable and not batch.done), None)
 
@@ -169,7 +169,7 @@ class Scheduler:
         batch = self._prefilled(key, sequences)
         self.active.append((key, batch))
 
-    def _join(self, target: DecodeBatch, key: BatchKey, sequences: list[Sequence]) -> None:
+    def _join(self, target: RowBatch, key: BatchKey, sequences: list[Sequence]) -> None:
         newcomers = self._prefilled(key, sequences)
         try:
             target.join(newcomers)
@@ -177,7 +177,7 @@ class Scheduler:
             newcomers.release()
             raise
 
-    def _prefilled(self, key: BatchKey, sequences: list[Sequence]) -> DecodeBatch:
+    def _prefilled(self, key: BatchKey, sequences: list[Sequence]) -> RowBatch:
         batch = self.make_batch(key, sequences)
         if self.on_batch:
             self.on_batch(key, len(sequences))

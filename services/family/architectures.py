@@ -47,6 +47,16 @@ def spec_for(model_type: str) -> ArchitectureSpec:
     return ARCHITECTURES[model_type]
 
 
+def kv_shape(config) -> tuple[int, int]:
+    """(key/value heads, head dim) of a config's attention. GPT-NeoX has a key/value head per query head and
+    head_dim = hidden_size / heads, whatever other fields its config holds."""
+    heads = config.num_attention_heads
+    if getattr(config, "model_type", None) == "gpt_neox":
+        return heads, config.hidden_size // heads
+    return (getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 def get_path(module, path: str):
     """Follow a dotted attribute path."""
     for name in path.split("."):

@@ -84,6 +84,8 @@ def _clone_shell(template: nn.Module, config, spec: ArchitectureSpec) -> nn.Modu
     base._modules = dict(base._modules)
     set_path(shell, spec.base, base)
     shell.config = base.config = config
+    if hasattr(base, "has_sliding_layers"):  # Qwen2/Qwen3 read it from the config at init: the template has no layers
+        base.has_sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or [])
     return shell
 
 

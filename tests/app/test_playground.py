@@ -120,7 +120,7 @@ def chromium():
 @pytest.fixture(scope="module")
 def server(llama_pair, chromium):
     settings = Settings(teacher=str(llama_pair[0]), student=str(llama_pair[1]), device="cpu", name="tiny",
-                        api_keys=[KEY], greedy_steps=1)  # greedy answers stream every token as chosen
+                        api_keys=[KEY])
     with LiveServer(create_app(settings)) as live:
         family = live.app.state.engine.family
         family.quality = tiny_quality(family.sizes)

@@ -380,78 +380,9 @@ class LayerStack {
 
 }  // namespace
 
-// Final norm and output layer for a few rows: logits [B, vocab].
-torch::Tensor norm_and_head(const torch::Tensor& hidden, const torch::Tensor& norm_weight, double eps,
-                            const torch::Tensor& head_weight) {
-  const int64_t batch = hidden.size(0), width = hidden.size(1), vocab = head_weight.size(0);
-  std::vector<float> normed(batch * width);
-  rms_norm(hidden.data_ptr<float>(), norm_weight.data_ptr<float>(), batch, width, eps, normed.data());
-  auto logits = torch::empty({batch, vocab}, hidden.options());
-#pragma omp parallel num_threads(at::get_num_threads())
-  project(head_weight.data_ptr<float>(), nullptr, share_of(vocab, omp_get_thread_num(), omp_get_num_threads()), width,
-          normed.data(), batch, logits.data_ptr<float>(), vocab);
-  return logits;
-}
-
-// The index of the largest of n floats (the first, where several are), as torch's argmax; 8 at a time
-// (ATen's argmax over the whole vocabulary cost a measurable share of a small size's step).
-int64_t argmax(const float* v, int64_t n) {
-  if (n < 8) return std::max_element(v, v + n) - v;
-  __m256 best = _mm256_loadu_ps(v);
-  for (int64_t i = 8; i + 8 <= n; i += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(v + i));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, best);
-  float top = *std::max_element(lanes, lanes + 8);
-  for (int64_t i = n - n % 8; i < n; ++i) top = std::max(top, v[i]);
-  return std::find(v, v + n, top) - v;
-}
-
-// `steps` greedy decode steps without returning to Python: embedding rows, every layer, final norm, output
-// layer, argmax. tokens [B]: this step's inputs; mask [B, length + 1] as in `step` (later steps attend
-// every new position); cos, sin [steps, B, head_dim]. The KV caches need room for `steps` positions.
-// Returns the chosen tokens [n, B], n <= steps: it stops after the step where every live row (alive[b])
-// has chosen a token of `stop_ids` in this call.
-torch::Tensor greedy_steps(const LayerStack& stack, const torch::Tensor& tokens, const std::vector<torch::Tensor>& keys,
-                           const std::vector<torch::Tensor>& values, int64_t length, const torch::Tensor& mask,
-                           const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& embed,
-                           const torch::Tensor& norm_weight, double eps, const torch::Tensor& head_weight,
-                           int64_t steps, const std::vector<int64_t>& stop_ids, const std::vector<bool>& alive) {
-  const int64_t batch = tokens.size(0), width = embed.size(1), seen = mask.size(1);
-  TORCH_CHECK(tokens.scalar_type() == torch::kLong && mask.scalar_type() == torch::kLong && mask.is_contiguous() &&
-              seen == length + 1 && cos.size(0) >= steps && cos.size(1) == batch && embed.is_contiguous() &&
-              int64_t(alive.size()) == batch, "greedy_steps: tokens [B], mask [B, length + 1], cos [steps, B, d]");
-  auto out = torch::empty({steps, batch}, tokens.options());
-  auto hidden = torch::empty({batch, width}, embed.options());
-  std::vector<int64_t> next(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + batch);
-  std::vector<bool> stopped(batch);
-  for (int64_t b = 0; b < batch; ++b) stopped[b] = !alive[b];
-  int64_t done = 0;
-  for (int64_t step = 0; step < steps; ++step) {
-    const int64_t now_seen = seen + step;
-    auto step_mask = torch::ones({batch, now_seen}, mask.options());  // positions of earlier steps: attended
-    step_mask.narrow(1, 0, seen).copy_(mask);
-    for (int64_t b = 0; b < batch; ++b)
-      std::copy_n(embed.data_ptr<float>() + next[b] * width, width, hidden.data_ptr<float>() + b * width);
-    stack.step(hidden, keys, values, length + step, step_mask, cos[step].contiguous(), sin[step].contiguous());
-    const auto logits = norm_and_head(hidden, norm_weight, eps, head_weight);  // [B, vocab]
-    bool all_stopped = !stop_ids.empty();
-    for (int64_t b = 0; b < batch; ++b) {
-      next[b] = argmax(logits.data_ptr<float>() + b * logits.size(1), logits.size(1));
-      out.data_ptr<int64_t>()[step * batch + b] = next[b];
-      stopped[b] = stopped[b] || std::find(stop_ids.begin(), stop_ids.end(), next[b]) != stop_ids.end();
-      all_stopped = all_stopped && stopped[b];
-    }
-    done = step + 1;
-    if (all_stopped) break;
-  }
-  return out.narrow(0, 0, done);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<LayerStack>(m, "LayerStack", "decoder layers whose decode steps run natively (fp32, AVX2/FMA)")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, double, double, double>())
       .def("step", &LayerStack::step, "one decode step of every layer, in order")
-      .def("greedy", &greedy_steps, "several greedy decode steps: embedding, layers, head and argmax")
       .def("__len__", &LayerStack::size);
-  m.def("norm_and_head", &norm_and_head, "final RMSNorm and output layer for a few rows");
 }

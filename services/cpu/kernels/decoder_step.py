@@ -13,5 +13,5 @@ SOURCE = Path(__file__).with_name("decoder_step.cpp")
 
 @functools.cache
 def load_decoder_step() -> ModuleType | None:
-    """The module with `LayerStack` and `norm_and_head`, or None (no compiler, no AVX2/FMA)."""
+    """The module with `LayerStack`, or None (no compiler, no AVX2/FMA)."""
     return build("boomerang_decoder_step", SOURCE)

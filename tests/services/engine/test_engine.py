@@ -160,7 +160,7 @@ def test_overload_is_refused_and_limits_checked(engine):
     assert engine.resolve_size("tiny-6L", 6) == 6
 
 
-def test_mixed_sizes_batch_per_size_and_late_arrivals_join_the_next_batch(llama_pair):
+def test_without_mixing_each_size_has_its_own_batch_and_late_arrivals_join_theirs(llama_pair):
     batches: list[tuple[int, int]] = []
     engine = InferenceEngine(load_family(*llama_pair, device="cpu", name="tiny"),
                              EngineLimits(max_concurrent=16, max_queue=16, max_batch_size=8, batch_wait_ms=50,
@@ -183,6 +183,7 @@ def test_mixed_sizes_batch_per_size_and_late_arrivals_join_the_next_batch(llama_
         engine.close()
     assert all(len(r[1]) == 20 for r in early + late)
     assert sorted(size for _, size in batches[:3]) == [4, 4, 4]
+    assert {key for key, _ in batches} == set(sizes)  # a key per size, never "mixed"
     assert len(batches) <= 6, batches
 
 

@@ -22,7 +22,7 @@ def test_the_bound_follows_the_limits_not_the_traffic():
     mixed = memory_bound(CONFIG, 4, 1000, context=256, max_batch_size=8, max_concurrent=16, mixed=True)
     assert mixed.kv_bytes == 8 * (4 * 256 + 3 * 64) * per_token
     one_size = memory_bound(CONFIG, 4, 1000, context=256, max_batch_size=8, max_concurrent=16, mixed=False)
-    assert one_size.kv_bytes == 16 * 2 * 2 * 256 * per_token
+    assert one_size.kv_bytes == 16 * (4 * 256 + 3 * 64) * per_token  # a batch per size: every row may be in one
     prefill = 8 * 256 * (256 + (4 * 64 + 3 * 128) * 4)
     assert mixed.work_bytes == max(prefill, (8 * 64 + 2 * 320) * 256 * 4)
     assert mixed.total_bytes == 1000 + mixed.kv_bytes + mixed.work_bytes

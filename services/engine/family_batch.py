@@ -1,12 +1,12 @@
-"""One batch of sequences of different sizes of a family, decoded together.
+"""The one batch class of the engine: sequences of any sizes of a family, decoded together, on any device.
 
 Every size is the student with some blocks patched back, so rows of any size walk the same student blocks
-in the same order: at block i, the rows whose size keeps student layer i run it as one batch, and the rows
+in the same order: at block i, the rows whose size keeps student layer i run it as one group, and the rows
 whose size patched it run the teacher layers of that block as another. A step reads each weight its rows
-need once for the whole batch, where one batch per size would read the shared layers once per size.
-Prefill walks the blocks the same way with the models' own decoder layers (one call per branch, not one
-forward per size), writing each layer's keys and values into one buffer per layer module (the rows that
-use it), which the native decode step then appends to in place.
+need once for the whole batch. A batch of one size is simply one whose rows all take the same branches.
+Each group keeps one KV buffer per layer (its rows), taken from the pool; prefill runs the groups' own
+decoder layers (`backends.torch_layers`), and each step runs each group's step backend: the native kernel
+where it applies (fp32 CPU Llama-style layers), else the same decoder layers (`backends`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from services.cpu.kernels.decoder_step import load_decoder_step
 from services.cpu.rotary_table import rotary_lookup
-from services.engine.batch import DecodeBatch, Sequence
-from services.engine.decoder_step import decoder_step, layer_stack
+from services.engine.backends import steps_for
+from services.engine.backends.native import NativeStep
+from services.engine.backends.torch_layers import LayerStep
+from services.engine.batch import RowBatch, Sequence
 from services.engine.kv_pool import KVPool
 from services.family import Family
-from services.family.architectures import get_path
-from services.family.compat import cache_argument_name
+from services.family.architectures import get_path, kv_shape
 from services.family.kv_buffer import MIN_CAPACITY
 from services.family.plan import STUDENT, TEACHER, block_choices
 
@@ -31,9 +31,11 @@ from services.family.plan import STUDENT, TEACHER, block_choices
 class _Group:
     """Rows taking one branch of a block, and the layers of that branch with their KV buffers."""
 
-    rows: torch.Tensor  # [rows] batch indices
-    modules: list[torch.nn.Module]  # the branch's decoder layers (prefill runs them)
-    stack: object  # the kernel's LayerStack over them (decode steps run it)
+    rows: torch.Tensor  # [rows] batch indices, on the family's device
+    row_list: list[int]  # the same, for bookkeeping without a device sync
+    modules: list[torch.nn.Module]  # the branch's decoder layers
+    prefill: LayerStep  # their own forward (prefill)
+    decode: LayerStep | NativeStep  # their decode step backend
     keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
 
@@ -53,37 +55,26 @@ def _aligned(mask_row: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask_row[mask_row.shape[0] - kept:], (length - kept, 0))  # [length]
 
 
-class _CaptureKV:
-    """Stands in for a KV cache during the prefill of one layer: writes its keys and values into the
-    group's buffers (`into`) and hands them back for the layer's attention."""
-
-    def into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states, value_states: [rows, kv_heads, longest, head_dim]
-        length = key_states.shape[-2]
-        self.keys[:, :, :length] = key_states
-        self.values[:, :, :length] = value_states
-        return key_states, value_states
+def rotary_at(rotary: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [rows, rotary dim] (fp32) at `positions` [rows], on their device: looked up in a table on
+    CPU (`rotary_table`), else computed by the rotary module, as transformers does every step."""
+    if positions.device.type == "cpu":
+        return rotary_lookup(rotary)(positions)
+    probe = torch.empty(len(positions), 1, 1, device=positions.device)  # the module reads only its dtype and device
+    cos, sin = rotary(probe, positions[:, None])  # [rows, 1, rotary dim] each
+    return cos[:, 0], sin[:, 0]
 
 
-def mixable(family: Family) -> bool:
-    """Whether the family's sizes can share decode batches (the native decode step serves its layers)."""
-    return load_decoder_step() is not None and all(
-        decoder_step(family.variant(n)) is not None for n in (family.sizes[0], family.sizes[-1]))
-
-
-class MixedBatch(DecodeBatch):
+class FamilyBatch(RowBatch):
     """Sequences of any sizes of `family` (`Sequence.num_layers`) that advance together; new ones join
-    between steps (`join`)."""
+    between steps (`join`) where `joinable`."""
 
     def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int,
                  joinable: bool = True, pool: KVPool | None = None):
-        super().__init__(family.variant(sequences[0].num_layers), sequences, tokenizer, eos_ids, pad_id)
+        super().__init__(sequences, tokenizer, eos_ids, pad_id, family.device)
         self.joinable = joinable
-        self.pool = pool if pool is not None else KVPool(family.dtype)
-        self.family, self.kernel = family, load_decoder_step()
+        self.pool = pool if pool is not None else KVPool(family.dtype, device=family.device)
+        self.family = family
         self.sizes = [seq.num_layers for seq in sequences]
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}
         self.groups: list[list[_Group]] = []  # per student block
@@ -96,15 +87,8 @@ class MixedBatch(DecodeBatch):
         self.rows_by_head = self._by_head()
 
     def _rows(self, predicate) -> torch.Tensor:
-        return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long)
-
-    def _stack(self, modules: list[torch.nn.Module]):
-        """The kernel's stack over these layers, made once per family and branch (not once per batch)."""
-        stacks = self.family.__dict__.setdefault("_boomerang_layer_stacks", {})
-        key = tuple(id(module) for module in modules)  # the pair's own layers: they live as long as the family
-        if key not in stacks:
-            stacks[key] = layer_stack(self.kernel, modules, self.family.teacher.config)
-        return stacks[key]
+        return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long,
+                            device=self.device)
 
     def _layer(self, source: str, index: int):
         return get_path(self.sources[source], self.family.spec.layers)[index]
@@ -116,28 +100,21 @@ class MixedBatch(DecodeBatch):
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
         self.groups = self._build_groups(capacity)
         hidden, position_embeddings = self._embed_prompts(input_ids, position_ids)  # [batch, longest, hidden]
-        capture = _CaptureKV()
         for branches in self.groups:
             for group in branches:
-                h = hidden[group.rows]  # [rows, longest, hidden_size]
-                cos, sin = (part[group.rows] for part in position_embeddings)  # [rows, longest, head_dim]
-                mask = self._prompt_mask(group.rows)  # [rows, 1, longest, longest]
-                for layer, keys, values in zip(group.modules, group.keys, group.values):
-                    capture.into(keys, values)
-                    h = layer(h, attention_mask=mask, position_ids=position_ids[group.rows],
-                              position_embeddings=(cos, sin), use_cache=True,
-                              **{cache_argument_name(type(layer)): capture})
-                hidden[group.rows] = h
+                rows = group.rows
+                cos, sin = (part[rows] for part in position_embeddings)  # [rows, longest, rotary dim]
+                hidden[rows] = group.prefill.run(hidden[rows], group.keys, group.values, 0, self.attention_mask[rows],
+                                                 position_ids[rows], (cos, sin))
         self.length = longest
         self._advance(self._head(hidden[:, -1].contiguous()))
 
     def _build_groups(self, capacity: int) -> list[list[_Group]]:
-        """Per block and branch: its rows, layers (modules and the kernel's stack) and empty KV buffers (all
-        given back to the pool if one cannot be had)."""
+        """Per block and branch: its rows, layers (and their step backends) and empty KV buffers (all given
+        back to the pool if one cannot be had)."""
         choices = {n: block_choices(self.family.layout, self.family.plan(n)) for n in set(self.sizes)}
-        config = self.family.teacher.config
-        shape = (config.num_key_value_heads, _granular(capacity), getattr(config, "head_dim", None)
-                 or config.hidden_size // config.num_attention_heads)
+        kv_heads, head_dim = kv_shape(self.family.teacher.config)
+        shape = (kv_heads, _granular(capacity), head_dim)
         groups, taken = [], []
         try:
             for block, teacher_layers in enumerate(self.family.layout.blocks):
@@ -152,7 +129,8 @@ class MixedBatch(DecodeBatch):
                     for _ in range(2 * len(refs)):
                         taken.append(self.pool.take((len(rows), *shape)))
                     buffers = taken[-2 * len(refs):]
-                    branches.append(_Group(rows, modules, self._stack(modules), buffers[::2], buffers[1::2]))
+                    prefill, decode = steps_for(self.family, modules)
+                    branches.append(_Group(rows, rows.tolist(), modules, prefill, decode, buffers[::2], buffers[1::2]))
                 groups.append(branches)
         except BaseException:
             self.pool.give(taken)
@@ -160,7 +138,7 @@ class MixedBatch(DecodeBatch):
         return groups
 
     @torch.inference_mode()
-    def join(self, newcomers: MixedBatch) -> None:
+    def join(self, newcomers: FamilyBatch) -> None:
         """Takes the rows of `newcomers` (prefilled, their first tokens chosen) into this batch between two
         steps; rows that have finished leave. Every live row's keys and values move into new buffers,
         right-aligned at the longest live row's context, the shorter ones left-padded as prompts are (masked),
@@ -206,17 +184,17 @@ class MixedBatch(DecodeBatch):
         self.groups = []
 
     @staticmethod
-    def _move_kv(group: _Group, old_branches: list[_Group], batch: MixedBatch, rows: list, length: int) -> None:
+    def _move_kv(group: _Group, old_branches: list[_Group], batch: FamilyBatch, rows: list, length: int) -> None:
         """Copies into `group` the keys and values of its rows that come from `batch` (`rows`: the new
         batch's (source batch, row there)), right-aligned at `length`."""
         old = next((g for g in old_branches if g.modules[0] is group.modules[0]), None)
         if old is None:
             return
-        where = {row: i for i, row in enumerate(old.rows.tolist())}  # batch row -> row of `old`'s buffers
-        pairs = [(j, where[rows[new][1]]) for j, new in enumerate(group.rows.tolist()) if rows[new][0] is batch]
+        where = {row: i for i, row in enumerate(old.row_list)}  # batch row -> row of `old`'s buffers
+        pairs = [(j, where[rows[new][1]]) for j, new in enumerate(group.row_list) if rows[new][0] is batch]
         if not pairs:
             return
-        into, out_of = (torch.tensor(side) for side in zip(*pairs))
+        into, out_of = (torch.tensor(side, device=group.rows.device) for side in zip(*pairs))
         kept = min(length, batch.length)  # the last positions of `batch`: all its live rows' own
         for new_buffers, old_buffers in ((group.keys, old.keys), (group.values, old.values)):
             for target, source in zip(new_buffers, old_buffers):  # [rows, kv_heads, capacity, head_dim]
@@ -228,7 +206,7 @@ class MixedBatch(DecodeBatch):
         return self.length - int(self.attention_mask[row, :self.length].argmax())
 
     def _embed_prompts(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
-        """Prompt embeddings [batch, longest, hidden_size] and rotary (cos, sin) [batch, longest, head_dim],
+        """Prompt embeddings [batch, longest, hidden_size] and rotary (cos, sin) [batch, longest, rotary dim],
         each row from the model its size takes them from."""
         spec = self.family.spec
         hidden, = self._per_source("embed", lambda model, rows: (get_path(model, spec.embed)(input_ids[rows]),))
@@ -236,48 +214,34 @@ class MixedBatch(DecodeBatch):
             "rotary", lambda model, rows: get_path(model, spec.rotary)(hidden[rows], position_ids[rows]))
         return hidden, position_embeddings
 
-    def _prompt_mask(self, rows: torch.Tensor) -> torch.Tensor:
-        """Attention mask [rows, 1, longest, longest] of the prompts: causal, no left-padding key attended
-        (a padding query attends itself only, so no row of the softmax is empty). Boolean (True: attend)
-        for SDPA, as transformers builds it; additive for the other attention implementations."""
-        longest = self.attention_mask.shape[1]
-        causal = torch.ones(longest, longest, dtype=torch.bool).tril()  # [query, key]
-        allowed = causal[None] & self.attention_mask[rows].bool()[:, None, :]  # [rows, query, key]
-        allowed |= torch.eye(longest, dtype=torch.bool)[None]
-        if self.family.teacher.config._attn_implementation == "sdpa":
-            return allowed[:, None]
-        mask = torch.zeros(allowed.shape, dtype=self.family.dtype)
-        return mask.masked_fill_(~allowed, torch.finfo(self.family.dtype).min)[:, None]
-
     @torch.inference_mode()
-    def step(self) -> int:
+    def step(self) -> None:
+        """One token for every live row: each group's step backend over the rows that take it, block by block."""
         input_ids = self._next_input()[:, 0]  # [batch]
-        hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, head_dim] x2
-        mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen]
+        hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, rotary dim] x2
+        positions = self.positions[:, 0]  # [batch]
         self._make_room()
-        live = torch.tensor([not seq.done for seq in self.sequences])  # [batch]
+        live = [not seq.done for seq in self.sequences]
         for branches in self.groups:
             for group in branches:
-                if not live[group.rows].any():  # only finished rows take this branch: its weights go unread
+                if not any(live[row] for row in group.row_list):  # only finished rows take it: weights unread
                     continue
-                h = hidden[group.rows].contiguous()  # [rows, hidden_size]
-                m, c, s = mask[group.rows].contiguous(), cos[group.rows].contiguous(), sin[group.rows].contiguous()
-                group.stack.step(h, group.keys, group.values, self.length, m, c, s)
-                hidden[group.rows] = h
+                rows = group.rows
+                hidden[rows] = group.decode.step(hidden[rows], group.keys, group.values, self.length,
+                                                 self.attention_mask[rows], cos[rows], sin[rows], positions[rows])
         self.length += 1
         self._advance(self._head(hidden))
-        return 1
 
     def _make_room(self) -> None:
         """Room for this step's keys and values: buffers double when full (like `GrowingLayer`), so a long
         `max_tokens` costs memory only as the batch actually grows, and never past what its rows may still
         produce."""
         remaining = self._remaining()
-        live = torch.tensor([not seq.done for seq in self.sequences])  # [batch]
+        live = [not seq.done for seq in self.sequences]
         for branches in self.groups:
             for group in branches:
                 capacity = group.keys[0].shape[2]
-                if self.length < capacity or not live[group.rows].any():  # room, or no step will write here
+                if self.length < capacity or not any(live[row] for row in group.row_list):  # room, or no write
                     continue
                 grown_capacity = _granular(max(capacity + 1, min(2 * capacity, self.length + remaining + 1)))
                 for buffers in (group.keys, group.values):
@@ -311,11 +275,11 @@ class MixedBatch(DecodeBatch):
         return whole
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's hidden states [batch, hidden_size] and rotary cos, sin [batch, head_dim]."""
+        """This step's hidden states [batch, hidden_size] and rotary cos, sin [batch, rotary dim] (fp32)."""
         spec = self.family.spec
         hidden, = self._per_source("embed", lambda model, rows: (get_path(model, spec.embed)(input_ids[rows]),))
         cos, sin = self._per_source(
-            "rotary", lambda model, rows: rotary_lookup(get_path(model, spec.rotary))(self.positions[rows, 0]))
+            "rotary", lambda model, rows: rotary_at(get_path(model, spec.rotary), self.positions[rows, 0]))
         return hidden, cos, sin
 
     def _by_head(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
@@ -329,7 +293,7 @@ class MixedBatch(DecodeBatch):
         return [(head, torch.cat(rows).sort().values) for head, rows in heads.values()]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, vocab]: final norm of each row's size, then its output layer."""
+        """Logits [batch, vocab] (fp32): final norm of each row's size, then its output layer."""
         spec = self.family.spec
         normed, = self._per_source("norm", lambda model, rows: (get_path(model, spec.norm)(hidden[rows]),))
         logits = None
@@ -338,4 +302,4 @@ class MixedBatch(DecodeBatch):
             if logits is None:
                 logits = piece.new_empty(len(self.sizes), piece.shape[-1])
             logits[rows] = piece
-        return logits
+        return logits.float()

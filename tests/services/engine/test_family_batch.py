@@ -1,4 +1,5 @@
-"""Batches that mix sizes: the same tokens as one batch per size, through one shared decode step."""
+"""The engine's batch: rows of any sizes decode as each size's transformers forward would, one row alone;
+joins, KV buffers from the pool, and the engine serving through it with native kernels on or off."""
 
 import asyncio
 import random
@@ -7,16 +8,14 @@ import time
 import pytest
 import torch
 
-from services.cpu.kernels.decoder_step import load_decoder_step
-from services.engine.batch import DecodeBatch, Sequence
+from services.engine.batch import Sequence
 from services.engine.engine import EngineLimits, InferenceEngine
+from services.engine.family_batch import FamilyBatch
 from services.engine.interface import SamplingParams
 from services.engine.kv_pool import KVPool
-from services.engine.mixed import MixedBatch, mixable
 from services.family import load_family
 from services.family.kv_buffer import MIN_CAPACITY
-
-pytestmark = pytest.mark.skipif(load_decoder_step() is None, reason="no C++ compiler or no AVX2/FMA here")
+from tests.services.engine.reference import forward_logits, greedy_tokens
 
 PROMPTS = [[5, 17, 42], [99, 7, 3, 250, 61, 11, 8], [12], [40, 41, 42, 43, 44], [8, 9]]
 
@@ -35,24 +34,24 @@ def _run(batch) -> None:
         batch.step()
 
 
+def _alone(family, n, prompt, max_tokens) -> list[int]:
+    """The size's greedy tokens from its own transformers forward, the row alone."""
+    return greedy_tokens(family.variant(n), prompt, max_tokens)
+
+
 def test_a_batch_of_every_size_gives_each_size_its_own_greedy_tokens(tiny_pair):
     family = load_family(*tiny_pair, device="cpu")
-    assert mixable(family)
     sizes = [family.sizes[i % len(family.sizes)] for i in range(len(PROMPTS))]
     max_tokens = [7, 4, 9, 6, 150]  # 150: the KV buffers outgrow their first capacity
     seqs, mixed = _collect(sizes, PROMPTS, max_tokens)
-    batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    batch = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
     _run(batch)
     whole = lambda positions: -(-positions // MIN_CAPACITY) * MIN_CAPACITY  # noqa: E731 - granules of positions
     first_capacity = whole(max(map(len, PROMPTS)) + MIN_CAPACITY + 1)
     grown = {keys.shape[2] for group in batch.groups[0] for keys in group.keys}  # a branch of finished rows stays
     assert first_capacity < max(grown) <= whole(max(map(len, PROMPTS)) + max(max_tokens) + 1)
     for n, prompt, m, got in zip(sizes, PROMPTS, max_tokens, mixed):
-        alone, (want,) = _collect([n], [prompt], [m])
-        batch = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
-        batch.decoder_step = None  # the transformers forward, as reference
-        _run(batch)
-        assert got == want, (n, prompt)
+        assert got == _alone(family, n, prompt, m), (n, prompt)
 
 
 def test_an_output_layer_both_models_share_is_read_once_for_all_rows(tiny_pair):
@@ -60,40 +59,37 @@ def test_an_output_layer_both_models_share_is_read_once_for_all_rows(tiny_pair):
     family.student.lm_head.weight = family.teacher.lm_head.weight  # as the default pair's student does
     sizes = [family.sizes[0], family.sizes[-1], family.sizes[1]]  # student's and teacher's norm and head
     seqs, mixed = _collect(sizes, PROMPTS[:3], [6, 6, 6])
-    batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    batch = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
     assert len(batch.rows_by_source["head"]) == 2 and [rows.tolist() for _, rows in batch.rows_by_head] == [[0, 1, 2]]
     _run(batch)
     for n, prompt, got in zip(sizes, PROMPTS, mixed):
-        alone, (want,) = _collect([n], [prompt], [6])
-        reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
-        reference.decoder_step = None  # the transformers forward
-        _run(reference)
-        assert got == want, (n, prompt)
+        assert got == _alone(family, n, prompt, 6), (n, prompt)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the prefill's mask: boolean, then additive
-def test_log_probs_match_the_per_size_batch(llama_pair, attention):
+def test_log_probs_match_the_transformers_forward(llama_pair, attention):
     family = load_family(*llama_pair, device="cpu")
     for model in (family.teacher, family.student):
         model.set_attn_implementation(attention)
     assert family.teacher.config._attn_implementation == attention
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2)
     rows = [(family.sizes[0], PROMPTS[1]), (family.sizes[-1], PROMPTS[1]), (family.sizes[0], PROMPTS[0])]
-    mixed, alone = ([[] for _ in rows] for _ in range(2))  # per row: the chosen token's log-prob per step
-    seqs = [Sequence(list(prompt), params, lambda d, out=out: out.append(d.logprobs[0].logprob), num_layers=n)
-            for (n, prompt), out in zip(rows, mixed)]  # the shorter prompt is left-padded in the batch
-    _run(MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0))
-    for (n, prompt), out in zip(rows, alone):
-        seq = Sequence(list(prompt), params, lambda d, out=out: out.append(d.logprobs[0].logprob))
-        _run(DecodeBatch(family.variant(n), [seq], family.tokenizer, {2}, pad_id=0))
-    for got, want in zip(mixed, alone):
+    mixed = [[] for _ in rows]  # per row: (token, its log-prob) per step
+    seqs = [Sequence(list(prompt), params, lambda d, out=out: out.append((d.token_ids[0], d.logprobs[0].logprob)),
+                     num_layers=n) for (n, prompt), out in zip(rows, mixed)]  # the shorter prompt is left-padded
+    _run(FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0))
+    for (n, prompt), got in zip(rows, mixed):
+        tokens = [token for token, _ in got]
         assert len(got) == params.max_tokens
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+        logprobs = torch.log_softmax(forward_logits(family.variant(n), prompt + tokens), dim=-1)  # [seen, vocab]
+        want = [logprobs[len(prompt) - 1 + i, token] for i, token in enumerate(tokens)]
+        torch.testing.assert_close(torch.tensor([lp for _, lp in got]), torch.stack(want), rtol=1e-4, atol=1e-4)
 
 
-def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair):
+@pytest.mark.parametrize("native", [True, False])  # off: the torch backend serves
+def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair, native):
     batches = []
-    family = load_family(*llama_pair, device="cpu", name="tiny")
+    family = load_family(*llama_pair, device="cpu", name="tiny", native_kernels=native)
     engine = InferenceEngine(family, EngineLimits(max_batch_size=8, batch_wait_ms=50),
                              on_batch=lambda key, size: batches.append((key, size)))
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -110,11 +106,7 @@ def test_the_engine_puts_concurrent_sizes_in_one_batch(llama_pair):
         engine.close()
     assert batches == [("mixed", len(family.sizes))]
     for n, prompt, tokens in zip(family.sizes, PROMPTS, results):
-        seqs, (want,) = _collect([n], [prompt], [6])
-        batch = DecodeBatch(family.variant(n), seqs, family.tokenizer, {2}, pad_id=0)
-        batch.decoder_step = None
-        _run(batch)
-        assert tokens == want
+        assert tokens == _alone(family, n, prompt, 6)
 
 
 def _poisoned_pool(dtype) -> KVPool:
@@ -138,7 +130,7 @@ def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
     batch, outputs, runs = None, [], []
     for sizes, prompts, max_tokens in waves:
         seqs, got = _collect(sizes, prompts, max_tokens)
-        newcomers = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0, pool=pool)
+        newcomers = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0, pool=pool)
         newcomers.prefill()
         if batch is None:
             batch = newcomers
@@ -153,11 +145,7 @@ def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
     while not batch.done:
         batch.step()
     for (n, prompt, m), got in zip(runs, outputs):
-        alone, (want,) = _collect([n], [prompt], [m])
-        reference = DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0)
-        reference.decoder_step = None  # the transformers forward
-        _run(reference)
-        assert got == want, (n, prompt)
+        assert got == _alone(family, n, prompt, m), (n, prompt)
 
 
 def test_a_batch_kept_alive_by_joins_stays_as_long_as_its_longest_live_row(tiny_pair):
@@ -169,7 +157,7 @@ def test_a_batch_kept_alive_by_joins_stays_as_long_as_its_longest_live_row(tiny_
     for wave in range(8):
         n, prompt = sizes[wave % len(sizes)], PROMPTS[wave % len(PROMPTS)]
         seqs, got = _collect([n], [prompt], [6])
-        newcomers = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+        newcomers = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
         newcomers.prefill()
         if batch is None:
             batch = newcomers
@@ -187,15 +175,13 @@ def test_a_batch_kept_alive_by_joins_stays_as_long_as_its_longest_live_row(tiny_
     while not batch.done:
         batch.step()
     for (n, prompt), got in zip(runs, outputs):
-        alone, (want,) = _collect([n], [prompt], [6])
-        _run(DecodeBatch(family.variant(n), alone, family.tokenizer, {2}, pad_id=0))
-        assert got == want, (n, prompt)
+        assert got == _alone(family, n, prompt, 6), (n, prompt)
 
 
-@pytest.mark.parametrize("join", [True, False])
-def test_a_request_arriving_mid_batch_joins_it_instead_of_waiting_for_it(llama_pair, join):
+@pytest.mark.parametrize(("join", "native"), [(True, True), (False, True), (True, False)])
+def test_a_request_arriving_mid_batch_joins_it_instead_of_waiting_for_it(llama_pair, join, native):
     batches = []
-    family = load_family(*llama_pair, device="cpu", name="tiny")
+    family = load_family(*llama_pair, device="cpu", name="tiny", native_kernels=native)
     engine = InferenceEngine(family, EngineLimits(max_batch_size=8, batch_wait_ms=5, join_batches=join),
                              on_batch=lambda key, size: batches.append((key, size)))
     long, short = (SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (240, 4))
@@ -221,15 +207,13 @@ def test_a_request_arriving_mid_batch_joins_it_instead_of_waiting_for_it(llama_p
     assert batches == [("mixed", 1), ("mixed", 1)]
     for n, prompt, m, tokens in [(family.sizes[-1], PROMPTS[1], 240, long_tokens),
                                  (family.sizes[0], PROMPTS[0], 4, short_tokens)]:
-        seqs, (want,) = _collect([n], [prompt], [m])
-        _run(DecodeBatch(family.variant(n), seqs, family.tokenizer, {2}, pad_id=0))
-        assert tokens == want
+        assert tokens == _alone(family, n, prompt, m)
 
 
 def test_branches_only_finished_rows_take_are_not_run(tiny_pair):
     family = load_family(*tiny_pair, device="cpu")
     seqs, _ = _collect([family.sizes[0], family.sizes[-1]], PROMPTS[:2], [2, 8])
-    batch = MixedBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    batch = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
     batch.prefill()
     calls = []  # per branch: (its rows, how many steps ran it)
     for branches in batch.groups:
@@ -238,10 +222,10 @@ def test_branches_only_finished_rows_take_are_not_run(tiny_pair):
             calls.append(counter)
 
             class Counting:
-                def step(self, *args, stack=group.stack, counter=counter):
+                def step(self, *args, backend=group.decode, counter=counter):
                     counter[1] += 1
-                    return stack.step(*args)
-            group.stack = Counting()
+                    return backend.step(*args)
+            group.decode = Counting()
     while not batch.done:
         batch.step()  # the small row finishes after its first step; the large one takes 7
     assert {(rows, count) for rows, count in calls} == {((0,), 1), ((1,), 7)}  # the two sizes share no branch

@@ -158,10 +158,10 @@ def _chart(report: dict, path: Path) -> None:
     layers = [r["num_layers"] for r in speed]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for batch, style in ((1, "o-"), (8, "s-")):
-        left.plot(layers, [r[f"tok_s_b{batch}"] for r in speed], style, label=f"boomerang variant, batch {batch}")
+        left.plot(layers, [r[f"tok_s_b{batch}"] for r in speed], style, label=f"serving batch, batch {batch}")
         left.plot(layers, [r[f"standalone_tok_s_b{batch}"] for r in speed], style.replace("-", "--"),
                   label=f"standalone generate(), batch {batch}")
-    left.plot(layers, [r["rounds_tok_s_b1"] for r in speed], "x-", label="boomerang variant, batch 1, beside the bound")
+    left.plot(layers, [r["rounds_tok_s_b1"] for r in speed], "x-", label="serving batch, batch 1, beside the bound")
     left.plot(layers, [r["bound_tok_s_b1"] for r in speed], "k:", label="bandwidth bound, batch 1")
     left.plot(layers, [r["matmul_only_tok_s_b1"] for r in speed], "k-.", label="weight matmuls alone, batch 1")
     left.set_xlabel("decoder layers")

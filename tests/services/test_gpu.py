@@ -50,3 +50,28 @@ def test_teacher_samples_on_cuda(llama_pair, tmp_path):
     summary = synthesize(SynthConfig(teacher=str(llama_pair[0]), out=str(out), tokens=200, batch_size=8,
                                      max_new_tokens=32, device="cuda"))
     assert summary["tokens"] >= 200 and out.read_text().count("\n") >= 200 // 32
+
+
+def test_the_serving_batch_on_cuda_bf16_matches_cpu_fp32(tiny_pair):
+    """Mixed sizes through the torch step backend on the GPU: logits close to CPU fp32, per step."""
+    from services.engine.batch import Sequence
+    from services.engine.family_batch import FamilyBatch
+    from services.engine.interface import SamplingParams
+    from tests.services.engine.reference import record_logits, step_logits
+
+    cpu = load_family(*tiny_pair, device="cpu")
+    gpu = load_family(*tiny_pair, device="cuda", dtype="bfloat16")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts, record = [[5, 17, 42], [99, 7, 3, 250, 61, 11, 8]], {}
+    outputs = [[] for _ in prompts]
+    seqs = [Sequence(p, params, lambda d, out=out: out.extend(d.token_ids), num_layers=n)
+            for n, p, out in zip((gpu.sizes[0], gpu.sizes[-1]), prompts, outputs)]
+    batch = FamilyBatch(gpu, seqs, gpu.tokenizer, {2}, pad_id=0)
+    record_logits(batch, record)
+    batch.prefill()
+    while not batch.done:
+        batch.step()
+    for seq, got in zip(seqs, outputs):
+        want = torch.log_softmax(step_logits(cpu.variant(seq.num_layers), seq.prompt_ids, got), -1)
+        ours = torch.log_softmax(torch.stack(record[id(seq)]).cpu(), -1)
+        torch.testing.assert_close(ours, want, rtol=0.05, atol=0.1)

@@ -85,3 +85,19 @@ def test_an_attention_whose_mask_we_do_not_build_is_refused_at_start():
     attention = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2", model_type="llama"))
     with pytest.raises(UnsupportedArchitectureError, match="flash_attention_2"):
         LayerStep([SimpleNamespace(self_attn=attention)], "self_attn")
+
+
+def test_another_dtype_runs_through_the_same_layers(llama_pair):
+    """bf16 on CPU (as on a GPU): the torch backend, logits close to the variant's own bf16 forward."""
+    family = load_family(*llama_pair, device="cpu", dtype="bfloat16")
+    record = {}
+    seqs, outputs = _sequences(family, [family.sizes[0], family.sizes[-1]], PROMPTS[:2], 6)
+    batch = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    record_logits(batch, record)
+    batch.prefill()
+    while not batch.done:
+        batch.step()
+    assert {type(group.decode) for branches in batch.groups for group in branches} == {LayerStep}
+    for seq, got in zip(seqs, outputs):
+        want = step_logits(family.variant(seq.num_layers), seq.prompt_ids, got)
+        torch.testing.assert_close(torch.stack(record[id(seq)]), want, rtol=0.05, atol=0.1)

@@ -21,11 +21,13 @@ from services.bench.measure import (
 )
 from services.bench.served import ServerProcess, arrival_mid_batch, served_throughput
 from services.bench.soak import print_timeline, run_soak
+from services.bench.structured_cost import structured_output_cost
 from services.family import load_family
 
 GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
          "min_speed_ratio": (">=", 0.95), "served_speedup_n16": (">=", 3.0),
-         "served_speedup_n16_mixed_sizes": (">=", 3.0), "min_fraction_of_bound_b1": (">=", 0.8)}
+         "served_speedup_n16_mixed_sizes": (">=", 3.0), "min_fraction_of_bound_b1": (">=", 0.8),
+         "structured_output_cost_b1": ("<=", 0.15)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
     speed = speed_per_size(family, references, batches, steps)
     del references
     bandwidth = bandwidth_bound(family, speed, rounds=3 if args.quick else 9)
+    structured = structured_output_cost(family, rounds=2 if args.quick else 3)
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
               "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
                           "device": str(family.device), "dtype": str(family.dtype),
                           "bandwidth_gbs": bandwidth},
               "settings": {"quick": args.quick, "decode_steps": steps, "batch_sizes": batches, "sizes": sizes},
-              "memory": memory, "speed": speed}
+              "memory": memory, "speed": speed, "structured_output": structured}
     if not args.no_served:
         report["served"] = _served(args, family, sizes)
     report["goals"] = _goals(report)
@@ -136,7 +139,8 @@ def _goals(report: dict) -> dict:
     measured = {"ratio_all_sizes_vs_pair": report["memory"]["ratio_all_sizes_vs_pair"],
                 "switch_speedup_first_use": report["memory"]["switch_speedup_first_use"],
                 "min_speed_ratio": min(min(r["ratio_b1"], r["ratio_b8"]) for r in speed),
-                "min_fraction_of_bound_b1": min(r["fraction_of_bound_b1"] for r in speed)}
+                "min_fraction_of_bound_b1": min(r["fraction_of_bound_b1"] for r in speed),
+                "structured_output_cost_b1": report["structured_output"]["cost_fraction"]}
     if "served" in report:
         measured["served_speedup_n16"] = report["served"]["single_size"][-1]["speedup_vs_sequential"]
         measured["served_speedup_n16_mixed_sizes"] = report["served"]["mixed_sizes"][-1]["speedup_vs_sequential"]

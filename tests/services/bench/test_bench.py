@@ -16,7 +16,8 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
     assert set(report["goals"]) == {"ratio_all_sizes_vs_pair", "switch_speedup_first_use", "min_speed_ratio",
-                                    "min_fraction_of_bound_b1", "served_speedup_n16", "served_speedup_n16_mixed_sizes"}
+                                    "min_fraction_of_bound_b1", "served_speedup_n16", "served_speedup_n16_mixed_sizes",
+                                    "structured_output_cost_b1"}
     for goal in report["goals"].values():
         assert isinstance(goal["measured"], float) and isinstance(goal["met"], bool)
     assert [row["num_layers"] for row in report["speed"]] == report["settings"]["sizes"]

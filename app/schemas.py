@@ -69,7 +69,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0,
+                                             description="1: off; unset: the pair's default (GET /v1/models)")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100, le=100)]] | None = (
         Field(None, description="token id -> added to its logit"))
@@ -204,6 +205,8 @@ class ModelEntry(BaseModel):
     quality: dict = Field(default_factory=dict)
     speed: dict = Field(default_factory=dict, description="current estimates, learned from requests served")
     max_model_len: int
+    sampling_defaults: dict = Field(default_factory=dict, description="what a request that sets none of these "
+                                    "fields gets (the pair's choice; a request's own value wins)")
     root: str | None = None
 
 

@@ -41,12 +41,13 @@ async def _respond(result, serving: Serving):
 @router.get("/models", response_model=ModelList)
 async def list_models(engine: EngineDep, serving: ServingDep) -> ModelList:
     """Every size of the family, plus the family id (an alias of the largest size)."""
-    cards, limit = engine.models(), serving.context_limit()
+    cards, limit, defaults = engine.models(), serving.context_limit(), engine.sampling_defaults()
     entries = [ModelEntry(**asdict(c), created=STARTED, root=engine.family_name, max_model_len=limit,
-                          speed=serving.latency.speed(c.num_layers)) for c in cards]
+                          speed=serving.latency.speed(c.num_layers), sampling_defaults=defaults) for c in cards]
     largest = max(cards, key=lambda c: c.num_layers)
     entries.append(ModelEntry(**{**asdict(largest), "id": engine.family_name}, created=STARTED, root=largest.id,
-                              max_model_len=limit, speed=serving.latency.speed(largest.num_layers)))
+                              max_model_len=limit, speed=serving.latency.speed(largest.num_layers),
+                              sampling_defaults=defaults))
     return ModelList(data=entries)
 
 

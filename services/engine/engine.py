@@ -223,6 +223,9 @@ class InferenceEngine:
                 for result in score_prompts(model, prompts[start:start + group], top_logprobs, self.tokenizer,
                                             self.eos_ids, self.pad_id)]
 
+    def sampling_defaults(self) -> dict:
+        return dict(self.family.sampling_defaults)
+
     def stats(self) -> dict:
         return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,
                 "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes(),

@@ -67,14 +67,15 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 @torch.inference_mode()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                   end_ids: set[int]) -> list[list[int]]:
-    """Each prompt's greedy answer (token ids, cut before its end token), one left-padded batch."""
+                   end_ids: set[int], repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Each prompt's greedy answer (token ids, cut before its end token), one left-padded batch; the
+    repetition penalty is transformers' (over prompt and answer), the one the server applies."""
     longest = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
     input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])  # [batch, longest]
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])  # [batch, longest]
     out = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=sorted(end_ids))
+                         pad_token_id=pad, eos_token_id=sorted(end_ids), repetition_penalty=repetition_penalty)
     answers = []
     for row in out[:, longest:].tolist():  # [batch, new]
         stops = [i for i, token in enumerate(row) if token in end_ids]
@@ -141,28 +142,35 @@ class ChatPrompts:
                    default_system_prompt(tokenizer))
 
 
-def answer(model: nn.Module, tokenizer, prompts: ChatPrompts, max_new_tokens: int):
+def answer(model: nn.Module, tokenizer, prompts: ChatPrompts, max_new_tokens: int, repetition_penalty: float = 1.0):
     """Greedy answers (token ids), their text, and what is degenerate about each (None: a real answer)."""
-    answers = greedy_answers(model, tokenizer, prompts.ids, max_new_tokens, prompts.end_ids)
+    answers = greedy_answers(model, tokenizer, prompts.ids, max_new_tokens, prompts.end_ids, repetition_penalty)
     texts = [tokenizer.decode(a) for a in answers]
     return answers, texts, [degenerate(t, q, prompts.system) for t, q in zip(texts, prompts.questions)]
 
 
 def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, ...] = CHAT_PROMPTS,
                   sizes: list[int] | None = None, progress: bool = True) -> dict:
-    """Chat quality of every size (or `sizes`) against the teacher's own answers."""
+    """Chat quality of every size (or `sizes`) against the teacher's own answers. Answers are decoded as the
+    server decodes a request that sets nothing (greedy, with the pair's sampling defaults); where the pair has
+    defaults, the degenerate rate without them is reported beside. Answer perplexity is always over the
+    teacher's plain greedy answers (its own distribution, comparable across pairs)."""
     from tqdm import tqdm
 
     tokenizer = family.tokenizer
     chat = ChatPrompts.of(tokenizer, prompts)
-    reference, _, _ = answer(family.variant(max(family.sizes)), tokenizer, chat, max_new_tokens)
+    penalty = family.sampling_defaults.get("repetition_penalty", 1.0)
+    teacher = family.variant(max(family.sizes))
+    reference, _, _ = answer(teacher, tokenizer, chat, max_new_tokens)
+    served_reference = reference if penalty == 1.0 else answer(teacher, tokenizer, chat, max_new_tokens, penalty)[0]
     scored = [(p, a) for p, a in zip(chat.ids, reference) if a]
     choices = [(_ids(tokenizer, prompt_text(tokenizer, q)), [_ids(tokenizer, o) for o in options], right)
                for q, options, right in MULTIPLE_CHOICE]
     results = []
     for n in tqdm(sizes or family.sizes, desc="chat", disable=not progress):
         model = family.variant(n)
-        answers, texts, kinds = answer(model, tokenizer, chat, max_new_tokens)
+        answers, texts, kinds = answer(model, tokenizer, chat, max_new_tokens, penalty)
+        plain_kinds = kinds if penalty == 1.0 else answer(model, tokenizer, chat, max_new_tokens)[2]
         nll = -sum(continuation_logprobs(model, [p for p, _ in scored], [a for _, a in scored], chat.pad_id))
         results.append({
             "num_layers": n,
@@ -170,12 +178,14 @@ def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, 
             "degenerate_rate": sum(k is not None for k in kinds) / len(kinds),
             "degenerate": {kind: kinds.count(kind) for kind in ("empty", "system", "echo", "loop")},
             "degenerate_prompts": [i for i, kind in enumerate(kinds) if kind is not None],
-            "agreement": sum(a[:AGREE_TOKENS] == r[:AGREE_TOKENS] for a, r in zip(answers, reference)) / len(answers),
+            "degenerate_rate_without_defaults": sum(k is not None for k in plain_kinds) / len(plain_kinds),
+            "agreement": sum(a[:AGREE_TOKENS] == r[:AGREE_TOKENS]
+                             for a, r in zip(answers, served_reference)) / len(answers),
             "multiple_choice_accuracy": _accuracy(model, choices, chat.pad_id),
             "examples": dict(zip(prompts[:3], texts[:3])),
         })
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "multiple_choice": len(MULTIPLE_CHOICE),
-            "system_prompt": chat.system, "sizes": results}
+            "system_prompt": chat.system, "repetition_penalty": penalty, "sizes": results}
 
 
 def _accuracy(model: nn.Module, choices: list, pad: int) -> float:
@@ -189,20 +199,21 @@ def _accuracy(model: nn.Module, choices: list, pad: int) -> float:
 def chat_quality(row: dict) -> dict:
     """What the manifest and `/v1/models` carry of one size's chat measurements."""
     rounded = {key: round(row[key], 4) for key in ("answer_perplexity", "degenerate_rate", "agreement",
-                                                     "multiple_choice_accuracy")}
+                                                     "multiple_choice_accuracy", "degenerate_rate_without_defaults")}
     return {**rounded, "degenerate_prompts": row["degenerate_prompts"]}
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| layers | answer ppl | Δ vs n-1 | degenerate | empty / system / echo / loop | agreement "
-             "| multiple choice |", "|---|---|---|---|---|---|---|"]
+    lines = ["| layers | answer ppl | Δ vs n-1 | degenerate | empty / system / echo / loop | degenerate, plain "
+             "greedy | agreement | multiple choice |", "|---|---|---|---|---|---|---|---|"]
     previous = None
     for row in report["sizes"]:
         ppl = row["answer_perplexity"]
         change = f"{(ppl / previous - 1) * 100:+.1f}%" if previous else ""
         kinds = " / ".join(str(row["degenerate"][k]) for k in ("empty", "system", "echo", "loop"))
         lines.append(f"| {row['num_layers']} | {ppl:.2f} | {change} | {row['degenerate_rate']:.0%} | {kinds} | "
-                     f"{row['agreement']:.0%} | {row['multiple_choice_accuracy']:.0%} |")
+                     f"{row['degenerate_rate_without_defaults']:.0%} | {row['agreement']:.0%} | "
+                     f"{row['multiple_choice_accuracy']:.0%} |")
         previous = ppl
     return "\n".join(lines) + "\n"
 

@@ -88,7 +88,8 @@ def _record_chat(pair_dir: Path, chat: dict) -> None:
         quality = manifest.setdefault("quality", {})
         for row in chat["sizes"]:
             quality.setdefault(str(row["num_layers"]), {})["chat"] = chat_quality(row)
-        manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice")}
+        manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice",
+                                                                "repetition_penalty")}
     update_manifest(pair_dir, change)
 
 

@@ -68,13 +68,14 @@ class Family:
 
     def __init__(self, name: str, teacher: nn.Module, student: nn.Module, layout: StudentLayout,
                  order: Order | str, tokenizer=None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
-                 quality: dict | None = None):
+                 quality: dict | None = None, sampling_defaults: dict | None = None):
         self.name = name
         self.teacher, self.student, self.layout = teacher, student, layout
         self.order = parse_order(order)
         self.spec = spec_for(teacher.config.model_type)
         self.tokenizer = tokenizer
         self.quality = quality or {}
+        self.sampling_defaults = sampling_defaults or {}  # the pair's, for requests that set none
         self.plans: dict[int, VariantPlan] = plan_family(layout, self.order)
         self.cache_size = max(1, cache_size)
         self._variants: OrderedDict[int, nn.Module] = OrderedDict()
@@ -148,13 +149,14 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
                 device: str | None = None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
                 name: str | None = None, native_kernels: bool | None = None) -> Family:
     """Load a pair from two HF folders (paper layout) or a `models_store` pair folder (default pair if none)."""
-    quality: dict = {}
+    quality, sampling_defaults = {}, {}
     if teacher is None and student is None:
         manifest = Manifest.read(Path(pair) if pair else DEFAULT_PAIR)
         teacher = resolve_teacher(manifest)
         student = resolve_student(manifest, teacher)
         order, dtype = order or manifest.order, dtype or manifest.dtype
         name, quality = name or manifest.name, manifest.quality
+        sampling_defaults = manifest.sampling_defaults
     elif teacher is None or student is None:
         raise InvalidPairError("give both teacher and student folders, or a pair folder")
     teacher, student = Path(teacher), Path(student)
@@ -173,7 +175,7 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
     if native and on_cpu and torch_dtype == torch.float32:
         enable_fast_linear(teacher_model, student_model)
     family = Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
-                    tokenizer, cache_size, quality)
+                    tokenizer, cache_size, quality, sampling_defaults)
     if on_cpu:
         move_to_huge_pages([teacher_model, student_model])  # the one copy of the loaded weights
     return family

@@ -34,6 +34,7 @@ class Manifest:
     order: str | list[int] = "last"  # "last", "first" or a calibrated list of blocks
     dtype: str = "auto"
     quality: dict = field(default_factory=dict)
+    sampling_defaults: dict = field(default_factory=dict)  # what a request that sets none of these gets
 
     @classmethod
     def read(cls, pair_dir: Path) -> Manifest:
@@ -43,7 +44,24 @@ class Manifest:
             raise InvalidPairError(f"{pair_dir / MANIFEST} lacks {sorted(missing)}")
         return cls(folder=Path(pair_dir), name=data["name"], teacher=data["teacher"], student=data["student"],
                    order=data.get("order", "last"), dtype=data.get("dtype", "auto"),
-                   quality=data.get("quality", {}))
+                   quality=data.get("quality", {}),
+                   sampling_defaults=checked_sampling_defaults(data.get("sampling_defaults", {}), pair_dir))
+
+
+SAMPLING_DEFAULTS = {"repetition_penalty": (0.0, 10.0)}  # the fields a pair may set, with their open-closed range
+
+
+def checked_sampling_defaults(values: dict, pair_dir: Path) -> dict:
+    """The manifest's `sampling_defaults`, refused with one clear error when a field is unknown or out of range."""
+    for name, value in values.items():
+        if name not in SAMPLING_DEFAULTS:
+            raise InvalidPairError(f"{pair_dir / MANIFEST}: sampling_defaults.{name} is not one of "
+                                   f"{sorted(SAMPLING_DEFAULTS)}")
+        low, high = SAMPLING_DEFAULTS[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
+            raise InvalidPairError(f"{pair_dir / MANIFEST}: sampling_defaults.{name} must be a number in "
+                                   f"({low}, {high}], got {value!r}")
+    return dict(values)
 
 
 def update_manifest(pair_dir: Path, change: Callable[[dict], None]) -> dict:

@@ -20,6 +20,8 @@ class FakeEngine:
         self.token_delay_s, self.capacity = token_delay_s, capacity
         self.in_flight = 0
         self.closed = False
+        self.defaults: dict = {}
+        self.params_seen: list[SamplingParams] = []
 
     def models(self) -> list[ModelCard]:
         return [ModelCard(f"fake-{n}L", n, n - 2, 1000 * n, 4000 * n) for n in (2, 3, 4)]
@@ -54,6 +56,7 @@ class FakeEngine:
         if self.in_flight >= self.capacity:
             raise OverloadedError("busy", retry_after_s=2)
         self.in_flight += 1
+        self.params_seen.append(params)
         try:
             for i in range(params.max_tokens):
                 await asyncio.sleep(self.token_delay_s)
@@ -69,6 +72,9 @@ class FakeEngine:
 
     async def score_batch(self, num_layers, prompts, top_logprobs=0) -> list[ScoreResult]:
         return [await self.score(num_layers, ids, top_logprobs) for ids in prompts]
+
+    def sampling_defaults(self) -> dict:
+        return dict(self.defaults)
 
     def stats(self) -> dict:
         return {"in_flight": self.in_flight, "waiting": 0, "running": self.in_flight, "kv_reserved_bytes": 4096,

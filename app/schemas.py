@@ -16,6 +16,8 @@ PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
 
 
+UNSET_IS_THE_PAIR_S = "unset: the pair's default (`sampling_defaults` on GET /v1/models), else off"
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -67,10 +69,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0,
-                                             description="1: off; unset: the pair's default (GET /v1/models)")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=UNSET_IS_THE_PAIR_S)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=UNSET_IS_THE_PAIR_S)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1: off; " + UNSET_IS_THE_PAIR_S)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100, le=100)]] | None = (
         Field(None, description="token id -> added to its logit"))

@@ -60,15 +60,16 @@ def _score_as_legacy_logprobs(score: ScoreResult) -> dict:
             "text_offset": offsets}
 
 
-def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, repetition_penalty: float) -> bool:
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # the pair may set defaults
+
+def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, penalties: dict) -> bool:
     """A log-likelihood request (echo, logprobs, one greedy token, nothing that shapes the choice) gets its token
     from the scoring forward: one pass instead of a scoring and a generation."""
     plain = SamplingParams()
     return (max_tokens == 1 and req.n == 1 and req.temperature < MIN_TEMPERATURE and not req.stop_list()
             and req.structured() is None
             and not req.ignore_eos and not req.logit_bias and not req.stop_token_ids and req.min_tokens == 0
-            and (req.presence_penalty, req.frequency_penalty, repetition_penalty) ==
-            (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty))
+            and all(value == getattr(plain, name) for name, value in penalties.items()))
 
 
 def _collected_from_score(score: ScoreResult) -> Collected:
@@ -148,11 +149,12 @@ class Serving:
         self.served_size = size
         return size
 
-    def _repetition_penalty(self, req: SamplingFields) -> float:
-        """The request's own, else the pair's default (as vLLM takes a model's generation config), else off."""
-        if req.repetition_penalty is not None:
-            return req.repetition_penalty
-        return self.engine.sampling_defaults().get("repetition_penalty", SamplingParams().repetition_penalty)
+    def _penalties(self, req: SamplingFields) -> dict[str, float]:
+        """Each penalty: the request's own, else the pair's default (as vLLM takes a model's generation config),
+        else off."""
+        defaults, plain = self.engine.sampling_defaults(), SamplingParams()
+        return {name: value if (value := getattr(req, name)) is not None else defaults.get(name, getattr(plain, name))
+                for name in PENALTIES}
 
     def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
                  logprobs: int | None) -> list[Choice]:
@@ -164,9 +166,7 @@ class Serving:
                 params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                         top_k=max(0, req.top_k), stop=req.stop_list(), seed=seed,
                                         logprobs=logprobs, ignore_eos=req.ignore_eos,
-                                        presence_penalty=req.presence_penalty,
-                                        frequency_penalty=req.frequency_penalty,
-                                        repetition_penalty=self._repetition_penalty(req), min_p=req.min_p,
+                                        **self._penalties(req), min_p=req.min_p,
                                         logit_bias=tuple((req.logit_bias or {}).items()),
                                         stop_token_ids=tuple(req.stop_token_ids or ()), min_tokens=req.min_tokens,
                                         structured=req.structured())
@@ -207,7 +207,7 @@ class Serving:
         scores = await self._echo_scores(size, prompts, req) if req.echo else None
         if req.stream:
             return self._completion_stream(size, prompts, choices, req, scores)
-        if scores and _next_token_is_in_the_score(req, max_tokens, self._repetition_penalty(req)):
+        if scores and _next_token_is_in_the_score(req, max_tokens, self._penalties(req)):
             results = [_collected_from_score(score) for score in scores]
             for result in results:
                 self.metrics.count("completions", self.engine.model_id(size), prompt_tokens=result.prompt_tokens,

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from services.engine.interface import SamplingParams
+from services.engine.logit_processors import apply_logit_processors
 from services.family import Family
 
 CHAT_PROMPTS = (
@@ -66,16 +68,31 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 @torch.inference_mode()
+class ServedAdjustments:
+    """A transformers logits processor applying the server's own logit processors (`engine/logit_processors`)
+    with `defaults` (penalties), so the eval decodes as the server decodes a request that sets none."""
+
+    def __init__(self, defaults: dict, prompts: list[list[int]], longest: int, end_ids: set[int]):
+        self.params = SamplingParams(**defaults)
+        self.prompts, self.longest, self.end_ids = prompts, longest, end_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.longest:].tolist()  # [batch, new]
+        return apply_logit_processors(scores, [self.params] * len(self.prompts), self.prompts, generated,
+                                      self.end_ids)
+
+
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                   end_ids: set[int], repetition_penalty: float = 1.0) -> list[list[int]]:
-    """Each prompt's greedy answer (token ids, cut before its end token), one left-padded batch; the
-    repetition penalty is transformers' (over prompt and answer), the one the server applies."""
+                   end_ids: set[int], defaults: dict | None = None) -> list[list[int]]:
+    """Each prompt's greedy answer (token ids, cut before its end token), one left-padded batch; `defaults`:
+    the pair's sampling defaults, applied as the server applies them."""
     longest = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
     input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])  # [batch, longest]
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])  # [batch, longest]
+    adjust = [ServedAdjustments(defaults, prompts, longest, end_ids)] if defaults else []
     out = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=sorted(end_ids), repetition_penalty=repetition_penalty)
+                         pad_token_id=pad, eos_token_id=sorted(end_ids), logits_processor=adjust)
     answers = []
     for row in out[:, longest:].tolist():  # [batch, new]
         stops = [i for i, token in enumerate(row) if token in end_ids]
@@ -142,9 +159,9 @@ class ChatPrompts:
                    default_system_prompt(tokenizer))
 
 
-def answer(model: nn.Module, tokenizer, prompts: ChatPrompts, max_new_tokens: int, repetition_penalty: float = 1.0):
+def answer(model: nn.Module, tokenizer, prompts: ChatPrompts, max_new_tokens: int, defaults: dict | None = None):
     """Greedy answers (token ids), their text, and what is degenerate about each (None: a real answer)."""
-    answers = greedy_answers(model, tokenizer, prompts.ids, max_new_tokens, prompts.end_ids, repetition_penalty)
+    answers = greedy_answers(model, tokenizer, prompts.ids, max_new_tokens, prompts.end_ids, defaults)
     texts = [tokenizer.decode(a) for a in answers]
     return answers, texts, [degenerate(t, q, prompts.system) for t, q in zip(texts, prompts.questions)]
 
@@ -159,18 +176,18 @@ def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, 
 
     tokenizer = family.tokenizer
     chat = ChatPrompts.of(tokenizer, prompts)
-    penalty = family.sampling_defaults.get("repetition_penalty", 1.0)
+    defaults = family.sampling_defaults
     teacher = family.variant(max(family.sizes))
     reference, _, _ = answer(teacher, tokenizer, chat, max_new_tokens)
-    served_reference = reference if penalty == 1.0 else answer(teacher, tokenizer, chat, max_new_tokens, penalty)[0]
+    served_reference = answer(teacher, tokenizer, chat, max_new_tokens, defaults)[0] if defaults else reference
     scored = [(p, a) for p, a in zip(chat.ids, reference) if a]
     choices = [(_ids(tokenizer, prompt_text(tokenizer, q)), [_ids(tokenizer, o) for o in options], right)
                for q, options, right in MULTIPLE_CHOICE]
     results = []
     for n in tqdm(sizes or family.sizes, desc="chat", disable=not progress):
         model = family.variant(n)
-        answers, texts, kinds = answer(model, tokenizer, chat, max_new_tokens, penalty)
-        plain_kinds = kinds if penalty == 1.0 else answer(model, tokenizer, chat, max_new_tokens)[2]
+        answers, texts, kinds = answer(model, tokenizer, chat, max_new_tokens, defaults)
+        plain_kinds = answer(model, tokenizer, chat, max_new_tokens)[2] if defaults else kinds
         nll = -sum(continuation_logprobs(model, [p for p, _ in scored], [a for _, a in scored], chat.pad_id))
         results.append({
             "num_layers": n,
@@ -185,7 +202,7 @@ def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, 
             "examples": dict(zip(prompts[:3], texts[:3])),
         })
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "multiple_choice": len(MULTIPLE_CHOICE),
-            "system_prompt": chat.system, "repetition_penalty": penalty, "sizes": results}
+            "system_prompt": chat.system, "sampling_defaults": dict(defaults), "sizes": results}
 
 
 def _accuracy(model: nn.Module, choices: list, pad: int) -> float:

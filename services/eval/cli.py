@@ -89,7 +89,7 @@ def _record_chat(pair_dir: Path, chat: dict) -> None:
         for row in chat["sizes"]:
             quality.setdefault(str(row["num_layers"]), {})["chat"] = chat_quality(row)
         manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice",
-                                                                "repetition_penalty")}
+                                                                "sampling_defaults")}
     update_manifest(pair_dir, change)
 
 

@@ -48,7 +48,9 @@ class Manifest:
                    sampling_defaults=checked_sampling_defaults(data.get("sampling_defaults", {}), pair_dir))
 
 
-SAMPLING_DEFAULTS = {"repetition_penalty": (0.0, 10.0)}  # the fields a pair may set, with their open-closed range
+# the fields a pair may set, each with its range (low excluded, high included)
+SAMPLING_DEFAULTS = {"repetition_penalty": (0.0, 10.0), "presence_penalty": (-2.01, 2.0),
+                     "frequency_penalty": (-2.01, 2.0)}
 
 
 def checked_sampling_defaults(values: dict, pair_dir: Path) -> dict:

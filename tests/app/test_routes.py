@@ -175,17 +175,20 @@ def test_a_field_we_cannot_honour_is_refused_by_name_never_dropped(make_server, 
 
 def test_the_pair_s_sampling_defaults_apply_unless_the_request_sets_them():
     engine = FakeEngine()
-    engine.defaults = {"repetition_penalty": 1.1}
+    engine.defaults = {"repetition_penalty": 1.1, "presence_penalty": 1.0}
     with LiveServer(create_app(Settings(), engine_factory=lambda s, m: engine)) as live:
         assert wait_for(lambda: status(live.url + "/ready") == 200)
         body = {"prompt": "x", "max_tokens": 2}
         assert httpx.post(live.url + "/v1/completions", json=body).status_code == 200
-        assert httpx.post(live.url + "/v1/completions", json={**body, "repetition_penalty": 1.0}).status_code == 200
+        own = {**body, "repetition_penalty": 1.0, "presence_penalty": 0}
+        assert httpx.post(live.url + "/v1/completions", json=own).status_code == 200
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert httpx.post(live.url + "/v1/chat/completions", json=chat).status_code == 200
         models = httpx.get(live.url + "/v1/models").json()["data"]
-    assert [p.repetition_penalty for p in engine.params_seen] == [1.1, 1.0, 1.1]
-    assert all(entry["sampling_defaults"] == {"repetition_penalty": 1.1} for entry in models)
+    assert [(p.repetition_penalty, p.presence_penalty) for p in engine.params_seen] == [(1.1, 1.0), (1.0, 0),
+                                                                                        (1.1, 1.0)]
+    assert all(entry["sampling_defaults"] == engine.defaults for entry in models)
+    assert all(p.frequency_penalty == 0 for p in engine.params_seen)
 
 
 def test_without_sampling_defaults_a_request_that_sets_nothing_is_not_penalised():
@@ -193,4 +196,5 @@ def test_without_sampling_defaults_a_request_that_sets_nothing_is_not_penalised(
     with LiveServer(create_app(Settings(), engine_factory=lambda s, m: engine)) as live:
         assert wait_for(lambda: status(live.url + "/ready") == 200)
         assert httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
-    assert [p.repetition_penalty for p in engine.params_seen] == [1.0]
+    assert [(p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in engine.params_seen] == [
+        (1.0, 0.0, 0.0)]

@@ -88,6 +88,6 @@ def test_no_size_regresses_into_degenerate_chat_answers():
     for n in family.sizes:
         recorded = set(manifest.quality[str(n)]["chat"]["degenerate_prompts"])
         _, texts, kinds = answer(family.variant(n), family.tokenizer, prompts, method["max_new_tokens"],
-                                 method.get("repetition_penalty", 1.0))
+                                 method.get("sampling_defaults"))
         newly = [(CHAT_PROMPTS[i], text) for i, text, kind in zip(asked, texts, kinds) if kind and i not in recorded]
         assert len(newly) <= 1, (n, newly)

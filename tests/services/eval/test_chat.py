@@ -62,33 +62,35 @@ def test_every_size_is_measured_and_the_teacher_agrees_with_itself(llama_pair):
     assert markdown_table(report).count("\n") == len(family.sizes) + 2
 
 
-def test_answers_are_decoded_with_the_pair_s_repetition_penalty_and_without_it_beside(llama_pair, monkeypatch):
+def test_answers_are_decoded_with_the_pair_s_defaults_and_without_them_beside(llama_pair, monkeypatch):
     from services.eval import chat
 
     family = load_family(*llama_pair, device="cpu")
-    family.sampling_defaults = {"repetition_penalty": 1.3}
-    penalties = []
+    family.sampling_defaults = {"presence_penalty": 1.5}
+    seen = []
     real = chat.greedy_answers
 
-    def recording(model, tokenizer, prompts, max_new_tokens, end_ids, repetition_penalty=1.0):
-        penalties.append((model.config.num_hidden_layers, repetition_penalty))
-        return real(model, tokenizer, prompts, max_new_tokens, end_ids, repetition_penalty)
+    def recording(model, tokenizer, prompts, max_new_tokens, end_ids, defaults=None):
+        seen.append((model.config.num_hidden_layers, defaults))
+        return real(model, tokenizer, prompts, max_new_tokens, end_ids, defaults)
 
     monkeypatch.setattr(chat, "greedy_answers", recording)
     report = evaluate_chat(family, max_new_tokens=6, prompts=("Hello there", "Count to three."), progress=False)
-    teacher = max(family.sizes)
-    assert penalties[:2] == [(teacher, 1.0), (teacher, 1.3)]  # the plain reference, then the served one
+    teacher, served = max(family.sizes), {"presence_penalty": 1.5}
+    assert seen[:2] == [(teacher, None), (teacher, served)]  # the plain reference, then the served one
     for n in family.sizes:
-        assert (n, 1.3) in penalties and (n, 1.0) in penalties
-    assert report["repetition_penalty"] == 1.3
+        assert (n, served) in seen and (n, None) in seen
+    assert report["sampling_defaults"] == served
     rows = {row["num_layers"]: row for row in report["sizes"]}
     assert rows[teacher]["agreement"] == 1.0  # served answers against the served reference
     assert all(0 <= row["degenerate_rate_without_defaults"] <= 1 for row in rows.values())
 
 
-def test_the_eval_s_penalised_answers_are_the_engine_s(llama_pair):
-    """The eval decodes as the server does: the serving batch with the same repetition penalty picks the same
-    tokens as the eval's greedy answers (and the penalty changes them)."""
+@pytest.mark.parametrize("defaults", [{"repetition_penalty": 2.0}, {"presence_penalty": 2.0},
+                                      {"frequency_penalty": 1.5}])
+def test_the_eval_s_answers_are_the_serving_batch_s(llama_pair, defaults):
+    """The eval decodes as the server does: the serving batch with the same penalties picks the same tokens as
+    the eval's greedy answers (and the penalties change them)."""
     from services.engine.batch import Sequence
     from services.engine.family_batch import FamilyBatch
     from services.engine.interface import SamplingParams
@@ -99,8 +101,8 @@ def test_the_eval_s_penalised_answers_are_the_engine_s(llama_pair):
     prompt = tokenizer("Hello there, hello there, hello")["input_ids"]
     ends = {tokenizer.eos_token_id}
 
-    def served(penalty: float) -> list[int]:
-        params = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=penalty)
+    def served(settings: dict) -> list[int]:
+        params = SamplingParams(max_tokens=12, temperature=0, **settings)
         seq = Sequence(list(prompt), params, lambda _: None, num_layers=n)
         batch = FamilyBatch(family, [seq], tokenizer, ends, pad_id=0)
         batch.prefill()
@@ -109,6 +111,6 @@ def test_the_eval_s_penalised_answers_are_the_engine_s(llama_pair):
         batch.release()
         return [token for token in seq.tracker.token_ids if token not in ends]
 
-    evaluated = greedy_answers(family.variant(n), tokenizer, [prompt], 12, ends, 2.0)[0]
-    assert served(2.0) == evaluated
-    assert served(1.0) != evaluated
+    evaluated = greedy_answers(family.variant(n), tokenizer, [prompt], 12, ends, defaults)[0]
+    assert served(defaults) == evaluated
+    assert served({}) != evaluated

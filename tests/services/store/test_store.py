@@ -118,9 +118,11 @@ def test_sampling_defaults_reach_the_family_and_bad_ones_are_refused(llama_pair,
     pair_dir = make_store_pair(llama_pair, tmp_path, packed=False)
     path = pair_dir / "manifest.json"
     manifest = json.loads(path.read_text())
-    path.write_text(json.dumps({**manifest, "sampling_defaults": {"repetition_penalty": 1.1}}))
-    assert load_family(pair=pair_dir, device="cpu").sampling_defaults == {"repetition_penalty": 1.1}
+    defaults = {"repetition_penalty": 1.1, "presence_penalty": -2, "frequency_penalty": 2}
+    path.write_text(json.dumps({**manifest, "sampling_defaults": defaults}))
+    assert load_family(pair=pair_dir, device="cpu").sampling_defaults == defaults
     for bad, message in (({"temperature": 0.5}, "is not one of"), ({"repetition_penalty": 0}, "must be a number"),
+                         ({"presence_penalty": 2.5}, "must be a number"),
                          ({"repetition_penalty": "high"}, "must be a number")):
         path.write_text(json.dumps({**manifest, "sampling_defaults": bad}))
         with pytest.raises(InvalidPairError, match=message):

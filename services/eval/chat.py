@@ -67,7 +67,6 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@torch.inference_mode()
 class ServedAdjustments:
     """A transformers logits processor applying the server's own logit processors (`engine/logit_processors`)
     with `defaults` (penalties), so the eval decodes as the server decodes a request that sets none."""
@@ -82,6 +81,7 @@ class ServedAdjustments:
                                       self.end_ids)
 
 
+@torch.inference_mode()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                    end_ids: set[int], defaults: dict | None = None) -> list[list[int]]:
     """Each prompt's greedy answer (token ids, cut before its end token), one left-padded batch; `defaults`:

@@ -220,15 +220,20 @@ class FamilyBatch(RowBatch):
         input_ids = self._next_input()[:, 0]  # [batch]
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, rotary dim] x2
         positions = self.positions[:, 0]  # [batch]
+        mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen], once per step, not per group
         self._make_room()
         live = [not seq.done for seq in self.sequences]
         for branches in self.groups:
             for group in branches:
                 if not any(live[row] for row in group.row_list):  # only finished rows take it: weights unread
                     continue
+                if len(group.row_list) == len(self.sequences):  # every row takes it: no gather, no scatter
+                    hidden = group.decode.step(hidden, group.keys, group.values, self.length, mask, cos, sin,
+                                               positions)
+                    continue
                 rows = group.rows
-                hidden[rows] = group.decode.step(hidden[rows], group.keys, group.values, self.length,
-                                                 self.attention_mask[rows], cos[rows], sin[rows], positions[rows])
+                hidden[rows] = group.decode.step(hidden[rows], group.keys, group.values, self.length, mask[rows],
+                                                 cos[rows], sin[rows], positions[rows])
         self.length += 1
         self._advance(self._head(hidden))
 

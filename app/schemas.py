@@ -18,6 +18,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_
 
 UNSET_IS_THE_PAIR_S = "unset: the pair's default (`sampling_defaults` on GET /v1/models), else off"
 
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 

@@ -62,6 +62,7 @@ def _score_as_legacy_logprobs(score: ScoreResult) -> dict:
 
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # the pair may set defaults
 
+
 def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, penalties: dict) -> bool:
     """A log-likelihood request (echo, logprobs, one greedy token, nothing that shapes the choice) gets its token
     from the scoring forward: one pass instead of a scoring and a generation."""
@@ -158,7 +159,7 @@ class Serving:
 
     def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
                  logprobs: int | None) -> list[Choice]:
-        choices = []
+        choices, penalties = [], self._penalties(req)
         for p_index, ids in enumerate(prompts):
             for copy in range(req.n):
                 index = p_index * req.n + copy
@@ -166,7 +167,7 @@ class Serving:
                 params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                         top_k=max(0, req.top_k), stop=req.stop_list(), seed=seed,
                                         logprobs=logprobs, ignore_eos=req.ignore_eos,
-                                        **self._penalties(req), min_p=req.min_p,
+                                        **penalties, min_p=req.min_p,
                                         logit_bias=tuple((req.logit_bias or {}).items()),
                                         stop_token_ids=tuple(req.stop_token_ids or ()), min_tokens=req.min_tokens,
                                         structured=req.structured())

@@ -48,9 +48,10 @@ class Manifest:
                    sampling_defaults=checked_sampling_defaults(data.get("sampling_defaults", {}), pair_dir))
 
 
-# the fields a pair may set, each with its range (low excluded, high included)
-SAMPLING_DEFAULTS = {"repetition_penalty": (0.0, 10.0), "presence_penalty": (-2.01, 2.0),
-                     "frequency_penalty": (-2.01, 2.0)}
+# the fields a pair may set, each with the values a request may send for it (as app/schemas bounds them)
+SAMPLING_DEFAULTS = {"repetition_penalty": ("(0, 10]", lambda v: 0 < v <= 10),
+                     "presence_penalty": ("[-2, 2]", lambda v: -2 <= v <= 2),
+                     "frequency_penalty": ("[-2, 2]", lambda v: -2 <= v <= 2)}
 
 
 def checked_sampling_defaults(values: dict, pair_dir: Path) -> dict:
@@ -59,10 +60,10 @@ def checked_sampling_defaults(values: dict, pair_dir: Path) -> dict:
         if name not in SAMPLING_DEFAULTS:
             raise InvalidPairError(f"{pair_dir / MANIFEST}: sampling_defaults.{name} is not one of "
                                    f"{sorted(SAMPLING_DEFAULTS)}")
-        low, high = SAMPLING_DEFAULTS[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
+        allowed, within = SAMPLING_DEFAULTS[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not within(value):
             raise InvalidPairError(f"{pair_dir / MANIFEST}: sampling_defaults.{name} must be a number in "
-                                   f"({low}, {high}], got {value!r}")
+                                   f"{allowed}, got {value!r}")
     return dict(values)
 
 

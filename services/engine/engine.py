@@ -23,6 +23,7 @@ from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
 from services.family.architectures import get_path
+from services.family.plan import block_choices
 
 MIXED = "mixed"  # the scheduler key of batches that mix sizes
 
@@ -67,9 +68,15 @@ class InferenceEngine:
             family.variant(n)
         teacher_layers = get_path(family.teacher, family.spec.layers)
         student_layers = get_path(family.student, family.spec.layers)
-        for block, teacher_block in enumerate(family.layout.blocks):
-            steps_for(family, [student_layers[block]])
-            steps_for(family, [teacher_layers[t] for t in teacher_block])
+        branch_layers = [([student_layers[block]], [teacher_layers[t] for t in teacher_block])
+                         for block, teacher_block in enumerate(family.layout.blocks)]
+        for student_branch, teacher_branch in branch_layers:
+            steps_for(family, student_branch)
+            steps_for(family, teacher_branch)
+        for n in family.sizes:  # the run of a batch of one size: all its layers
+            choices = block_choices(family.layout, family.plan(n))
+            steps_for(family, [layer for branches, patched in zip(branch_layers, choices)
+                               for layer in branches[patched]])
 
     def _memory_bound(self):
         config, family = self.family.teacher.config, self.family

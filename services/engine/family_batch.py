@@ -4,9 +4,10 @@ Every size is the student with some blocks patched back, so rows of any size wal
 in the same order: at block i, the rows whose size keeps student layer i run it as one group, and the rows
 whose size patched it run the teacher layers of that block as another. A step reads each weight its rows
 need once for the whole batch. A batch of one size is simply one whose rows all take the same branches.
-Each group keeps one KV buffer per layer (its rows), taken from the pool; prefill runs the groups' own
-decoder layers (`backends.torch_layers`), and each step runs each group's step backend: the native kernel
-where it applies (fp32 CPU Llama-style layers), else the same decoder layers (`backends`).
+Each group keeps one KV buffer per layer (its rows), taken from the pool. Consecutive groups that the same rows
+take form a run, stepped in one call over all their layers: prefill through the layers' own forward
+(`backends.torch_layers`), each decode step through the run's step backend: the native kernel where it applies
+(fp32 CPU Llama-style layers), else the same decoder layers (`backends`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,48 @@ class _Group:
     decode: LayerStep | NativeStep  # their decode step backend
     keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
+
+
+@dataclass
+class _Run:
+    """Consecutive groups (one per block, blocks in order) that the same rows take: stepped in one backend
+    call over all their layers, so a batch of one size is one kernel call per step."""
+
+    groups: list[_Group]
+    prefill: LayerStep
+    decode: LayerStep | NativeStep
+
+    @property
+    def row_list(self) -> list[int]:
+        return self.groups[0].row_list
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.groups[0].rows
+
+    def keys(self) -> list[torch.Tensor]:  # read per call: `_make_room` replaces buffers in the groups' lists
+        return [keys for group in self.groups for keys in group.keys]
+
+    def values(self) -> list[torch.Tensor]:
+        return [values for group in self.groups for values in group.values]
+
+
+def _chains(groups: list[list[_Group]]) -> list[list[_Group]]:
+    """The groups cut into chains of consecutive blocks whose groups have the same rows, in order of their
+    first block: a row's layers still run in order, since rows of different chains never mix."""
+    chains, open_chains = [], {}
+    for branches in groups:
+        extended = {}
+        for group in branches:
+            key = tuple(group.row_list)
+            chain = open_chains.get(key)
+            if chain is None or type(chain[-1].decode) is not type(group.decode):
+                chain = []
+                chains.append(chain)
+            chain.append(group)
+            extended[key] = chain
+        open_chains = extended
+    return chains
 
 
 def _granular(capacity: int) -> int:
@@ -78,6 +121,7 @@ class FamilyBatch(RowBatch):
         self.sizes = [seq.num_layers for seq in sequences]
         self.sources = {TEACHER: family.teacher, STUDENT: family.student}
         self.groups: list[list[_Group]] = []  # per student block
+        self.runs: list[_Run] = []  # the groups in chains of the same rows (`_chains`)
         self.length = 0  # KV positions filled
         self._index_rows()
 
@@ -90,6 +134,19 @@ class FamilyBatch(RowBatch):
         return torch.tensor([row for row, n in enumerate(self.sizes) if predicate(n)], dtype=torch.long,
                             device=self.device)
 
+    def _runs(self) -> list[_Run]:
+        """The batch's groups as runs: one backend over each chain's layers where that backend is the one
+        its groups have (else each group alone)."""
+        runs = []
+        for chain in _chains(self.groups):
+            if len(chain) > 1:
+                prefill, decode = steps_for(self.family, [module for group in chain for module in group.modules])
+                if type(decode) is type(chain[0].decode):
+                    runs.append(_Run(chain, prefill, decode))
+                    continue
+            runs.extend(_Run([group], group.prefill, group.decode) for group in chain)
+        return runs
+
     def _layer(self, source: str, index: int):
         return get_path(self.sources[source], self.family.spec.layers)[index]
 
@@ -99,13 +156,13 @@ class FamilyBatch(RowBatch):
         longest = input_ids.shape[1]
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
         self.groups = self._build_groups(capacity)
+        self.runs = self._runs()
         hidden, position_embeddings = self._embed_prompts(input_ids, position_ids)  # [batch, longest, hidden]
-        for branches in self.groups:
-            for group in branches:
-                rows = group.rows
-                cos, sin = (part[rows] for part in position_embeddings)  # [rows, longest, rotary dim]
-                hidden[rows] = group.prefill.run(hidden[rows], group.keys, group.values, 0, self.attention_mask[rows],
-                                                 position_ids[rows], (cos, sin))
+        for run in self.runs:
+            rows = run.rows
+            cos, sin = (part[rows] for part in position_embeddings)  # [rows, longest, rotary dim]
+            hidden[rows] = run.prefill.run(hidden[rows], run.keys(), run.values(), 0, self.attention_mask[rows],
+                                           position_ids[rows], (cos, sin))
         self.length = longest
         self._advance(self._head(hidden[:, -1].contiguous()))
 
@@ -170,6 +227,7 @@ class FamilyBatch(RowBatch):
         for batch, old_groups in sources:
             _give_back(batch.pool, old_groups)
         self.groups, newcomers.groups = groups, []
+        self.runs, newcomers.runs = self._runs(), []
         self.length = length
         self._index_rows()
 
@@ -181,7 +239,7 @@ class FamilyBatch(RowBatch):
     def release(self) -> None:
         """Gives the KV buffers back to the pool (the batch has ended)."""
         _give_back(self.pool, self.groups)
-        self.groups = []
+        self.groups, self.runs = [], []
 
     @staticmethod
     def _move_kv(group: _Group, old_branches: list[_Group], batch: FamilyBatch, rows: list, length: int) -> None:
@@ -216,24 +274,22 @@ class FamilyBatch(RowBatch):
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One token for every live row: each group's step backend over the rows that take it, block by block."""
+        """One token for every live row: each run's step backend over the rows that take it."""
         input_ids = self._next_input()[:, 0]  # [batch]
         hidden, cos, sin = self._embed(input_ids)  # [batch, hidden_size], [batch, rotary dim] x2
         positions = self.positions[:, 0]  # [batch]
         mask = self.attention_mask.to(torch.long).contiguous()  # [batch, seen], once per step, not per group
         self._make_room()
         live = [not seq.done for seq in self.sequences]
-        for branches in self.groups:
-            for group in branches:
-                if not any(live[row] for row in group.row_list):  # only finished rows take it: weights unread
-                    continue
-                if len(group.row_list) == len(self.sequences):  # every row takes it: no gather, no scatter
-                    hidden = group.decode.step(hidden, group.keys, group.values, self.length, mask, cos, sin,
-                                               positions)
-                    continue
-                rows = group.rows
-                hidden[rows] = group.decode.step(hidden[rows], group.keys, group.values, self.length, mask[rows],
-                                                 cos[rows], sin[rows], positions[rows])
+        for run in self.runs:
+            if not any(live[row] for row in run.row_list):  # only finished rows take it: weights unread
+                continue
+            if len(run.row_list) == len(self.sequences):  # every row takes it: no gather, no scatter
+                hidden = run.decode.step(hidden, run.keys(), run.values(), self.length, mask, cos, sin, positions)
+                continue
+            rows = run.rows
+            hidden[rows] = run.decode.step(hidden[rows], run.keys(), run.values(), self.length, mask[rows],
+                                           cos[rows], sin[rows], positions[rows])
         self.length += 1
         self._advance(self._head(hidden))
 

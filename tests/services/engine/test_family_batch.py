@@ -215,20 +215,19 @@ def test_branches_only_finished_rows_take_are_not_run(tiny_pair):
     seqs, _ = _collect([family.sizes[0], family.sizes[-1]], PROMPTS[:2], [2, 8])
     batch = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
     batch.prefill()
-    calls = []  # per branch: (its rows, how many steps ran it)
-    for branches in batch.groups:
-        for group in branches:
-            counter = [tuple(group.rows.tolist()), 0]
-            calls.append(counter)
+    calls = []  # per run: (its rows, how many steps ran it)
+    for run in batch.runs:
+        counter = [tuple(run.row_list), 0]
+        calls.append(counter)
 
-            class Counting:
-                def step(self, *args, backend=group.decode, counter=counter):
-                    counter[1] += 1
-                    return backend.step(*args)
-            group.decode = Counting()
+        class Counting:
+            def step(self, *args, backend=run.decode, counter=counter):
+                counter[1] += 1
+                return backend.step(*args)
+        run.decode = Counting()
     while not batch.done:
         batch.step()  # the small row finishes after its first step; the large one takes 7
-    assert {(rows, count) for rows, count in calls} == {((0,), 1), ((1,), 7)}  # the two sizes share no branch
+    assert sorted((rows, count) for rows, count in calls) == [((0,), 1), ((1,), 7)]  # no shared branch: a run each
 
 
 def test_kv_buffers_are_reused_across_batches_and_all_given_back(llama_pair):
@@ -260,3 +259,21 @@ def test_kv_buffers_are_reused_across_batches_and_all_given_back(llama_pair):
         assert engine.stats()["kv_reserved_bytes"] == reserved[-1]
     finally:
         engine.close()
+
+
+def test_rows_of_one_size_step_in_one_run_and_mixed_sizes_share_runs(tiny_pair):
+    """A batch of one size steps all its layers in one backend call; in a mixed batch, each run is a span of
+    consecutive blocks taken by the same rows, and every row still walks its size's layers in order."""
+    family = load_family(*tiny_pair, device="cpu")
+    one, _ = _collect([family.sizes[0]] * 2, PROMPTS[:2], [4, 4])
+    batch = FamilyBatch(family, one, family.tokenizer, {2}, pad_id=0)
+    batch.prefill()
+    assert len(batch.runs) == 1 and len(batch.runs[0].keys()) == family.sizes[0]
+    mixed, _ = _collect(family.sizes, PROMPTS[:len(family.sizes)], [4] * len(family.sizes))
+    batch = FamilyBatch(family, mixed, family.tokenizer, {2}, pad_id=0)
+    batch.prefill()
+    for row, n in enumerate(batch.sizes):
+        layers = [module for run in batch.runs if row in run.row_list for group in run.groups
+                  for module in group.modules]
+        assert len(layers) == n
+    assert len(batch.runs) < sum(len(branches) for branches in batch.groups)

@@ -30,6 +30,7 @@ def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
 
     return build_engine(pair=settings.pair, teacher=settings.teacher, student=settings.student,
                         order=settings.order, device=settings.device, dtype=settings.dtype, name=settings.name,
+                        int8=settings.weights == "int8",
                         variant_cache_size=settings.variant_cache_size, native_kernels=settings.native_kernels,
                         limits=settings.engine_limits(), threads=settings.threads,
                         on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size))

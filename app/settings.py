@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.engine.interface import EngineLimits
+from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS, EngineLimits
 
 _LIMITS = EngineLimits()  # each default written once: there
 
@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     order: str | None = Field(None, description="patch order: last, first or blocks 2,5,3,... (default: the pair's)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 … (default: bf16 on GPU, fp32 on CPU)")
+    weights: Literal[WEIGHT_FORMS] = Field(DEFAULT_WEIGHTS, description="float: as loaded, in the pair's dtype; "
+                                           "int8: every matrix and embedding as int8 with per-row scales "
+                                           "(a quarter of fp32's bytes, faster decode on CPU)")
     name: str | None = Field(None, description="family id served (default: the pair's name)")
     threads: int | None = Field(None, ge=1, description="torch's compute threads (default: OMP_NUM_THREADS if "
                                 "set, else the container's CPU quota, else the CPUs this process may use)")

@@ -28,8 +28,8 @@ def build_engine(*, pair: str | None = None, teacher: str | None = None, student
                  name: str | None = None, variant_cache_size: int = 32, native_kernels: bool | None = None,
                  limits: EngineLimits = EngineLimits(),
                  on_batch: Callable[[int | str, int], None] | None = None,
-                 threads: int | None = None) -> InferenceEngine:
+                 threads: int | None = None, int8: bool = False) -> InferenceEngine:
     apply_serving_threads(threads)
     family = load_family(teacher, student, pair=pair, order=order, dtype=dtype, device=device,
-                         cache_size=variant_cache_size, name=name, native_kernels=native_kernels)
+                         cache_size=variant_cache_size, name=name, native_kernels=native_kernels, int8=int8)
     return InferenceEngine(family, limits, on_batch)

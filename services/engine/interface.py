@@ -9,6 +9,12 @@ from typing import Protocol
 MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: sampling is treated as greedy
 
 
+# how the pair's weights are held: as loaded, in the pair's float dtype; or every matrix and embedding as int8
+# with one scale per row (a quarter of fp32's bytes, read on every token)
+WEIGHT_FORMS = ("float", "int8")
+DEFAULT_WEIGHTS = "float"
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What the engine may hold and how it batches; the server's settings take their defaults from here."""

@@ -17,6 +17,7 @@ from services.cpu.huge_pages import move_to_huge_pages
 from services.errors import InvalidPairError, UnknownSizeError
 from services.family.architectures import ArchitectureSpec, get_path, number_layers, spec_for
 from services.family.assembly import assemble_variant, make_template
+from services.family.int8 import quantize_int8
 from services.family.loading import (
     check_pair,
     check_tokenizers,
@@ -76,6 +77,7 @@ class Family:
         self.tokenizer = tokenizer
         self.quality = quality or {}
         self.sampling_defaults = sampling_defaults or {}  # the pair's, for requests that set none
+        self.int8 = False  # matrices and embeddings stored as int8 (`load_family`)
         self.plans: dict[int, VariantPlan] = plan_family(layout, self.order)
         self.cache_size = max(1, cache_size)
         self._variants: OrderedDict[int, nn.Module] = OrderedDict()
@@ -95,7 +97,8 @@ class Family:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.teacher.parameters()).dtype
+        """The activations' dtype (int8 weights keep their scales and norms in it)."""
+        return next(p.dtype for p in self.teacher.parameters() if p.is_floating_point())
 
     def plan(self, num_layers: int) -> VariantPlan:
         if num_layers not in self.plans:
@@ -147,8 +150,9 @@ class Family:
 def load_family(teacher: str | Path | None = None, student: str | Path | None = None, *,
                 pair: str | Path | None = None, order: str | Sequence[int] | None = None, dtype: str | None = None,
                 device: str | None = None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
-                name: str | None = None, native_kernels: bool | None = None) -> Family:
-    """Load a pair from two HF folders (paper layout) or a `models_store` pair folder (default pair if none)."""
+                name: str | None = None, native_kernels: bool | None = None, int8: bool = False) -> Family:
+    """Load a pair from two HF folders (paper layout) or a `models_store` pair folder (default pair if none).
+    `int8`: every matrix and embedding stored as int8 with per-row scales (`family.int8`), else in `dtype`."""
     quality, sampling_defaults = {}, {}
     if teacher is None and student is None:
         manifest = Manifest.read(Path(pair) if pair else DEFAULT_PAIR)
@@ -176,6 +180,9 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
         enable_fast_linear(teacher_model, student_model)
     family = Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
                     tokenizer, cache_size, quality, sampling_defaults)
+    if int8:  # after the pair's identical tensors are shared: each is quantized once
+        quantize_int8([teacher_model, student_model], use_kernel=native and on_cpu and torch_dtype == torch.float32)
+    family.int8 = int8
     if on_cpu:
         move_to_huge_pages([teacher_model, student_model])  # the one copy of the loaded weights
     return family

@@ -19,26 +19,49 @@
 
 namespace {
 
-constexpr int kSlots = 15;  // weight slots of a layer, in the order `layer_tensors` (Python) lists them
+constexpr int kSlots = 22;  // weight slots of a layer, in the order `layer_tensors` (Python) lists them
+// the slots of the seven weight matrices (q, k, v, o, gate, up, down); slot kSlots - 7 + i holds matrix i's
+// per-row scales where it is int8, else nothing
+constexpr int kMatrixSlots[7] = {1, 3, 5, 7, 12, 13, 14};
 
 // One decoder layer's weights; nullptr where the layer has none (biases, q/k norms).
 struct Layer {
-  const float *input_norm, *q, *q_bias, *k, *k_bias, *v, *v_bias, *o, *o_bias, *q_norm, *k_norm, *post_norm,
-      *gate, *up, *down;
+  const float* input_norm;
+  boomerang::Weights q;
+  const float* q_bias;
+  boomerang::Weights k;
+  const float* k_bias;
+  boomerang::Weights v;
+  const float* v_bias;
+  boomerang::Weights o;
+  const float *o_bias, *q_norm, *k_norm, *post_norm;
+  boomerang::Weights gate, up, down;
   int64_t inter;
 };
 
 const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
+bool is_matrix_slot(size_t slot) { return std::find(std::begin(kMatrixSlots), std::end(kMatrixSlots), slot) != std::end(kMatrixSlots); }
+
+boomerang::Weights matrix_view(const torch::Tensor& weight, const torch::Tensor& scale) {
+  if (weight.scalar_type() != torch::kChar) return {weight.data_ptr<float>(), nullptr, nullptr};
+  TORCH_CHECK(scale.numel() == weight.size(0), "LayerStack: an int8 matrix needs one fp32 scale per row");
+  return {nullptr, weight.data_ptr<int8_t>(), scale.data_ptr<float>()};
+}
+
 Layer layer_view(const std::vector<torch::Tensor>& w) {
-  TORCH_CHECK(w.size() == kSlots, "LayerStack: 15 weight slots per layer");
-  for (const auto& t : w)
-    TORCH_CHECK(!t.numel() || (t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu()),
-                "LayerStack: contiguous fp32 CPU weights only");
-  return {w[0].data_ptr<float>(),  w[1].data_ptr<float>(),  optional_data(w[2]),     w[3].data_ptr<float>(),
-          optional_data(w[4]),     w[5].data_ptr<float>(),  optional_data(w[6]),     w[7].data_ptr<float>(),
-          optional_data(w[8]),     optional_data(w[9]),     optional_data(w[10]),    w[11].data_ptr<float>(),
-          w[12].data_ptr<float>(), w[13].data_ptr<float>(), w[14].data_ptr<float>(), w[12].size(0)};
+  TORCH_CHECK(w.size() == kSlots, "LayerStack: 22 weight slots per layer");
+  for (size_t slot = 0; slot < w.size(); ++slot) {
+    const auto& t = w[slot];
+    const bool int8 = is_matrix_slot(slot) && t.scalar_type() == torch::kChar;
+    TORCH_CHECK(!t.numel() || ((t.scalar_type() == torch::kFloat || int8) && t.is_contiguous() && t.device().is_cpu()),
+                "LayerStack: contiguous CPU weights, fp32 (matrices fp32 or int8) only");
+  }
+  const auto matrix = [&](int i) { return matrix_view(w[kMatrixSlots[i]], w[kSlots - 7 + i]); };
+  return {w[0].data_ptr<float>(), matrix(0),           optional_data(w[2]),     matrix(1),
+          optional_data(w[4]),    matrix(2),           optional_data(w[6]),     matrix(3),
+          optional_data(w[8]),    optional_data(w[9]), optional_data(w[10]),    w[11].data_ptr<float>(),
+          matrix(4),              matrix(5),           matrix(6),               w[12].size(0)};
 }
 
 // Sizes of one step; `length` KV positions are filled before it, the step writes position `length`.
@@ -70,7 +93,7 @@ void rms_norm(const float* x, const float* weight, int64_t rows, int64_t width, 
 }
 
 // y[b, r] = w_r . x_b (+ bias_r) for rows r in `share` of w [out, in]; y [batch, y_stride], rows at `offset`.
-void project(const float* w, const float* bias, Share share, int64_t in, const float* x, int64_t batch, float* y,
+void project(const boomerang::Weights& w, const float* bias, Share share, int64_t in, const float* x, int64_t batch, float* y,
              int64_t y_stride, int64_t offset = 0) {
   if (share.begin >= share.end) return;
   float* first = y + offset + share.begin;
@@ -85,11 +108,11 @@ void project_qkv(const Layer& l, const Shapes& s, const float* normed, float* qk
   const Share all = share_of(s.qkv_width(), part, parts);
   const int64_t starts[3] = {0, s.q_width(), s.q_width() + s.kv_width()}, outs[3] = {s.q_width(), s.kv_width(),
                                                                                         s.kv_width()};
-  const float* weights[3] = {l.q, l.k, l.v};
+  const boomerang::Weights* weights[3] = {&l.q, &l.k, &l.v};
   const float* biases[3] = {l.q_bias, l.k_bias, l.v_bias};
   for (int i = 0; i < 3; ++i) {
     const Share mine{std::max(all.begin, starts[i]) - starts[i], std::min(all.end, starts[i] + outs[i]) - starts[i]};
-    project(weights[i], biases[i], mine, s.width, normed, s.batch, qkv, s.qkv_width(), starts[i]);
+    project(*weights[i], biases[i], mine, s.width, normed, s.batch, qkv, s.qkv_width(), starts[i]);
   }
 }
 
@@ -381,7 +404,7 @@ class LayerStack {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<LayerStack>(m, "LayerStack", "decoder layers whose decode steps run natively (fp32, AVX2/FMA)")
+  pybind11::class_<LayerStack>(m, "LayerStack", "decoder layers whose decode steps run natively (fp32 or int8 weights, AVX2/FMA)")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, double, double, double>())
       .def("step", &LayerStack::step, "one decode step of every layer, in order")
       .def("__len__", &LayerStack::size);

@@ -23,6 +23,26 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c1
   return y;
 }
 
+// The same over int8 weights with one fp32 scale per row (weight = q8 * scale), fp32 input and output.
+torch::Tensor gemv_q8(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                      const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv_q8: x [B, in], weight [out, in]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kChar &&
+              scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0),
+              "gemv_q8: fp32 x, int8 weight, one fp32 scale per weight row");
+  const auto xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
+  const int64_t rows = xc.size(0), in = xc.size(1), out = wc.size(0);
+  auto y = torch::empty({rows, out}, xc.options());
+  const boomerang::Weights w{nullptr, wc.data_ptr<int8_t>(), sc.data_ptr<float>()};
+  const float* X = xc.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    boomerang::matvec_rows(w, begin, end, in, X, rows, Y + begin, out);
+  });
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
+
 // Sum of a contiguous fp32 tensor, each thread streaming its share with the GEMV's read loop: a second
 // probe of the machine's read bandwidth for `boomerang bench`, beside torch's own sum.
 double stream_sum(const torch::Tensor& data) {
@@ -41,5 +61,6 @@ double stream_sum(const torch::Tensor& data) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "few-row fp32 GEMV (AVX2/FMA)");
+  m.def("gemv_q8", &gemv_q8, "few-row GEMV over int8 weights with per-row scales (AVX2/FMA)");
   m.def("stream_sum", &stream_sum, "sum of an fp32 tensor read like GEMV weights (a bandwidth probe)");
 }

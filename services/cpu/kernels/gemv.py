@@ -22,6 +22,11 @@ def load_gemv() -> Callable | None:
     return None if _module() is None else _module().gemv
 
 
+def load_gemv_q8() -> Callable | None:
+    """`gemv_q8(x [rows, in], weight int8 [out, in], scale [out], bias | None) -> [rows, out]`, or None."""
+    return None if _module() is None else _module().gemv_q8
+
+
 def load_stream_sum() -> Callable | None:
     """`stream_sum(data) -> float`: the sum of a contiguous fp32 tensor read like GEMV weights, or None."""
     return None if _module() is None else _module().stream_sum

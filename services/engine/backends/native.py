@@ -1,6 +1,6 @@
 """The native step backend: one decode step of a group's layers in one kernel call (`LayerStack.step`,
 `services/cpu/kernels/decoder_step.cpp`), reading the modules' own tensors and appending to the batch's KV
-buffers in place. For fp32 CPU Llama-style layers (Llama/SmolLM2, Qwen2 with its biases, Qwen3 with its q/k
+buffers in place. For fp32 or int8 CPU Llama-style layers (Llama/SmolLM2, Qwen2 with its biases, Qwen3 with its q/k
 norms) when native kernels are on; every other group takes the torch backend (`torch_layers`)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from torch import nn
 
 from services.cpu.fast_linear import FastLinear
 from services.cpu.kernels.decoder_step import load_decoder_step
+from services.family.int8 import Int8Linear
 
 # Architectures whose decoder layer is Llama's (pre-norm, rotate-half RoPE, SiLU-gated MLP), with the same
 # module names; Qwen2 adds q/k/v biases and Qwen3 per-head q/k RMSNorms, both handled by the kernel.
@@ -32,12 +33,20 @@ def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
             _tensor(attn.o_proj, "weight"), _tensor(attn.o_proj, "bias"),
             _tensor(getattr(attn, "q_norm", None), "weight"), _tensor(getattr(attn, "k_norm", None), "weight"),
             _tensor(layer.post_attention_layernorm, "weight"),
-            _tensor(mlp.gate_proj, "weight"), _tensor(mlp.up_proj, "weight"), _tensor(mlp.down_proj, "weight")]
+            _tensor(mlp.gate_proj, "weight"), _tensor(mlp.up_proj, "weight"), _tensor(mlp.down_proj, "weight"),
+            *(_tensor(matrix, "weight_scale") for matrix in _matrices(layer))]
+
+
+def _matrices(layer: nn.Module) -> list[nn.Module]:
+    """The seven weight matrices in the kernel's order; int8 ones carry a per-row `weight_scale`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
 
 
 def _layer_supported(layer: nn.Module) -> bool:
     tensors = layer_tensors(layer)
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and all(
+    return all(t.dtype in (torch.float32, torch.int8) and t.device.type == "cpu" and t.is_contiguous()
+               for t in tensors) and all(
         getattr(layer.mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj"))
 
 
@@ -56,6 +65,11 @@ def layer_stack(kernel, layers: list[nn.Module], config):
         return None
     return kernel.LayerStack([layer_tensors(layer) for layer in layers], config.num_attention_heads,
                              config.num_key_value_heads, *constants.pop())
+
+
+def _kernel_on(matrix: nn.Module) -> bool:
+    """Native kernels are on for this matrix: swapped to `FastLinear` (fp32), or int8 with the kernel."""
+    return type(matrix) is FastLinear or (type(matrix) is Int8Linear and matrix.use_kernel)
 
 
 def config_supported(config) -> bool:
@@ -85,7 +99,7 @@ class NativeStep:
 def native_step(layers: list[nn.Module], config) -> NativeStep | None:
     """The native backend for these layers, or None where it does not apply (native kernels off or not
     built, another architecture, dtype or device, a sliding window)."""
-    if not config_supported(config) or not all(type(layer.self_attn.q_proj) is FastLinear for layer in layers):
+    if not config_supported(config) or not all(_kernel_on(matrix) for layer in layers for matrix in _matrices(layer)):
         return None
     kernel = load_decoder_step()
     stack = layer_stack(kernel, layers, config) if kernel is not None else None

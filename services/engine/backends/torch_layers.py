@@ -71,7 +71,7 @@ class LayerStep:
                 f"4-D one); load the models with one of: {', '.join(MASK_KINDS)}")
         self.boolean = config._attn_implementation == "sdpa"
         self.cache_arg = cache_argument_name(type(layers[0]))
-        self.dtype = next(layers[0].parameters()).dtype
+        self.dtype = next(p.dtype for p in layers[0].parameters() if p.is_floating_point())
 
     def _masks(self, filled: torch.Tensor, queries_at: torch.Tensor) -> dict[int | None, torch.Tensor]:
         """Per window of the layers: the attention mask [rows, 1, queries, keys] the layers' attention takes."""

@@ -145,10 +145,11 @@ def _run(family, with_join: bool) -> tuple[list[list[int]], list[torch.Tensor], 
     return outputs, [torch.stack(record[id(seq)]) for seq in seqs], backends
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("with_join", [False, True])
-def test_native_and_torch_backends_agree_on_a_llama_pair(llama_pair, with_join):
-    native = load_family(*llama_pair, device="cpu")
-    stock = load_family(*llama_pair, device="cpu", native_kernels=False)
+def test_native_and_torch_backends_agree_on_a_llama_pair(llama_pair, with_join, int8):
+    native = load_family(*llama_pair, device="cpu", int8=int8)
+    stock = load_family(*llama_pair, device="cpu", native_kernels=False, int8=int8)
     native_tokens, native_logits, native_backends = _run(native, with_join)
     stock_tokens, stock_logits, stock_backends = _run(stock, with_join)
     assert native_backends == {NativeStep} and stock_backends == {LayerStep}

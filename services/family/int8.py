@@ -1,0 +1,86 @@
+"""int8 weights: every linear layer and embedding of a pair stored as int8 with one fp32 scale per output row.
+
+Weight-only and symmetric: `weight ~ q * scale`, q in [-127, 127], scale = max |row| / 127; activations and
+accumulation stay in the float dtype. As with `FastLinear`, the modules' classes are swapped in place and the
+model's code is untouched. Decode rows on CPU go to the int8 GEMV kernel (`gemv_q8`, and the decoder-step
+kernel reads the same tensors); everything else dequantizes on the fly, in chunks of output rows, so a prefill
+never holds a whole fp32 copy of a large matrix. Tensors shared between the models (a tied or shared
+embedding) are quantized once and stay shared.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from services.cpu.fast_linear import MAX_ROWS, FastLinear
+from services.cpu.kernels.gemv import load_gemv_q8
+
+CHUNK_ROWS = 4096  # output rows dequantized at a time off the kernel path
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [rows, n], scale fp32 [rows]) with weight ~ q * scale[:, None], per row."""
+    scale = weight.detach().float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # [rows]
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [rows, n]
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]  # [rows, n]
+
+
+class Int8Linear(nn.Linear):
+    """`nn.Linear` over int8 `weight` [out, in] and fp32 `weight_scale` [out]."""
+
+    use_kernel = False  # set per module by `quantize_int8`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.use_kernel and rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+            out = load_gemv_q8()(x.reshape(rows, self.in_features), self.weight, self.weight_scale, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)  # [..., out]
+        pieces = [functional.linear(x, dequantize_rows(self.weight[start:start + CHUNK_ROWS],
+                                                       self.weight_scale[start:start + CHUNK_ROWS], x.dtype))
+                  for start in range(0, self.out_features, CHUNK_ROWS)]  # each [..., chunk]
+        out = torch.cat(pieces, dim=-1)  # [..., out]
+        return out + self.bias if self.bias is not None else out
+
+
+class Int8Embedding(nn.Embedding):
+    """`nn.Embedding` over int8 `weight` [vocab, hidden] and fp32 `weight_scale` [vocab]: rows dequantized
+    as they are looked up, in `output_dtype`."""
+
+    output_dtype = torch.float32
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = functional.embedding(input_ids, self.weight).to(self.output_dtype)  # [..., hidden]
+        return rows * self.weight_scale[input_ids].to(self.output_dtype)[..., None]
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
+    """Quantizes every linear layer and embedding of `models` in place (each distinct weight tensor once);
+    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV."""
+    users: dict[int, list[nn.Module]] = {}
+    for model in models:
+        dtype = _float_dtype(model)
+        for module in model.modules():
+            if type(module) in (nn.Linear, FastLinear, nn.Embedding):
+                if isinstance(module, nn.Embedding):
+                    module.output_dtype = dtype
+                users.setdefault(module.weight.data_ptr(), []).append(module)
+    for modules in users.values():
+        q, scale = quantize_rows(modules[0].weight)
+        weight = nn.Parameter(q, requires_grad=False)
+        weight_scale = nn.Parameter(scale.to(modules[0].weight.device), requires_grad=False)
+        for module in modules:
+            module.weight, module.weight_scale = weight, weight_scale
+            module.__class__ = Int8Embedding if isinstance(module, nn.Embedding) else Int8Linear
+            if isinstance(module, Int8Linear):
+                module.use_kernel = use_kernel and load_gemv_q8() is not None
+    return len(users)

@@ -19,11 +19,26 @@ from services.bench.measure import (
     rss_bytes,
     speed_per_size,
 )
+from services.bench.peer import (
+    PROMPT_LENGTHS,
+    PeerServer,
+    measure_server,
+    peer_gguf,
+    prompt_of,
+    ratios,
+    write_peer_report,
+)
 from services.bench.served import ServerProcess, arrival_mid_batch, served_throughput
 from services.bench.soak import print_timeline, run_soak
 from services.bench.structured_cost import structured_output_cost
+from services.cpu.threads import serving_threads
+from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
 from services.family import load_family
+from services.family.loading import load_tokenizer
+from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
+from services.store.teacher_import import LOCK_FILE
 
+SERVED_CONTEXT = 1024  # the served parts' context limit (prompt + completion)
 GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
          "min_speed_ratio": (">=", 0.95), "served_speedup_n16": (">=", 3.0),
          "served_speedup_n16_mixed_sizes": (">=", 3.0), "min_fraction_of_bound_b1": (">=", 0.8),
@@ -42,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "exit 1 if memory grows or a request fails")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak")
     parser.add_argument("--context", type=int, help="soak: serve with this context limit and send prompts near it")
+    parser.add_argument("--weights", choices=WEIGHT_FORMS, default=DEFAULT_WEIGHTS,
+                        help="the weight form served (with --peer-llama-server: the peer gets the same bits)")
+    parser.add_argument("--peer-llama-server", type=Path, metavar="PATH",
+                        help="only the side-by-side run against llama.cpp's llama-server at PATH (llama-quantize "
+                             "beside it) on the teacher's own GGUF: peer-WEIGHTS.json")
+    parser.add_argument("--peer-gguf", type=Path, help="the GGUF the peer serves before requantizing (default: the "
+                        "one the teacher was imported from)")
 
 
 def cpu_model() -> str:
@@ -64,10 +86,12 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.soak is not None:
         return _soak(args)
+    if args.peer_llama_server is not None:
+        return _peer(args)
     started = time.perf_counter()
     rss0 = rss_bytes()
     load_start = time.perf_counter()
-    family = load_family(args.teacher, args.student, pair=args.pair, device="cpu")
+    family = load_family(args.teacher, args.student, pair=args.pair, device="cpu", int8=args.weights == "int8")
     load_seconds = time.perf_counter() - load_start
     sizes = _sizes(family.sizes, args.quick)
     memory, references = memory_and_switching(family, sizes, rss0, load_seconds)
@@ -78,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     structured = structured_output_cost(family, rounds=2 if args.quick else 3)
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
               "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-                          "device": str(family.device), "dtype": str(family.dtype),
+                          "device": str(family.device), "dtype": str(family.dtype), "weights": args.weights,
                           "bandwidth_gbs": bandwidth},
               "settings": {"quick": args.quick, "decode_steps": steps, "batch_sizes": batches, "sizes": sizes},
               "memory": memory, "speed": speed, "structured_output": structured}
@@ -119,11 +143,39 @@ def _soak(args: argparse.Namespace) -> int:
     return 0 if report["verdict"]["passed"] else 1
 
 
-def _served(args, family, sizes) -> dict:
+def _peer(args: argparse.Namespace) -> int:
+    manifest = Manifest.read(Path(args.pair) if args.pair else DEFAULT_PAIR)
+    teacher_dir = Path(args.teacher) if args.teacher else resolve_teacher(manifest)
+    source = args.peer_gguf or Path(json.loads((teacher_dir / LOCK_FILE).read_text())["source"])
+    out = Path(args.out)
+    gguf = peer_gguf(args.peer_llama_server, source, args.weights, out)
+    threads = serving_threads(None)[0]
+    tokenizer = load_tokenizer(teacher_dir)
+    prompts = {n: prompt_of(tokenizer, n) for n in PROMPT_LENGTHS}
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "threads": threads,
+              "weights": args.weights, "peer": {"server": str(args.peer_llama_server), "gguf": gguf.name}}
+    with PeerServer(args.peer_llama_server, gguf, threads, SERVED_CONTEXT) as peer:
+        report["theirs"] = measure_server(peer.url, "teacher", prompts, peer.process.pid)
+    with ServerProcess([*_served_args(args), "--threads", str(threads)]) as server:
+        cards = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+        by_layers = {card["num_layers"]: card["id"] for card in cards}
+        report["ours"] = {n: measure_server(server.url, by_layers[n], prompts, server.process.pid)
+                          for n in (max(by_layers), min(by_layers))}
+    report["ours_over_theirs"] = {n: ratios(ours, report["theirs"]) for n, ours in report["ours"].items()}
+    print(f"wrote {write_peer_report(report, out)}")
+    print(json.dumps({"cpu": report["cpu"], "ours_over_theirs": report["ours_over_theirs"]}, indent=2))
+    return 0
+
+
+def _served_args(args: argparse.Namespace) -> list[str]:
     # 16 rows at the default context would need more memory than a small machine has; the bench's requests
     # are short, so a shorter context costs them nothing
-    serve_args = ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", "--batch-wait-ms", "10",
-                  "--max-total-tokens", "1024", *_pair_args(args)]
+    return ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", "--batch-wait-ms", "10",
+            "--max-total-tokens", str(SERVED_CONTEXT), "--weights", args.weights, *_pair_args(args)]
+
+
+def _served(args, family, sizes) -> dict:
+    serve_args = _served_args(args)
     ids = [family.model_id(n) for n in sizes]
     requests, tokens = (16, 8) if args.quick else (48, 32)
     long_tokens, short_tokens = (64, 8) if args.quick else (256, 16)

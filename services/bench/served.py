@@ -14,7 +14,7 @@ import time
 import httpx
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -24,7 +24,7 @@ class ServerProcess:
     """`python -m services.cli serve …` on a free loopback port; stopped with SIGTERM."""
 
     def __init__(self, serve_args: list[str]):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *serve_args]
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h
 ALIGN = 64  # bytes: each tensor starts on a cache line
-MIN_BYTES = 1 << 20  # smaller tensors (norms, biases) stay where they are
+MIN_BYTES = 64 << 10  # smaller tensors (norms, biases, scales) stay where they are; int8 matrices do not
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 

@@ -6,11 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
 from services.errors import InvalidRequestError
 from services.eval.baselines import needs_calibration, parse_baselines
 from services.eval.baselines.calibration import calibration_text
 from services.eval.chat import chat_quality, evaluate_chat, write_chat_report
 from services.eval.curve import evaluate_curve, write_report
+from services.eval.weights import compare_weights, write_weights_report
 from services.family import load_family
 from services.store import DEFAULT_PAIR, update_manifest
 
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure chat quality per size (answer perplexity, degenerate answers, agreement "
                              "with the teacher, multiple choice): chat.json and chat.md")
     parser.add_argument("--no-curve", action="store_true", help="skip the raw-text curve (with --chat: chat only)")
+    parser.add_argument("--weights", choices=WEIGHT_FORMS, default=DEFAULT_WEIGHTS,
+                        help="int8: held-out perplexity of every size as loaded and in int8, and their ratio "
+                        "(weights.json; no curve)")
     parser.add_argument("--update-manifest", action="store_true",
                         help="record what was measured per size in the pair's manifest (`quality`)")
 
@@ -48,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.update_manifest and "naive" not in baselines:
         raise InvalidRequestError("--update-manifest records the naive baseline: keep naive in --baselines",
                                   param="baselines")
+    if args.weights == "int8":
+        return _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:
         chat = evaluate_chat(family)
@@ -76,6 +83,19 @@ def run(args: argparse.Namespace) -> int:
         pruned = {f"{name}_{k}": round(v, 2) for name, texts in row["baselines"].items() for k, v in texts.items()}
         print(json.dumps({"num_layers": row["num_layers"], **ppl, **pruned,
                           "tok_s": round(row["decode_tokens_per_s"], 2)}))
+    return 0
+
+
+def _compare_weights(args: argparse.Namespace) -> int:
+    report = compare_weights(lambda int8: load_family(args.teacher, args.student, pair=args.pair, order=args.order,
+                                                      device="cpu", int8=int8),
+                             num_chunks=args.chunks, seq_len=args.seq_len)
+    print(f"wrote {write_weights_report(report, Path(args.out))}")
+    for row in report["sizes"]:
+        ratios = {f"ratio_{text}": round(value, 4) for text, value in row["ratio"].items()}
+        print(json.dumps({"num_layers": row["num_layers"], **ratios,
+                          **{f"ppl_int8_{text}": round(value, 3) for text, value in row["int8"].items()}}))
+    print(f"worst int8 / float perplexity: {report['worst_ratio']:.4f}")
     return 0
 
 

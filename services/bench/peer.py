@@ -1,0 +1,144 @@
+"""The server a user would pick instead, side by side in one run: llama.cpp's `llama-server` on the teacher's
+own GGUF, requantized to the bits our weights hold (F32 beside float, Q8_0 beside int8), the same threads, the
+same requests over HTTP; every figure is reported for both and as ours / theirs.
+
+Figures: decode rate of one stream (the time of a 1-token answer taken from that of a 129-token one, so
+prefill cancels out), time to a first token for 32- and 512-token prompts (a 1-token answer), and total
+tokens/s of 16 concurrent clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from services.bench.served import free_port
+from services.bench.soak import rss_of
+
+PEER_TYPES = {"float": "F32", "int8": "Q8_0"}  # llama.cpp's type of the same bits per weight as ours
+DECODE_TOKENS = 128
+CLIENTS = 16
+PROMPT_LENGTHS = (32, 512)
+
+
+def peer_gguf(server: Path, source: Path, weights: str, out_dir: Path) -> Path:
+    """The teacher's GGUF requantized for the peer by its own `llama-quantize` (made once per folder)."""
+    kind = PEER_TYPES[weights]
+    target = out_dir / f"{source.stem}.{kind}.gguf"
+    if not target.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(server.with_name("llama-quantize")), "--allow-requantize", str(source), str(target),
+                        kind], check=True, capture_output=True)
+    return target
+
+
+class PeerServer:
+    """`llama-server` on loopback with `CLIENTS` slots of `context` tokens each."""
+
+    def __init__(self, server: Path, gguf: Path, threads: int, context: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
+                     "-tb", str(threads), "-np", str(CLIENTS), "-c", str(CLIENTS * context), "--no-webui"]
+
+    def __enter__(self) -> PeerServer:
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "LLAMA_ARG_ENDPOINT_METRICS": "0"})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"llama-server exited: {self.log.read().decode(errors='replace')[-500:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("llama-server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+def prompt_of(tokenizer, length: int) -> str:
+    """Text of exactly `length` tokens under the pair's tokenizer (the GGUF carries the same vocabulary)."""
+    words = ("the quick brown fox jumps over a lazy dog while seven wise owls count stars above quiet hills "
+             * (length // 4 + 8)).split()
+    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:length]
+    return tokenizer.decode(ids)
+
+
+def _body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
+def _timed(client: httpx.Client, url: str, body: dict) -> tuple[float, dict]:
+    start = time.perf_counter()
+    response = client.post(url + "/v1/completions", json=body)
+    response.raise_for_status()
+    return time.perf_counter() - start, response.json()["usage"]
+
+
+def _median_latency(client: httpx.Client, url: str, body: dict, repeats: int) -> tuple[float, dict]:
+    runs = [_timed(client, url, body) for _ in range(repeats)]
+    return statistics.median(seconds for seconds, _ in runs), runs[-1][1]
+
+
+async def _clients(url: str, body: dict, requests: int) -> tuple[float, int]:
+    """(seconds, completion tokens) of `requests` bodies sent by `CLIENTS` clients at once."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=CLIENTS)) as client:
+        gate = asyncio.Semaphore(CLIENTS)
+
+        async def one() -> int:
+            async with gate:
+                response = await client.post(url + "/v1/completions", json=body)
+                response.raise_for_status()
+                return response.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(one() for _ in range(requests)))
+    return time.perf_counter() - start, sum(tokens)
+
+
+def measure_server(url: str, model: str, prompts: dict[int, str], pid: int, repeats: int = 3) -> dict:
+    """The figures of one server (see the module)."""
+    with httpx.Client(timeout=600) as client:
+        _timed(client, url, _body(model, prompts[32], 8))  # warm-up
+        one, _ = _median_latency(client, url, _body(model, prompts[32], 1), repeats)
+        long, usage = _median_latency(client, url, _body(model, prompts[32], DECODE_TOKENS + 1), repeats)
+        assert usage["completion_tokens"] == DECODE_TOKENS + 1, usage
+        first = {n: _median_latency(client, url, _body(model, prompts[n], 1), repeats) for n in PROMPT_LENGTHS}
+    seconds, tokens = asyncio.run(_clients(url, _body(model, prompts[32], DECODE_TOKENS), 2 * CLIENTS))
+    return {"decode_tokens_per_s": DECODE_TOKENS / (long - one),
+            **{f"first_token_ms_{n}": 1000 * first[n][0] for n in PROMPT_LENGTHS},
+            **{f"prompt_tokens_{n}": first[n][1]["prompt_tokens"] for n in PROMPT_LENGTHS},
+            f"clients_{CLIENTS}_tokens_per_s": tokens / seconds, "rss_mib": rss_of(pid) / 2**20}
+
+
+def ratios(ours: dict, theirs: dict) -> dict:
+    """ours / theirs for rates, theirs / ours for times: above 1 means ours is better."""
+    better = {}
+    for key, value in ours.items():
+        if key.startswith("prompt_tokens") or key not in theirs:
+            continue
+        better[key] = theirs[key] / value if key.startswith(("first_token", "rss")) else value / theirs[key]
+    return better
+
+
+def write_peer_report(report: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"peer-{report['weights']}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -36,10 +37,33 @@ def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
                         on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size))
 
 
+async def in_own_thread(work: Callable[[], object]) -> object:
+    """`work()` in a thread that ends with it, awaited. Not `asyncio.to_thread`: a thread's torch work leaves an
+    OpenMP thread pool that lives as long as the thread, and an idle pool beside the engine's (more OpenMP
+    threads than CPUs) makes every OpenMP barrier of a decode step sleep instead of spin."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(value: object, failed: bool) -> None:
+        if not future.done():
+            future.set_exception(value) if failed else future.set_result(value)
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, error, True)
+        else:
+            loop.call_soon_threadsafe(settle, result, False)
+
+    threading.Thread(target=run, name="boomerang-load", daemon=True).start()
+    return await future
+
+
 async def _load(app: FastAPI, factory: EngineFactory) -> None:
     state = app.state
     try:
-        engine = await asyncio.to_thread(factory, state.settings, state.metrics)
+        engine = await in_own_thread(lambda: factory(state.settings, state.metrics))
     except BoomerangError as error:
         state.load_error = error.message
         log.error("error: %s", error.message)

@@ -4,6 +4,7 @@ rows that ask for nothing are left untouched (and keep the fast greedy paths).""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence as Rows
 
 import torch
@@ -16,39 +17,37 @@ def adjusts_logits(params: SamplingParams) -> bool:
                 or params.logit_bias or params.min_tokens)
 
 
-def _padded(id_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, valid), both [rows, longest]: ragged id lists padded with token 0, marked invalid."""
-    longest = max(1, max(len(ids) for ids in id_lists))
-    ids = torch.zeros(len(id_lists), longest, dtype=torch.long, device=device)
-    valid = torch.zeros(len(id_lists), longest, dtype=torch.bool, device=device)
-    for row, row_ids in enumerate(id_lists):
-        ids[row, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-        valid[row, :len(row_ids)] = True
-    return ids, valid
-
-
-def _counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """Occurrences of each token per row, [rows, vocab]."""
-    ids, valid = _padded(id_lists, device)
-    counts = torch.zeros(len(id_lists), vocab, device=device)
-    return counts.scatter_add_(1, ids, valid.float())
-
-
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, device=device)[:, None]  # [rows, 1]
+def _penalties(params: SamplingParams, prompt: list[int], answer: list[int]) -> dict[int, tuple[bool, int]]:
+    """The tokens a row's penalties touch: {token: (seen, count in the answer)}; `seen` (prompt or answer)
+    only where the row asks for a repetition penalty."""
+    counts = Counter(answer)
+    touched = {token: (False, count) for token, count in counts.items()}
+    if params.repetition_penalty != 1.0:
+        touched = {token: (True, counts.get(token, 0)) for token in set(prompt) | counts.keys()}
+    return touched
 
 
 def _penalise(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
               generated: list[list[int]]) -> torch.Tensor:
-    """Repetition (over prompt and answer, as vLLM), then frequency and presence (answer only); [rows, vocab]."""
-    vocab, device = logits.shape[-1], logits.device
-    counts = _counts(generated, vocab, device)  # [rows, vocab]
-    repetition = _column([p.repetition_penalty for p in params], device)  # [rows, 1]
-    seen = (counts > 0) | (_counts(prompts, vocab, device) > 0)  # [rows, vocab]
-    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
-    logits = torch.where(seen, repeated, logits)
-    logits = logits - _column([p.frequency_penalty for p in params], device) * counts
-    return logits - _column([p.presence_penalty for p in params], device) * (counts > 0)
+    """Repetition (over prompt and answer, as vLLM), then frequency and presence (answer only); [rows, vocab].
+    Only the tokens a row has seen change, so the work follows the rows' histories, not the vocabulary."""
+    entries = [(row, token, seen, count, p) for row, (p, prompt, answer) in enumerate(zip(params, prompts, generated))
+               for token, (seen, count) in _penalties(p, prompt, answer).items()]
+    if not entries:
+        return logits
+    device = logits.device
+    rows = torch.tensor([e[0] for e in entries], device=device)  # [touched]
+    tokens = torch.tensor([e[1] for e in entries], device=device)  # [touched]
+    seen = torch.tensor([e[2] for e in entries], device=device)  # [touched]
+    counts = torch.tensor([float(e[3]) for e in entries], device=device)  # [touched]
+    repetition, frequency, presence = (torch.tensor([getattr(e[4], name) for e in entries], device=device)
+                                       for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
+    values = logits[rows, tokens]  # [touched]
+    repeated = torch.where(values > 0, values / repetition, values * repetition)
+    values = torch.where(seen, repeated, values)
+    values = values - frequency * counts
+    values = values - presence * (counts > 0)
+    return logits.index_put((rows, tokens), values)
 
 
 def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

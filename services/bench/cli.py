@@ -20,11 +20,10 @@ from services.bench.measure import (
     speed_per_size,
 )
 from services.bench.peer import (
-    PROMPT_LENGTHS,
     PeerServer,
+    Prompts,
     measure_server,
     peer_gguf,
-    prompt_of,
     ratios,
     write_peer_report,
 )
@@ -151,12 +150,13 @@ def _peer(args: argparse.Namespace) -> int:
     gguf = peer_gguf(args.peer_llama_server, source, args.weights, out)
     threads = serving_threads(None)[0]
     tokenizer = load_tokenizer(teacher_dir)
-    prompts = {n: prompt_of(tokenizer, n) for n in PROMPT_LENGTHS}
+    prompts = Prompts(tokenizer)
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "threads": threads,
               "weights": args.weights, "peer": {"server": str(args.peer_llama_server), "gguf": gguf.name}}
     with PeerServer(args.peer_llama_server, gguf, threads, SERVED_CONTEXT) as peer:
         report["theirs"] = measure_server(peer.url, "teacher", prompts, peer.process.pid)
-    with ServerProcess([*_served_args(args), "--threads", str(threads)]) as server:
+    # the default batching window: a first token waits for it as a user's would
+    with ServerProcess([*_served_args(args, batch_wait_ms=None), "--threads", str(threads)]) as server:
         cards = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
         by_layers = {card["num_layers"]: card["id"] for card in cards}
         report["ours"] = {n: measure_server(server.url, by_layers[n], prompts, server.process.pid)
@@ -167,10 +167,11 @@ def _peer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _served_args(args: argparse.Namespace) -> list[str]:
+def _served_args(args: argparse.Namespace, batch_wait_ms: float | None = 10) -> list[str]:
     # 16 rows at the default context would need more memory than a small machine has; the bench's requests
     # are short, so a shorter context costs them nothing
-    return ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", "--batch-wait-ms", "10",
+    wait = ["--batch-wait-ms", str(batch_wait_ms)] if batch_wait_ms is not None else []
+    return ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", *wait,
             "--max-total-tokens", str(SERVED_CONTEXT), "--weights", args.weights, *_pair_args(args)]
 
 

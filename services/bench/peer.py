@@ -72,12 +72,28 @@ class PeerServer:
         self.log.close()
 
 
-def prompt_of(tokenizer, length: int) -> str:
-    """Text of exactly `length` tokens under the pair's tokenizer (the GGUF carries the same vocabulary)."""
-    words = ("the quick brown fox jumps over a lazy dog while seven wise owls count stars above quiet hills "
-             * (length // 4 + 8)).split()
-    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:length]
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wise", "owls",
+         "count", "stars", "above", "quiet", "hills")
+
+
+def prompt_of(tokenizer, length: int, variant: int = 0) -> str:
+    """Text of exactly `length` tokens under the pair's tokenizer (the GGUF carries the same vocabulary); each
+    `variant` starts elsewhere in the word list, so no server answers it from a cached prefix."""
+    start = variant % len(WORDS)
+    words = (WORDS[start:] + WORDS[:start]) * (length // 4 + 8)
+    ids = tokenizer(f"{variant} " + " ".join(words), add_special_tokens=False)["input_ids"][:length]
     return tokenizer.decode(ids)
+
+
+class Prompts:
+    """A new prompt of the asked length for every request (`next(n)`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.used = tokenizer, 0
+
+    def next(self, length: int) -> str:
+        self.used += 1
+        return prompt_of(self.tokenizer, length, self.used)
 
 
 def _body(model: str, prompt: str, max_tokens: int) -> dict:
@@ -91,36 +107,39 @@ def _timed(client: httpx.Client, url: str, body: dict) -> tuple[float, dict]:
     return time.perf_counter() - start, response.json()["usage"]
 
 
-def _median_latency(client: httpx.Client, url: str, body: dict, repeats: int) -> tuple[float, dict]:
-    runs = [_timed(client, url, body) for _ in range(repeats)]
+def _median_latency(client: httpx.Client, url: str, bodies: list[dict]) -> tuple[float, dict]:
+    runs = [_timed(client, url, body) for body in bodies]
     return statistics.median(seconds for seconds, _ in runs), runs[-1][1]
 
 
-async def _clients(url: str, body: dict, requests: int) -> tuple[float, int]:
-    """(seconds, completion tokens) of `requests` bodies sent by `CLIENTS` clients at once."""
+async def _clients(url: str, bodies: list[dict]) -> tuple[float, int]:
+    """(seconds, completion tokens) of `bodies` sent by `CLIENTS` clients at once."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=CLIENTS)) as client:
         gate = asyncio.Semaphore(CLIENTS)
 
-        async def one() -> int:
+        async def one(body: dict) -> int:
             async with gate:
                 response = await client.post(url + "/v1/completions", json=body)
                 response.raise_for_status()
                 return response.json()["usage"]["completion_tokens"]
 
         start = time.perf_counter()
-        tokens = await asyncio.gather(*(one() for _ in range(requests)))
+        tokens = await asyncio.gather(*(one(body) for body in bodies))
     return time.perf_counter() - start, sum(tokens)
 
 
-def measure_server(url: str, model: str, prompts: dict[int, str], pid: int, repeats: int = 3) -> dict:
+def measure_server(url: str, model: str, prompts: Prompts, pid: int, repeats: int = 3) -> dict:
     """The figures of one server (see the module)."""
+    def bodies(length: int, max_tokens: int, count: int = repeats) -> list[dict]:
+        return [_body(model, prompts.next(length), max_tokens) for _ in range(count)]
+
     with httpx.Client(timeout=600) as client:
-        _timed(client, url, _body(model, prompts[32], 8))  # warm-up
-        one, _ = _median_latency(client, url, _body(model, prompts[32], 1), repeats)
-        long, usage = _median_latency(client, url, _body(model, prompts[32], DECODE_TOKENS + 1), repeats)
+        _timed(client, url, _body(model, prompts.next(32), 8))  # warm-up
+        one, _ = _median_latency(client, url, bodies(32, 1))
+        long, usage = _median_latency(client, url, bodies(32, DECODE_TOKENS + 1))
         assert usage["completion_tokens"] == DECODE_TOKENS + 1, usage
-        first = {n: _median_latency(client, url, _body(model, prompts[n], 1), repeats) for n in PROMPT_LENGTHS}
-    seconds, tokens = asyncio.run(_clients(url, _body(model, prompts[32], DECODE_TOKENS), 2 * CLIENTS))
+        first = {n: _median_latency(client, url, bodies(n, 1)) for n in PROMPT_LENGTHS}
+    seconds, tokens = asyncio.run(_clients(url, bodies(32, DECODE_TOKENS, 2 * CLIENTS)))
     return {"decode_tokens_per_s": DECODE_TOKENS / (long - one),
             **{f"first_token_ms_{n}": 1000 * first[n][0] for n in PROMPT_LENGTHS},
             **{f"prompt_tokens_{n}": first[n][1]["prompt_tokens"] for n in PROMPT_LENGTHS},

@@ -3,7 +3,7 @@ prompts of exact lengths, and ratios that read "above 1: ours is better"."""
 
 import stat
 
-from services.bench.peer import PEER_TYPES, peer_gguf, prompt_of, ratios
+from services.bench.peer import PEER_TYPES, Prompts, peer_gguf, prompt_of, ratios
 from tests.conftest import make_tokenizer
 
 
@@ -16,10 +16,15 @@ def test_ratios_favour_higher_rates_and_lower_times():
                                     "clients_16_tokens_per_s": 0.5, "rss_mib": 0.5}
 
 
-def test_prompts_have_exactly_the_asked_number_of_tokens():
+def test_prompts_have_exactly_the_asked_number_of_tokens_and_never_repeat():
     tokenizer = make_tokenizer()
-    for length in (32, 512):
-        assert len(tokenizer(prompt_of(tokenizer, length), add_special_tokens=False)["input_ids"]) == length
+    prompts = Prompts(tokenizer)
+    seen = set()
+    for length in (32, 512, 32, 32):
+        text = prompts.next(length)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == length
+        seen.add(text)
+    assert len(seen) == 4 and prompt_of(tokenizer, 32, 1) != prompt_of(tokenizer, 32, 2)
 
 
 def test_the_peer_gets_the_same_bits_per_weight_requantized_once(tmp_path):

@@ -45,16 +45,20 @@ async def in_own_thread(work: Callable[[], object]) -> object:
     future = loop.create_future()
 
     def settle(value: object, failed: bool) -> None:
-        if not future.done():
-            future.set_exception(value) if failed else future.set_result(value)
+        if future.done():  # the server stopped while this loaded: nobody will serve with it
+            getattr(value, "close", lambda: None)()
+            return
+        future.set_exception(value) if failed else future.set_result(value)
 
     def run() -> None:
         try:
-            result = work()
+            result, failed = work(), False
         except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, error, True)
-        else:
-            loop.call_soon_threadsafe(settle, result, False)
+            result, failed = error, True
+        try:
+            loop.call_soon_threadsafe(settle, result, failed)
+        except RuntimeError:  # the event loop has closed (shut down during the load)
+            getattr(result, "close", lambda: None)()
 
     threading.Thread(target=run, name="boomerang-load", daemon=True).start()
     return await future

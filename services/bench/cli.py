@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from services.bench.load import Arrival, arrivals, capacity, load_goals, run_load, summarize
 from services.bench.measure import (
     bandwidth_bound,
     memory_and_switching,
@@ -38,6 +40,8 @@ from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
 from services.store.teacher_import import LOCK_FILE
 
 SERVED_CONTEXT = 1024  # the served parts' context limit (prompt + completion)
+LOAD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)  # open-loop arrival rates, in units of the teacher's capacity
+LOAD_TARGET_FACTOR = 4  # the latency target: this many times a lone teacher request's latency
 GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
          "min_speed_ratio": (">=", 0.95), "served_speedup_n16": (">=", 3.0),
          "served_speedup_n16_mixed_sizes": (">=", 3.0), "min_fraction_of_bound_b1": (">=", 0.8),
@@ -58,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, help="soak: serve with this context limit and send prompts near it")
     parser.add_argument("--weights", choices=WEIGHT_FORMS, default=DEFAULT_WEIGHTS,
                         help="the weight form served (with --peer-llama-server: the peer gets the same bits)")
+    parser.add_argument("--load", action="store_true",
+                        help="only the open-loop load run: the teacher alone (reject, unbounded queue) against the "
+                             "elastic family (auto + degrade) at 0.5-3x the teacher's capacity: load.json")
     parser.add_argument("--peer-llama-server", type=Path, metavar="PATH",
                         help="only the side-by-side run against llama.cpp's llama-server at PATH (llama-quantize "
                              "beside it) on the teacher's own GGUF: peer-WEIGHTS.json")
@@ -87,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return _soak(args)
     if args.peer_llama_server is not None:
         return _peer(args)
+    if args.load:
+        return _load(args)
     started = time.perf_counter()
     rss0 = rss_bytes()
     load_start = time.perf_counter()
@@ -165,6 +174,54 @@ def _peer(args: argparse.Namespace) -> int:
     print(f"wrote {write_peer_report(report, out)}")
     print(json.dumps({"cpu": report["cpu"], "ours_over_theirs": report["ours_over_theirs"]}, indent=2))
     return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    seconds = 8 if args.quick else 15
+    base = _served_args(args, batch_wait_ms=None)
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(),
+              "multiples": list(LOAD_MULTIPLES), "seconds_per_load": seconds, "servers": {}}
+    with ServerProcess(base) as server:
+        cards = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+        by_layers = {card["num_layers"]: card["id"] for card in cards}
+        teacher, smallest = by_layers[max(by_layers)], by_layers[min(by_layers)]
+        quality = {card["num_layers"]: card["quality"]["chat"]["answer_perplexity"] for card in cards
+                   if "chat" in card.get("quality", {})}
+        unloaded = statistics.median(o.seconds for o in run_load(server.url, {"model": teacher}, [
+            Arrival(0.0, a.prompt, a.max_tokens) for a in arrivals(1e6, 1.0, seed=1)[:1]] * 5))
+        rate = capacity(server.url, {"model": teacher})
+        report.update(teacher_capacity_per_s=rate, speed_range=capacity(server.url, {"model": smallest}) / rate,
+                      target_s=LOAD_TARGET_FACTOR * unloaded, unloaded_teacher_s=unloaded)
+        report["servers"]["teacher_reject"] = _loads(server.url, {"model": teacher}, report, quality)
+    with ServerProcess([*base, "--max-queue", "1000000"]) as server:
+        report["servers"]["teacher_queue"] = _loads(server.url, {"model": teacher}, report, quality)
+    target_ms = str(1000 * report["target_s"])
+    family = smallest.rsplit("-", 1)[0]  # "<family>-16L" (the teacher is listed under the family id itself)
+    with ServerProcess([*base, "--latency-target-ms", target_ms, "--overload-policy", "degrade"]) as server:
+        body = {"model": f"{family}-auto", "max_latency_ms": float(target_ms)}
+        report["servers"]["elastic"] = _loads(server.url, body, report, quality)
+    report["goals"] = load_goals(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, loads in report["servers"].items():
+        for multiple, row in loads.items():
+            print(json.dumps({"server": name, "load": float(multiple), **{k: round(v, 3) if isinstance(v, float)
+                                                                           else v for k, v in row.items()}}))
+    print(json.dumps({"cpu": report["cpu"], "target_s": round(report["target_s"], 3),
+                      "speed_range": round(report["speed_range"], 2), **report["goals"]}, indent=2))
+    return 0
+
+
+def _loads(url: str, body: dict, report: dict, quality: dict[int, float]) -> dict:
+    """Every load multiple on one server: the same arrivals (seeded by the multiple) for every server."""
+    results = {}
+    for multiple in report["multiples"]:
+        rate = multiple * report["teacher_capacity_per_s"]
+        load = arrivals(rate, report["seconds_per_load"], seed=int(10 * multiple))
+        results[str(multiple)] = summarize(run_load(url, body, load), report["seconds_per_load"], report["target_s"],
+                                           quality)
+    return results
 
 
 def _served_args(args: argparse.Namespace, batch_wait_ms: float | None = 10) -> list[str]:

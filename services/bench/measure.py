@@ -20,6 +20,7 @@ from services.engine.family_batch import FamilyBatch
 from services.engine.interface import SamplingParams
 from services.engine.kv_pool import KVPool
 from services.family import Family
+from services.family.int8 import disable_int8_kernel
 from services.family.plan import order_to_json
 from services.family.reference import build_reference
 
@@ -58,7 +59,8 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
         start = time.perf_counter()
         reference = build_reference(family.teacher, family.student, copied, family.plan(n).patched_blocks,
                                     order_to_json(family.order))
-        disable_fast_linear(reference)  # the baseline is stock transformers
+        disable_fast_linear(reference)  # the baseline is stock transformers (int8: dequantized in torch)
+        disable_int8_kernel(reference)
         references.append(reference)
         deepcopy_s[n] = time.perf_counter() - start
     gc.collect()

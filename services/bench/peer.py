@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -27,16 +26,22 @@ PEER_TYPES = {"float": "F32", "int8": "Q8_0"}  # llama.cpp's type of the same bi
 DECODE_TOKENS = 128
 CLIENTS = 16
 PROMPT_LENGTHS = (32, 512)
+READY_TIMEOUT_S = 300  # loading the model, once
+LOG_TAIL = 500  # characters of a failing tool's output quoted in the error
 
 
 def peer_gguf(server: Path, source: Path, weights: str, out_dir: Path) -> Path:
     """The teacher's GGUF requantized for the peer by its own `llama-quantize` (made once per folder)."""
     kind = PEER_TYPES[weights]
     target = out_dir / f"{source.stem}.{kind}.gguf"
-    if not target.exists():
+    if not target.exists():  # written under another name first: an interrupted run leaves no half file behind
         out_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(server.with_name("llama-quantize")), "--allow-requantize", str(source), str(target),
-                        kind], check=True, capture_output=True)
+        partial = target.with_suffix(".partial")
+        done = subprocess.run([str(server.with_name("llama-quantize")), "--allow-requantize", str(source),
+                               str(partial), kind], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-quantize failed: {done.stderr.strip()[-LOG_TAIL:]}")
+        partial.replace(target)
     return target
 
 
@@ -51,20 +56,19 @@ class PeerServer:
 
     def __enter__(self) -> PeerServer:
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "LLAMA_ARG_ENDPOINT_METRICS": "0"})
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"llama-server exited: {self.log.read().decode(errors='replace')[-500:]}")
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("llama-server did not become ready")
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace")[-LOG_TAIL:]
+        self.__exit__()
+        raise RuntimeError(f"llama-server did not become ready: {tail}")
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()

@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--update-manifest records the naive baseline: keep naive in --baselines",
                                   param="baselines")
     if args.weights == "int8":
+        if args.chat or args.update_manifest or args.ablation:
+            raise InvalidRequestError("--weights int8 compares held-out perplexity only: drop --chat, "
+                                      "--update-manifest and --ablation", param="weights")
         return _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:

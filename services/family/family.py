@@ -97,7 +97,7 @@ class Family:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype (int8 weights keep their scales and norms in it)."""
+        """The activations' dtype: the pair's float parameters (int8 weights are not float)."""
         return next(p.dtype for p in self.teacher.parameters() if p.is_floating_point())
 
     def plan(self, num_layers: int) -> VariantPlan:

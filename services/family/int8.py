@@ -18,21 +18,24 @@ from services.cpu.fast_linear import MAX_ROWS, FastLinear
 from services.cpu.kernels.gemv import load_gemv_q8
 
 CHUNK_ROWS = 4096  # output rows dequantized at a time off the kernel path
+Q8_MAX = 127  # symmetric int8: -Q8_MAX..Q8_MAX, so a row's scale is its largest magnitude over Q8_MAX
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [rows, n], scale fp32 [rows]) with weight ~ q * scale[:, None], per row."""
-    scale = weight.detach().float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # [rows]
-    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [rows, n]
+    scale = weight.detach().float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / Q8_MAX  # [rows]
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-Q8_MAX, Q8_MAX).to(torch.int8)  # [rows, n]
     return q, scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q.to(dtype) * scale.to(dtype)[:, None]  # [rows, n]
+    """In fp32, then `dtype`: a half-precision scale would round every row, and small ones would vanish."""
+    return (q.float() * scale.float()[:, None]).to(dtype)  # [rows, n]
 
 
 class Int8Linear(nn.Linear):
-    """`nn.Linear` over int8 `weight` [out, in] and fp32 `weight_scale` [out]."""
+    """`nn.Linear` over int8 `weight` [out, in] and fp32 `weight_scale` [out] (a buffer: the model's float
+    parameters still say its dtype)."""
 
     use_kernel = False  # set per module by `quantize_int8`
 
@@ -63,9 +66,9 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
-    """Quantizes every linear layer and embedding of `models` in place (each distinct weight tensor once);
-    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV."""
+def _users(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
+    """Linear layers and embeddings grouped by the weight tensor they hold (shared and tied ones together);
+    each embedding learns the dtype it must return."""
     users: dict[int, list[nn.Module]] = {}
     for model in models:
         dtype = _float_dtype(model)
@@ -74,13 +77,28 @@ def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
                 if isinstance(module, nn.Embedding):
                     module.output_dtype = dtype
                 users.setdefault(module.weight.data_ptr(), []).append(module)
+    return users
+
+
+def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
+    """Quantizes every linear layer and embedding of `models` in place (each distinct weight tensor once);
+    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV."""
+    users = _users(models)
+    kernel = use_kernel and load_gemv_q8() is not None
     for modules in users.values():
         q, scale = quantize_rows(modules[0].weight)
         weight = nn.Parameter(q, requires_grad=False)
-        weight_scale = nn.Parameter(scale.to(modules[0].weight.device), requires_grad=False)
         for module in modules:
-            module.weight, module.weight_scale = weight, weight_scale
+            module.weight = weight
+            module.register_buffer("weight_scale", scale, persistent=False)
             module.__class__ = Int8Embedding if isinstance(module, nn.Embedding) else Int8Linear
             if isinstance(module, Int8Linear):
-                module.use_kernel = use_kernel and load_gemv_q8() is not None
+                module.use_kernel = kernel
     return len(users)
+
+
+def disable_int8_kernel(model: nn.Module) -> None:
+    """int8 layers of `model` off the native kernel (a baseline that must be plain torch)."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.use_kernel = False

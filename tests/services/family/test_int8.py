@@ -58,9 +58,10 @@ def test_every_size_matches_the_dequantized_pair(tiny_pair, native_kernels):
 
 
 def _distinct(family, skip: str = "\0") -> dict[int, int]:
-    """Bytes of each distinct tensor of the pair (names containing `skip` left out)."""
-    return {p.data_ptr(): p.nbytes for model in (family.teacher, family.student)
-            for name, p in model.named_parameters() if skip not in name}
+    """Bytes of each distinct tensor of the pair, parameters and buffers (names containing `skip` left out)."""
+    return {t.data_ptr(): t.nbytes for model in (family.teacher, family.student)
+            for name, t in (*model.named_parameters(), *model.named_buffers()) if skip not in name
+            and "rotary" not in name}
 
 
 def test_shared_tensors_stay_shared_and_the_family_takes_a_quarter_of_the_bytes(llama_pair):
@@ -73,3 +74,19 @@ def test_shared_tensors_stay_shared_and_the_family_takes_a_quarter_of_the_bytes(
     assert len(_distinct(int8, skip="weight_scale")) == len(_distinct(full))  # shared: quantized once
     ratio = sum(_distinct(int8).values()) / sum(_distinct(full).values())
     assert 0.25 < ratio <= 0.30, ratio  # int8 plus one fp32 scale per row and the fp32 norms
+
+
+def test_int8_in_bfloat16_keeps_the_activations_dtype_and_matches_its_reference(llama_pair):
+    """Half-precision pairs (the GPU default) quantize too: scales stay fp32 buffers, the family still
+    computes in bf16, and each size matches the same pair dequantized in bf16."""
+    int8 = load_family(*llama_pair, device="cpu", dtype="bfloat16", int8=True)
+    assert int8.dtype == torch.bfloat16 and int8.teacher.lm_head.weight_scale.dtype == torch.float32
+    reference = load_family(*llama_pair, device="cpu", dtype="bfloat16")
+    with torch.no_grad():
+        for model in (reference.teacher, reference.student):
+            for module in model.modules():
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    module.weight.copy_(dequantize_rows(*quantize_rows(module.weight), torch.bfloat16))
+    for n in (int8.sizes[0], int8.sizes[-1]):
+        torch.testing.assert_close(forward_logits(int8.variant(n), PROMPT),
+                                   forward_logits(reference.variant(n), PROMPT), rtol=2e-2, atol=2e-2)

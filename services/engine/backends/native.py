@@ -18,7 +18,7 @@ FUSED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 
 
 def _tensor(module: nn.Module | None, name: str) -> torch.Tensor:
-    """The module's parameter, or an empty tensor (the kernel's "none")."""
+    """The module's parameter or buffer, or an empty tensor (the kernel's "none")."""
     value = getattr(module, name, None) if module is not None else None
     return value.detach() if value is not None else torch.empty(0)
 

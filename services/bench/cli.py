@@ -11,7 +11,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import torch
 
 from services.bench.load import Arrival, arrivals, capacity, load_goals, run_load, summarize
@@ -139,7 +138,7 @@ def _soak(args: argparse.Namespace) -> int:
         serve_args += ["--max-total-tokens", str(args.context)]
         prompt_words = (args.context * 2 // 3, args.context - 64)
     with ServerProcess(serve_args) as server:
-        models = [card["id"] for card in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]]
+        models = [card["id"] for card in server.model_cards()]
         report = run_soak(server.url, server.process.pid, models, args.soak, args.clients, prompt_words)
     report["machine"] = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
     report["date"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -166,8 +165,7 @@ def _peer(args: argparse.Namespace) -> int:
         report["theirs"] = measure_server(peer.url, "teacher", prompts, peer.process.pid)
     # the default batching window: a first token waits for it as a user's would
     with ServerProcess([*_served_args(args, batch_wait_ms=None), "--threads", str(threads)]) as server:
-        cards = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
-        by_layers = {card["num_layers"]: card["id"] for card in cards}
+        by_layers = {card["num_layers"]: card["id"] for card in server.model_cards()}
         report["ours"] = {n: measure_server(server.url, by_layers[n], prompts, server.process.pid)
                           for n in (max(by_layers), min(by_layers))}
     report["ours_over_theirs"] = {n: ratios(ours, report["theirs"]) for n, ours in report["ours"].items()}
@@ -182,8 +180,9 @@ def _load(args: argparse.Namespace) -> int:
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(),
               "multiples": list(LOAD_MULTIPLES), "seconds_per_load": seconds, "servers": {}}
     with ServerProcess(base) as server:
-        cards = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+        cards = server.model_cards()
         by_layers = {card["num_layers"]: card["id"] for card in cards}
+        family = next(card["root"] for card in cards if card["num_layers"] == min(by_layers))  # a size's family
         teacher, smallest = by_layers[max(by_layers)], by_layers[min(by_layers)]
         quality = {card["num_layers"]: card["quality"]["chat"]["answer_perplexity"] for card in cards
                    if "chat" in card.get("quality", {})}
@@ -196,7 +195,6 @@ def _load(args: argparse.Namespace) -> int:
     with ServerProcess([*base, "--max-queue", "1000000"]) as server:
         report["servers"]["teacher_queue"] = _loads(server.url, {"model": teacher}, report, quality)
     target_ms = str(1000 * report["target_s"])
-    family = smallest.rsplit("-", 1)[0]  # "<family>-16L" (the teacher is listed under the family id itself)
     with ServerProcess([*base, "--latency-target-ms", target_ms, "--overload-policy", "degrade"]) as server:
         body = {"model": f"{family}-auto", "max_latency_ms": float(target_ms)}
         report["servers"]["elastic"] = _loads(server.url, body, report, quality)

@@ -13,20 +13,18 @@ import asyncio
 import json
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from services.bench.served import free_port
+from services.bench.served import ReadyProcess
 from services.bench.soak import rss_of
 
 PEER_TYPES = {"float": "F32", "int8": "Q8_0"}  # llama.cpp's type of the same bits per weight as ours
 DECODE_TOKENS = 128
 CLIENTS = 16
 PROMPT_LENGTHS = (32, 512)
-READY_TIMEOUT_S = 300  # loading the model, once
 LOG_TAIL = 500  # characters of a failing tool's output quoted in the error
 
 
@@ -45,35 +43,15 @@ def peer_gguf(server: Path, source: Path, weights: str, out_dir: Path) -> Path:
     return target
 
 
-class PeerServer:
+class PeerServer(ReadyProcess):
     """`llama-server` on loopback with `CLIENTS` slots of `context` tokens each."""
 
+    ready_path = "/health"
+
     def __init__(self, server: Path, gguf: Path, threads: int, context: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
-                     "-tb", str(threads), "-np", str(CLIENTS), "-c", str(CLIENTS * context), "--no-webui"]
-
-    def __enter__(self) -> PeerServer:
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.log.seek(0)
-        tail = self.log.read().decode(errors="replace")[-LOG_TAIL:]
-        self.__exit__()
-        raise RuntimeError(f"llama-server did not become ready: {tail}")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self.log.close()
+        super().__init__(lambda port: [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                       "-t", str(threads), "-tb", str(threads), "-np", str(CLIENTS),
+                                       "-c", str(CLIENTS * context), "--no-webui"])
 
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wise", "owls",

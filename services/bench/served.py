@@ -20,30 +20,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m services.cli serve …` on a free loopback port; stopped with SIGTERM."""
+class ReadyProcess:
+    """A server process on a free loopback port, entered once `ready_path` answers 200 and stopped with SIGTERM;
+    one that exits or never gets ready is stopped and raises with the tail of its log."""
 
-    def __init__(self, serve_args: list[str]):
+    ready_path = "/ready"
+    ready_timeout_s = 300  # loading the models, once
+
+    def __init__(self, args_for_port):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *serve_args]
+        self.args = args_for_port(self.port)
 
-    def __enter__(self) -> ServerProcess:
+    def _popen(self, log) -> subprocess.Popen:
+        return subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+
+    def __enter__(self):
         # a file, not a pipe: nobody reads the log while the server runs, and a full pipe would stall it
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_tail()}")
+        self.process = self._popen(self.log)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        tail = self.log_tail()
+        self.__exit__()
+        raise RuntimeError(f"{self.args[0]} did not become ready: {tail}")
 
     def log_tail(self, chars: int = 500) -> str:
         self.log.seek(0)
@@ -53,6 +59,22 @@ class ServerProcess:
         self.process.terminate()
         self.process.wait(timeout=60)
         self.log.close()
+
+
+class ServerProcess(ReadyProcess):
+    """`python -m services.cli serve …`."""
+
+    def __init__(self, serve_args: list[str]):
+        super().__init__(lambda port: [sys.executable, "-m", "services.cli", "serve", "--port", str(port),
+                                       *serve_args])
+
+    def _popen(self, log) -> subprocess.Popen:
+        return subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def model_cards(self) -> list[dict]:
+        """The `/v1/models` entries: every size, and the family id for the teacher."""
+        return httpx.get(self.url + "/v1/models", timeout=30).json()["data"]
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:

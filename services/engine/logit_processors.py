@@ -36,11 +36,12 @@ def _penalise(logits: torch.Tensor, params: list[SamplingParams], prompts: list[
     if not entries:
         return logits
     device = logits.device
-    rows = torch.tensor([e[0] for e in entries], device=device)  # [touched]
-    tokens = torch.tensor([e[1] for e in entries], device=device)  # [touched]
-    seen = torch.tensor([e[2] for e in entries], device=device)  # [touched]
-    counts = torch.tensor([float(e[3]) for e in entries], device=device)  # [touched]
-    repetition, frequency, presence = (torch.tensor([getattr(e[4], name) for e in entries], device=device)
+    row_ids, token_ids, seen_flags, answer_counts, row_params = zip(*entries)
+    rows = torch.tensor(row_ids, device=device)  # [touched]
+    tokens = torch.tensor(token_ids, device=device)  # [touched]
+    seen = torch.tensor(seen_flags, device=device)  # [touched]
+    counts = torch.tensor([float(count) for count in answer_counts], device=device)  # [touched]
+    repetition, frequency, presence = (torch.tensor([getattr(p, name) for p in row_params], device=device)
                                        for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
     values = logits[rows, tokens]  # [touched]
     repeated = torch.where(values > 0, values / repetition, values * repetition)

@@ -17,7 +17,7 @@ from services.cpu.huge_pages import move_to_huge_pages
 from services.errors import InvalidPairError, UnknownSizeError
 from services.family.architectures import ArchitectureSpec, get_path, number_layers, spec_for
 from services.family.assembly import assemble_variant, make_template
-from services.family.int8 import quantize_int8
+from services.family.int8 import float_dtype, is_int8, quantize_int8
 from services.family.loading import (
     check_pair,
     check_tokenizers,
@@ -77,7 +77,6 @@ class Family:
         self.tokenizer = tokenizer
         self.quality = quality or {}
         self.sampling_defaults = sampling_defaults or {}  # the pair's, for requests that set none
-        self.int8 = False  # matrices and embeddings stored as int8 (`load_family`)
         self.plans: dict[int, VariantPlan] = plan_family(layout, self.order)
         self.cache_size = max(1, cache_size)
         self._variants: OrderedDict[int, nn.Module] = OrderedDict()
@@ -97,8 +96,13 @@ class Family:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype: the pair's float parameters (int8 weights are not float)."""
-        return next(p.dtype for p in self.teacher.parameters() if p.is_floating_point())
+        """The activations' dtype (int8 weights are not float)."""
+        return float_dtype(self.teacher)
+
+    @property
+    def int8(self) -> bool:
+        """Matrices and embeddings stored as int8 (`load_family`)."""
+        return is_int8(self.teacher)
 
     def plan(self, num_layers: int) -> VariantPlan:
         if num_layers not in self.plans:
@@ -182,7 +186,6 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
                     tokenizer, cache_size, quality, sampling_defaults)
     if int8:  # after the pair's identical tensors are shared: each is quantized once
         quantize_int8([teacher_model, student_model], use_kernel=native and on_cpu and torch_dtype == torch.float32)
-    family.int8 = int8
     if on_cpu:
         move_to_huge_pages([teacher_model, student_model])  # the one copy of the loaded weights
     return family

@@ -62,8 +62,13 @@ class Int8Embedding(nn.Embedding):
         return rows * self.weight_scale[input_ids].to(self.output_dtype)[..., None]
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in: its first float parameter's (int8 weights are not float)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def is_int8(module: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in module.modules())
 
 
 def _users(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
@@ -71,7 +76,7 @@ def _users(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
     each embedding learns the dtype it must return."""
     users: dict[int, list[nn.Module]] = {}
     for model in models:
-        dtype = _float_dtype(model)
+        dtype = float_dtype(model)
         for module in model.modules():
             if type(module) in (nn.Linear, FastLinear, nn.Embedding):
                 if isinstance(module, nn.Embedding):

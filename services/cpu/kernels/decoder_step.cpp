@@ -19,10 +19,12 @@
 
 namespace {
 
-constexpr int kSlots = 22;  // weight slots of a layer, in the order `layer_tensors` (Python) lists them
-// the slots of the seven weight matrices (q, k, v, o, gate, up, down); slot kSlots - 7 + i holds matrix i's
-// per-row scales where it is int8, else nothing
-constexpr int kMatrixSlots[7] = {1, 3, 5, 7, 12, 13, 14};
+constexpr int kMatrices = 7;  // q, k, v, o, gate, up, down
+// the slots of the weight matrices; slot kSlots - kMatrices + i holds matrix i's per-row scales where it is
+// int8, else nothing
+constexpr int kMatrixSlots[kMatrices] = {1, 3, 5, 7, 12, 13, 14};
+constexpr int kTensorSlots = 15;  // norms, matrices, biases and q/k norms
+constexpr int kSlots = kTensorSlots + kMatrices;  // a layer's slots, in the order `layer_tensors` (Python) lists them
 
 // One decoder layer's weights; nullptr where the layer has none (biases, q/k norms).
 struct Layer {
@@ -50,14 +52,14 @@ boomerang::Weights matrix_view(const torch::Tensor& weight, const torch::Tensor&
 }
 
 Layer layer_view(const std::vector<torch::Tensor>& w) {
-  TORCH_CHECK(w.size() == kSlots, "LayerStack: 22 weight slots per layer");
+  TORCH_CHECK(w.size() == kSlots, "LayerStack: ", kSlots, " weight slots per layer");
   for (size_t slot = 0; slot < w.size(); ++slot) {
     const auto& t = w[slot];
     const bool int8 = is_matrix_slot(slot) && t.scalar_type() == torch::kChar;
     TORCH_CHECK(!t.numel() || ((t.scalar_type() == torch::kFloat || int8) && t.is_contiguous() && t.device().is_cpu()),
                 "LayerStack: contiguous CPU weights, fp32 (matrices fp32 or int8) only");
   }
-  const auto matrix = [&](int i) { return matrix_view(w[kMatrixSlots[i]], w[kSlots - 7 + i]); };
+  const auto matrix = [&](int i) { return matrix_view(w[kMatrixSlots[i]], w[kSlots - kMatrices + i]); };
   return {w[0].data_ptr<float>(), matrix(0),           optional_data(w[2]),     matrix(1),
           optional_data(w[4]),    matrix(2),           optional_data(w[6]),     matrix(3),
           optional_data(w[8]),    optional_data(w[9]), optional_data(w[10]),    w[11].data_ptr<float>(),

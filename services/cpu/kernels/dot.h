@@ -148,6 +148,11 @@ struct Weights {
   const float* scale = nullptr;
 };
 
+// Eight int8 weights from `w` as eight floats.
+inline __m256 widen8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
 // w . x over n int8 weights, before the row's scale. Each 64 bytes of weights is one cache line, and the
 // line 4 KiB ahead is prefetched as `row_dot` does.
 __attribute__((noinline)) inline float row_dot_q8(const int8_t* w, const float* x, int64_t n) {
@@ -169,14 +174,11 @@ __attribute__((noinline)) inline float row_dot_q8(const int8_t* w, const float* 
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < full; i += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(w + i) + 4096, _MM_HINT_NTA);
-    const auto widen = [&](int64_t at) {
-      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + at))));
-    };
     for (int64_t j = i; j < i + 64; j += 32) {
-      a0 = _mm256_fmadd_ps(widen(j), _mm256_loadu_ps(x + j), a0);
-      a1 = _mm256_fmadd_ps(widen(j + 8), _mm256_loadu_ps(x + j + 8), a1);
-      a2 = _mm256_fmadd_ps(widen(j + 16), _mm256_loadu_ps(x + j + 16), a2);
-      a3 = _mm256_fmadd_ps(widen(j + 24), _mm256_loadu_ps(x + j + 24), a3);
+      a0 = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(x + j), a0);
+      a1 = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+      a2 = _mm256_fmadd_ps(widen8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+      a3 = _mm256_fmadd_ps(widen8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
     }
   }
   float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
@@ -192,10 +194,7 @@ inline void dequantize_rows(const int8_t* w, const float* scale, int64_t rows, i
     const int8_t* row = w + r * n;
     float* target = out + r * n;
     const int64_t full = n - n % 8;
-    for (int64_t i = 0; i < full; i += 8) {
-      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i))));
-      _mm256_storeu_ps(target + i, _mm256_mul_ps(q, s));
-    }
+    for (int64_t i = 0; i < full; i += 8) _mm256_storeu_ps(target + i, _mm256_mul_ps(widen8(row + i), s));
     for (int64_t i = full; i < n; ++i) target[i] = float(row[i]) * scale[r];
   }
 }

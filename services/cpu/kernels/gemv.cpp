@@ -7,20 +7,25 @@
 
 #include "dot.h"
 
-torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv: x [B, in], weight [out, in]");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "gemv: fp32 only");
-  const auto xc = x.contiguous(), wc = weight.contiguous();
-  const int64_t rows = xc.size(0), in = xc.size(1), out = wc.size(0);
-  auto y = torch::empty({rows, out}, xc.options());
-  const float* W = wc.data_ptr<float>();
-  const float* X = xc.data_ptr<float>();
+// y [rows, out] = x [rows, in] W^T (+ bias) for a weight matrix of either form, its rows shared among threads.
+torch::Tensor apply(const torch::Tensor& x, int64_t out, const boomerang::Weights& w,
+                    const c10::optional<torch::Tensor>& bias) {
+  const int64_t rows = x.size(0), in = x.size(1);
+  auto y = torch::empty({rows, out}, x.options());
+  const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    boomerang::matvec_rows(W, begin, end, in, X, rows, Y + begin, out);
+    boomerang::matvec_rows(w, begin, end, in, X, rows, Y + begin, out);
   });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
+}
+
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv: x [B, in], weight [out, in]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "gemv: fp32 only");
+  const auto wc = weight.contiguous();
+  return apply(x.contiguous(), wc.size(0), {wc.data_ptr<float>(), nullptr, nullptr}, bias);
 }
 
 // The same over int8 weights with one fp32 scale per row (weight = q8 * scale), fp32 input and output.
@@ -30,17 +35,8 @@ torch::Tensor gemv_q8(const torch::Tensor& x, const torch::Tensor& weight, const
   TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kChar &&
               scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0),
               "gemv_q8: fp32 x, int8 weight, one fp32 scale per weight row");
-  const auto xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
-  const int64_t rows = xc.size(0), in = xc.size(1), out = wc.size(0);
-  auto y = torch::empty({rows, out}, xc.options());
-  const boomerang::Weights w{nullptr, wc.data_ptr<int8_t>(), sc.data_ptr<float>()};
-  const float* X = xc.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    boomerang::matvec_rows(w, begin, end, in, X, rows, Y + begin, out);
-  });
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y;
+  const auto wc = weight.contiguous(), sc = scale.contiguous();
+  return apply(x.contiguous(), wc.size(0), {nullptr, wc.data_ptr<int8_t>(), sc.data_ptr<float>()}, bias);
 }
 
 // Sum of a contiguous fp32 tensor, each thread streaming its share with the GEMV's read loop: a second

@@ -14,6 +14,7 @@ from torch import nn
 
 from services.errors import UnsupportedArchitectureError
 from services.family.compat import cache_argument_name
+from services.family.int8 import float_dtype
 
 # attention implementations whose mask we build: a 4-D mask, boolean or added to the scores
 MASK_KINDS = ("sdpa", "eager")
@@ -71,7 +72,7 @@ class LayerStep:
                 f"4-D one); load the models with one of: {', '.join(MASK_KINDS)}")
         self.boolean = config._attn_implementation == "sdpa"
         self.cache_arg = cache_argument_name(type(layers[0]))
-        self.dtype = next(p.dtype for p in layers[0].parameters() if p.is_floating_point())
+        self.dtype = float_dtype(layers[0])
 
     def _masks(self, filled: torch.Tensor, queries_at: torch.Tensor) -> dict[int | None, torch.Tensor]:
         """Per window of the layers: the attention mask [rows, 1, queries, keys] the layers' attention takes."""

@@ -5,7 +5,6 @@ No routing here and no FastAPI: routes call these methods and wrap what they ret
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import uuid
@@ -28,8 +27,6 @@ from app.streams import SSE_DONE, merge, sse, with_deadline
 from services.engine.interface import MIN_TEMPERATURE, Engine, SamplingParams, ScoreResult, StreamDelta
 from services.engine.latency import LatencyModel
 from services.errors import BoomerangError, ContextLengthError, InvalidRequestError
-
-log = logging.getLogger("boomerang.sizes")
 
 
 @dataclass
@@ -142,11 +139,11 @@ class Serving:
                 max_tokens: int | None) -> int:
         """The size that serves: the one asked for, or the largest that fits the budget (see app.sizes)."""
         sizes = sorted(self.latency.cards)
+        self.latency.arrive()
         size = choose(wanted, req, self.settings, self.latency, sizes, self.engine.stats(),
                       max(len(ids) for ids in prompts), max_tokens)
         if wanted.may_shrink:
             self.metrics.size_choices.labels(str(wanted.largest), str(size)).inc()
-            log.info("size chosen: %d of up to %d layers", size, wanted.largest)
         self.served_size = size
         return size
 

@@ -3,6 +3,7 @@ policy), the largest whose predicted latency fits the request's budget or the se
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,10 +11,11 @@ from dataclasses import dataclass
 from app.schemas import SamplingFields
 from app.settings import Settings
 from services.engine.interface import Engine, StreamDelta
-from services.engine.latency import Budget, LatencyModel, Observation, choose_size
+from services.engine.latency import Budget, LatencyModel, Load, Observation, choose_size
 from services.errors import InvalidRequestError
 
 AUTO = "auto"
+log = logging.getLogger("boomerang.sizes")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ def choose(requested: Requested, req: SamplingFields, settings: Settings, latenc
     budget = budget_of(req, settings)
     if not requested.may_shrink or not budget.limited:
         return requested.largest
-    return choose_size(latency, sizes, requested.largest, budget, prompt_tokens, max_tokens,
-                       stats.get("running", 0), stats.get("waiting", 0))
+    load = Load.from_stats(stats, latency.arrivals_per_s())
+    size = choose_size(latency, sizes, requested.largest, budget, prompt_tokens, max_tokens, load)
+    predicted = latency.predict(size, prompt_tokens, max_tokens, load)
+    log.info("size chosen: %d of up to %d layers, predicted %.2f s (first token %.2f s), %d running, %d waiting",
+             size, requested.largest, predicted.total_s, predicted.time_to_first_token_s, load.running, load.waiting)
+    return size
 
 
 async def observed(stream: AsyncIterator[StreamDelta], latency: LatencyModel, num_layers: int,

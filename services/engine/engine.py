@@ -19,6 +19,7 @@ from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.engine.scoring import score_prompts
+from services.engine.step_times import StepTimes
 from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
@@ -50,8 +51,9 @@ class InferenceEngine:
         self._in_flight = 0
         self._lock = threading.Lock()
         on_cpu = family.device.type == "cpu"  # the heap that holds the tensors is the C library's
+        self.step_times = StepTimes()
         self.scheduler = Scheduler(self._make_batch, limits, on_batch,
-                                   Housekeeping(self._return_memory) if on_cpu else None)
+                                   Housekeeping(self._return_memory) if on_cpu else None, self.step_times.observe)
         self.scheduler.start()
 
     def _return_memory(self) -> None:
@@ -237,7 +239,8 @@ class InferenceEngine:
         return {"in_flight": self._in_flight, "waiting": self.scheduler.num_waiting,
                 "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes(),
                 "kv_reserved_bytes": self.kv_pool.reserved_bytes, "kv_in_use_bytes": self.kv_pool.in_use_bytes,
-                "memory_bound_bytes": self.memory_bound.total_bytes, "weights_bytes": self.memory_bound.weights_bytes}
+                "memory_bound_bytes": self.memory_bound.total_bytes, "weights_bytes": self.memory_bound.weights_bytes,
+                "running_layers": self.scheduler.running_layers(), "step_model": self.step_times.model()}
 
     def close(self) -> None:
         self.scheduler.stop()

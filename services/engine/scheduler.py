@@ -46,8 +46,9 @@ class _Job:
 
 class Scheduler:
     def __init__(self, make_batch: Callable[[BatchKey, list[Sequence]], RowBatch], limits: EngineLimits,
-                 on_batch: Callable[[BatchKey, int], None] | None = None, housekeeping: Housekeeping | None = None):
-        self.make_batch, self.limits, self.on_batch = make_batch, limits, on_batch
+                 on_batch: Callable[[BatchKey, int], None] | None = None, housekeeping: Housekeeping | None = None,
+                 on_step: Callable[[list[int], float], None] | None = None):
+        self.make_batch, self.limits, self.on_batch, self.on_step = make_batch, limits, on_batch, on_step
         self.housekeeping, self.last_housekeeping = housekeeping, time.monotonic()
         self.waiting: OrderedDict[BatchKey, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
@@ -83,6 +84,11 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return sum(sum(not s.done for s in batch.sequences) for _, batch in list(self.active))
+
+    def running_layers(self) -> list[int]:
+        """The size of every running sequence."""
+        return [s.num_layers for _, batch in list(self.active) for s in batch.sequences
+                if not s.done and s.num_layers is not None]
 
     # -- worker ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -192,10 +198,17 @@ class Scheduler:
         for entry in list(self.active):
             _, batch = entry
             if not batch.done:
-                self._guard(batch.sequences, batch.step)
+                self._timed_step(batch)
             if batch.done and entry in self.active:
                 self.active.remove(entry)
                 batch.release()
+
+    def _timed_step(self, batch: RowBatch) -> None:
+        rows = [s.num_layers for s in batch.sequences if not s.done and s.num_layers is not None]
+        start = time.perf_counter()
+        self._guard(batch.sequences, batch.step)
+        if self.on_step is not None:
+            self.on_step(rows, time.perf_counter() - start)
 
     def _guard(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
         """Run torch work; a failure ends only the sequences involved, with the error delivered to them."""

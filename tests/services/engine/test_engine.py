@@ -193,3 +193,24 @@ def test_vanishing_temperature_is_greedy_not_a_crash(engine):
     tiny = asyncio.run(_run(engine, size, PROMPTS[0], SamplingParams(max_tokens=5, temperature=7e-273, seed=1,
                                                                      ignore_eos=True)))
     assert tiny == greedy
+
+
+def test_the_engine_times_its_steps_and_reports_running_rows(engine):
+    sizes = engine.family.sizes
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seen: list[list[int]] = []
+
+    async def traffic(count: int):
+        async def watch():
+            for _ in range(50):
+                seen.append(engine.stats()["running_layers"])
+                await asyncio.sleep(0.002)
+        runs = [_run(engine, sizes[i % len(sizes)], PROMPTS[i % len(PROMPTS)], params) for i in range(count)]
+        await asyncio.gather(watch(), *runs)
+
+    before = engine.step_times.steps
+    for count in (1, 3, 6):
+        asyncio.run(traffic(count))
+    assert any(seen) and all(n in sizes for rows in seen for n in rows)
+    assert engine.step_times.steps - before >= 3 * (params.max_tokens - 1)  # every decode step was timed
+    assert "step_model" in engine.stats()  # None or a fit: a tiny model's steps are all overhead

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from services.engine.interface import ModelCard
-from services.engine.latency import Budget, LatencyModel, Observation, choose_size
+from services.engine.latency import Budget, LatencyModel, Load, Observation, choose_size
+from services.engine.step_times import StepModel
 
 SIZES = list(range(16, 31))
 CARDS = [ModelCard(f"f-{n}L", n, 0, parameters=20_000_000 + 4_000_000 * n, bytes=4 * (20_000_000 + 4_000_000 * n))
@@ -54,8 +55,8 @@ def test_a_queue_beyond_the_free_slots_delays_the_first_token():
     model = LatencyModel(CARDS, max_concurrent=4)
     for obs in _trace(SIZES, 50):
         model.observe(obs)
-    idle = model.predict(30, 100, 32, running=2, waiting=0)
-    full = model.predict(30, 100, 32, running=4, waiting=8)
+    idle = model.predict(30, 100, 32, Load(running=2))
+    full = model.predict(30, 100, 32, Load(running=4, waiting=8))
     assert full.time_to_first_token_s - idle.time_to_first_token_s == pytest.approx(9 * model.request_s / 4)
     assert full.total_s - idle.total_s == pytest.approx(full.time_to_first_token_s - idle.time_to_first_token_s)
 
@@ -77,14 +78,14 @@ def test_the_largest_size_that_fits_is_chosen_never_below_the_floor():
     for obs in _trace(SIZES, 200):
         model.observe(obs)
     budget_s = model.predict(23, 50, 64).total_s * 1.001
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64, 0, 0) == 23
-    assert choose_size(model, SIZES, 20, Budget(max_latency_s=budget_s), 50, 64, 0, 0) == 20  # capped by the ask
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9), 50, 64, 0, 0) == 16  # none fits: smallest
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9, min_num_layers=25), 50, 64, 0, 0) == 25
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e9), 50, 64, 0, 0) == 30
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64) == 23
+    assert choose_size(model, SIZES, 20, Budget(max_latency_s=budget_s), 50, 64) == 20  # capped by the ask
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9), 50, 64) == 16  # none fits: smallest
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9, min_num_layers=25), 50, 64) == 25
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e9), 50, 64) == 30
     ttft_s = model.predict(18, 400, 1).time_to_first_token_s * 1.001
-    assert choose_size(model, SIZES, 30, Budget(max_time_to_first_token_s=ttft_s), 400, 1, 0, 0) == 18
-    crowded = choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64, running=8, waiting=4)
+    assert choose_size(model, SIZES, 30, Budget(max_time_to_first_token_s=ttft_s), 400, 1) == 18
+    crowded = choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64, Load(running=8, waiting=4))
     assert crowded < 23  # the same budget under a queue buys a smaller size
 
 
@@ -95,3 +96,49 @@ def test_before_any_request_decode_starts_from_the_model_cards_speed():
     for n in (16, 23, 30):
         assert model.speed(n)["decode_tokens_per_s"] == pytest.approx(1 / (cards[n - 16].bytes * TRUE_S_PER_BYTE),
                                                                        rel=1e-3)
+
+
+TRUE_STEP = StepModel(per_layer_s=1e-3, per_row_layer_s=2e-4)
+
+
+def test_under_load_a_token_costs_the_step_of_the_batch_it_joins():
+    model = LatencyModel(CARDS, max_concurrent=16)
+    for obs in _trace(SIZES, 100):
+        model.observe(obs)
+    alone = model.token_s_at(30, Load(step_model=TRUE_STEP))
+    assert alone == pytest.approx(TRUE_STEP.step_s(30, 30))
+    crowded = Load(running=12, waiting=10, running_layers=(30,) * 12, step_model=TRUE_STEP)
+    assert model.token_s_at(30, crowded) == pytest.approx(TRUE_STEP.step_s(30, 16 * 30))  # at most a full batch
+    # beside the teacher's rows a small size still waits for the teacher's layers; it saves only its own rows
+    beside_teacher = model.token_s_at(16, crowded)
+    assert beside_teacher == pytest.approx(TRUE_STEP.step_s(30, 16 + 15 * 30))
+    assert beside_teacher > model.token_s_at(16, Load(running=12, running_layers=(16,) * 12, step_model=TRUE_STEP))
+
+
+def test_arriving_prefills_stretch_the_decode_and_the_rate_is_counted_over_a_window():
+    model = LatencyModel(CARDS, max_concurrent=16)
+    for obs in _trace(SIZES, 100):
+        model.observe(obs)
+    for i in range(50):
+        model.arrive(now=100.0 + i * 0.2)  # 5 per second for 10 s
+    assert model.arrivals_per_s(now=110.0) == pytest.approx(5.0, rel=0.05)
+    assert model.arrivals_per_s(now=200.0) == 0.0
+    quiet = model.token_s_at(30, Load(step_model=TRUE_STEP))
+    busy = model.token_s_at(30, Load(step_model=TRUE_STEP, arrivals_per_s=0.5))
+    share = 0.5 * model.prefill_s(30, round(model.prompt_tokens))
+    assert 0 < share < 0.8
+    assert busy == pytest.approx(quiet / (1 - share))
+    flooded = model.token_s_at(30, Load(step_model=TRUE_STEP, arrivals_per_s=1e3))
+    assert flooded == pytest.approx(quiet * 5)  # the stretch is bounded
+
+
+def test_a_filling_batch_shrinks_the_size_before_a_queue_forms():
+    """What the running average alone missed: at the start of a burst the finished requests were served by a
+    small batch, so it predicts the teacher fits; the step fit sees the batch the request joins."""
+    model = LatencyModel(CARDS, max_concurrent=16)
+    for obs in _trace(SIZES, 100):
+        model.observe(obs)
+    budget = Budget(max_latency_s=model.predict(30, 50, 64, Load(step_model=TRUE_STEP)).total_s * 3)
+    filling = dict(running=15, waiting=0, running_layers=(30,) * 15, arrivals_per_s=4.0)
+    assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling)) == 30  # the average: still fits
+    assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling, step_model=TRUE_STEP)) < 30

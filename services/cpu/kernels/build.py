@@ -1,14 +1,22 @@
-"""Builds the native kernels with torch's cpp_extension: once per machine (cached), `None` where it cannot."""
+"""Builds the native kernels with torch's cpp_extension: once per machine (cached), `None` where it cannot.
+`python -m services.cpu.kernels.build DIR [ISA ...]` builds every kernel for every vector set (or those named)
+ahead of time, as the image does."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import os
 import platform
+import sys
+import tempfile
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
+X86 = ("x86_64", "AMD64")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # at::parallel_for is OpenMP, in the header
 # Vector sets the kernels are written for, widest first, each with the CPU flags it needs and its compiler
 # flags. AVX-512 widens the batched dot products (compute-bound from a few rows up); one row stays AVX2.
@@ -30,9 +38,9 @@ def best_isa() -> str | None:
 
 
 def versioned_name(name: str, source: Path, isa: str = "avx2") -> str:
-    """`name`, the vector set, and a hash of the source and the headers beside it: torch's build cache only
-    sees the .cpp, and one cache may serve machines with different CPUs."""
-    digest = hashlib.sha256()
+    """`name`, the vector set, and a hash of the flags, the source and the headers beside it: torch's build
+    cache only sees the .cpp, and one cache may serve machines with different CPUs."""
+    digest = hashlib.sha256(" ".join(FLAGS + ISAS[isa][1]).encode())  # a prebuilt file must match the flags too
     for path in [source, *sorted(source.parent.glob("*.h"))]:
         digest.update(path.read_bytes())
     return f"{name}_{isa}_{digest.hexdigest()[:12]}"
@@ -42,13 +50,77 @@ def build(name: str, source: Path, isa: str | None = None) -> ModuleType | None:
     """The compiled extension `name` from `source` for `isa` (default: the widest this CPU has), or None
     (not x86 with AVX2/FMA, no compiler)."""
     isa = isa or best_isa()
-    if platform.machine() not in ("x86_64", "AMD64") or isa is None or not ISAS[isa][0] <= cpu_flags():
+    if platform.machine() not in X86 or isa is None or not ISAS[isa][0] <= cpu_flags():
         return None
+    module_name = versioned_name(name, source, isa)
     try:
+        module = prebuilt(module_name)
+        if module is not None:
+            return module
         from torch.utils.cpp_extension import load
 
-        return load(versioned_name(name, source, isa), [str(source)], extra_cflags=FLAGS + ISAS[isa][1],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(module_name, [str(source)], extra_cflags=FLAGS + ISAS[isa][1], extra_ldflags=["-fopenmp"],
+                    verbose=False)
     except Exception as error:  # no compiler, no headers: the stock path serves instead
         log.warning("native kernel %s unavailable, using torch: %s", name, str(error).splitlines()[0])
         return None
+
+
+def prebuilt(module_name: str) -> ModuleType | None:
+    """`module_name` as `build_ahead` left it at the top of TORCH_EXTENSIONS_DIR, imported, or None: an image
+    ships its kernels there, read-only and with no compiler to build them again."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    path = _built(module_name, Path(root)) if root else None
+    if path is None:
+        if root:
+            log.info("no prebuilt %s in %s, building it", module_name, root)
+        return None
+    import torch  # noqa: F401  the extension takes libtorch's symbols from the loaded torch
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_ahead(directory: Path, sources: list[Path] | None = None, isas: list[str] | None = None) -> list[Path]:
+    """Compile each kernel (`boomerang_<stem>` from every .cpp here) for each vector set into `directory`,
+    without importing them: the building CPU may lack a set the serving CPU has."""
+    sources = sources or sorted(Path(__file__).parent.glob("*.cpp"))
+    jobs = [(f"boomerang_{source.stem}", source, isa) for source in sources for isa in isas or ISAS]
+    return [_compile(versioned_name(name, source, isa), source, ISAS[isa][1], directory) for name, source, isa in jobs]
+
+
+def _compile(module_name: str, source: Path, isa_flags: list[str], directory: Path) -> Path:
+    if built := _built(module_name, directory):
+        return built  # the name holds the hash of the sources and flags: same name, same build
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    # -g0: the interpreter's own CFLAGS ask for debug info, which would make each file many times larger
+    extension = CppExtension(module_name, [str(source)], extra_compile_args=FLAGS + isa_flags + ["-g0"],
+                             extra_link_args=["-fopenmp"])
+    distribution = Distribution({"name": module_name, "ext_modules": [extension],
+                                 "cmdclass": {"build_ext": BuildExtension}})
+    with tempfile.TemporaryDirectory() as temp:  # one per build: the same .cpp's objects must not be shared
+        command = distribution.get_command_obj("build_ext")
+        command.build_lib, command.build_temp = str(directory), temp
+        distribution.run_command("build_ext")
+    return _built(module_name, directory)
+
+
+def _built(module_name: str, directory: Path) -> Path | None:
+    paths = (directory / f"{module_name}{suffix}" for suffix in EXTENSION_SUFFIXES)
+    return next((path for path in paths if path.is_file()), None)
+
+
+def main(argv: list[str]) -> None:
+    if platform.machine() not in X86:
+        print(f"no native kernels for {platform.machine()}: torch serves")
+        return
+    for built in build_ahead(Path(argv[0]), isas=argv[1:] or None):
+        print(built)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

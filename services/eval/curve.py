@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from services.eval.baselines import LABELS, prepare_baselines
+from services.eval.baselines.build import MergedLayers
 from services.eval.baselines.calibration import CalibrationText
+from services.eval.baselines.plans import Recipe
+from services.eval.baselines.prefix import PrefixRunner
 from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
 from services.family import Family
 from services.family.assembly import make_template
@@ -47,16 +50,42 @@ def baseline_perplexities(row: dict) -> dict[str, dict[str, float]]:
     return {"naive": row["naive_perplexity"]} if "naive_perplexity" in row else {}
 
 
+def _nll(output, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of one batch ([b, seq]) and the tokens it covers."""
+    logits = output.logits[:, :-1].float()  # [b, seq-1, vocab]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+    return float(nll), batch[:, 1:].numel()
+
+
+def _exp_mean(parts: list[tuple[float, int]]) -> float:
+    total, count = 0.0, 0
+    for nll, tokens in parts:  # in batch order: the same sum whichever way the batches were run
+        total, count = total + nll, count + tokens
+    return math.exp(total / count)
+
+
 @torch.inference_mode()
 def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token negative log-likelihood) over every chunk."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in chunks.to(device).split(batch_size):  # [b, seq]
-        logits = model(batch, use_cache=False).logits[:, :-1].float()  # [b, seq-1, vocab]
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total, count = total + float(nll), count + batch[:, 1:].numel()
-    return math.exp(total / count)
+    return _exp_mean([_nll(model(batch, use_cache=False), batch) for batch in chunks.to(device).split(batch_size)])
+
+
+class RecipePerplexity:
+    """The perplexity of baseline recipes on every text, as `perplexity` measures it, memoised by recipe (every
+    baseline is the teacher at its full size); each recipe runs from the deepest hidden state it shares with one
+    measured before (`PrefixRunner`)."""
+
+    def __init__(self, family: Family, texts: dict[str, torch.Tensor], template: nn.Module, batch_size: int = 4):
+        merged = MergedLayers()  # neighbouring sizes share merged layers
+        self.runners = {text: PrefixRunner(family, list(chunks.to(family.device).split(batch_size)), template,
+                                           merged) for text, chunks in texts.items()}
+        self.seen: dict[Recipe, dict[str, float]] = {}
+
+    def __call__(self, recipe: Recipe) -> dict[str, float]:
+        if recipe not in self.seen:
+            self.seen[recipe] = {text: _exp_mean(runner.run(recipe, _nll)) for text, runner in self.runners.items()}
+        return dict(self.seen[recipe])
 
 
 @torch.inference_mode()
@@ -84,15 +113,12 @@ def evaluate_curve(family: Family, num_chunks: int = 8, seq_len: int = 256, deco
 
     texts = {name: eval_chunks(load(), family.tokenizer, num_chunks, seq_len) for name, load in HELD_OUT_TEXTS.items()}
     prepared = prepare_baselines(baselines, family, calibration)
-    template = make_template(family.teacher, family.teacher)
+    measure = RecipePerplexity(family, texts, make_template(family.teacher, family.teacher))
     prompt = next(iter(texts.values()))[:1, :16].to(family.device)  # [1, 16]
     results = []
     for n in tqdm(family.sizes, desc="sizes", disable=not progress):
         variant = family.variant(n)
-        scores = {}
-        for name, baseline in prepared.items():
-            pruned = baseline.model(family, n, template)  # merged layers live only while it is measured
-            scores[name] = {text: perplexity(pruned, chunks) for text, chunks in texts.items()}
+        scores = {name: measure(baseline.recipes[n]) for name, baseline in prepared.items()}
         results.append(SizeResult(
             n, family.size_info(n).parameters,
             {name: perplexity(variant, chunks) for name, chunks in texts.items()},

@@ -67,7 +67,16 @@ def _render(folder: Path) -> list[dict]:
             key = (patch["kind"], patch["metadata"]["name"])
             index = next(i for i, doc in enumerate(docs) if (doc["kind"], doc["metadata"]["name"]) == key)
             docs[index] = _merge(docs[index], patch)
+    for image in kustomization.get("images", []):
+        for container in (c for doc in docs for c in _containers(doc)):
+            if container["image"].split(":")[0] == image["name"]:
+                container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
     return docs
+
+
+def _containers(doc: dict) -> list[dict]:
+    pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
 
 
 def _kubectl_render(folder: Path) -> list[dict] | None:
@@ -241,3 +250,11 @@ def test_the_gpu_overlay_asks_for_one_gpu_and_the_cpu_overlay_for_none():
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"] and _env(cpu)["BOOMERANG_DEVICE"] == "cpu"
     assert "tolerations" not in _one(RENDERED["cpu"], "Deployment")["spec"]["template"]["spec"]
     assert gpu["resources"]["limits"]["cpu"] == cpu["resources"]["limits"]["cpu"]  # the base's, kept by the merge
+
+
+@pytest.mark.parametrize(("overlay", "profile"), [("cpu", "cpu"), ("gpu", "gpu")])
+def test_each_overlay_runs_the_image_its_compose_profile_builds(overlay, profile):
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    built = {s["image"] for s in compose["services"].values() if profile in s.get("profiles", []) and "build" in s}
+    images = {c["image"] for doc in RENDERED[overlay] for c in _containers(doc)}
+    assert len(built) == 1 and images == built

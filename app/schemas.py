@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from app.fields import check_extra_fields
-from services.engine.interface import StructuredOutput
+from services.engine.interface import PENALTY_BOUNDS, StructuredOutput
 
 MAX_STOP_LENGTH = 256
 PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]
@@ -70,9 +70,12 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=UNSET_IS_THE_PAIR_S)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=UNSET_IS_THE_PAIR_S)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1: off; " + UNSET_IS_THE_PAIR_S)
+    presence_penalty: float | None = Field(None, **PENALTY_BOUNDS["presence_penalty"].pydantic(),
+                                           description=UNSET_IS_THE_PAIR_S)
+    frequency_penalty: float | None = Field(None, **PENALTY_BOUNDS["frequency_penalty"].pydantic(),
+                                            description=UNSET_IS_THE_PAIR_S)
+    repetition_penalty: float | None = Field(None, **PENALTY_BOUNDS["repetition_penalty"].pydantic(),
+                                             description="1: off; " + UNSET_IS_THE_PAIR_S)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100, le=100)]] | None = (
         Field(None, description="token id -> added to its logit"))

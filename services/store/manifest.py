@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.engine.interface import PENALTY_BOUNDS
 from services.errors import InvalidPairError
 from services.store.files import read_json, write_json
 from services.store.integrity import verify_hashes
@@ -48,10 +49,7 @@ class Manifest:
                    sampling_defaults=checked_sampling_defaults(data.get("sampling_defaults", {}), pair_dir))
 
 
-# the fields a pair may set, each with the values a request may send for it (as app/schemas bounds them)
-SAMPLING_DEFAULTS = {"repetition_penalty": ("(0, 10]", lambda v: 0 < v <= 10),
-                     "presence_penalty": ("[-2, 2]", lambda v: -2 <= v <= 2),
-                     "frequency_penalty": ("[-2, 2]", lambda v: -2 <= v <= 2)}
+SAMPLING_DEFAULTS = PENALTY_BOUNDS  # the fields a pair may set, each with the values a request may send
 
 
 def checked_sampling_defaults(values: dict, pair_dir: Path) -> dict:
@@ -60,10 +58,10 @@ def checked_sampling_defaults(values: dict, pair_dir: Path) -> dict:
         if name not in SAMPLING_DEFAULTS:
             raise InvalidPairError(f"{pair_dir / MANIFEST}: sampling_defaults.{name} is not one of "
                                    f"{sorted(SAMPLING_DEFAULTS)}")
-        allowed, within = SAMPLING_DEFAULTS[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not within(value):
+        bounds = SAMPLING_DEFAULTS[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value not in bounds:
             raise InvalidPairError(f"{pair_dir / MANIFEST}: sampling_defaults.{name} must be a number in "
-                                   f"{allowed}, got {value!r}")
+                                   f"{bounds}, got {value!r}")
     return dict(values)
 
 

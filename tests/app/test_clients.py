@@ -166,3 +166,19 @@ def test_lm_eval_generate_until_stops_at_its_stop_string(lmeval_model, server):
             "model": f"tiny-{SIZE}L", "prompt": context, "max_tokens": 8, "temperature": 0,
             "stop": gen_kwargs["until"]}).json()
         assert answer == ours["choices"][0]["text"]
+
+
+@pytest.mark.xfail(strict=True, reason="app/serving.py's _next_token_is_in_the_score refuses any penalty, though "
+                   "presence and frequency count only answer tokens; the default pair sets presence_penalty 1.0")
+def test_lm_eval_requests_take_one_forward_when_the_pair_sets_a_presence_penalty(lmeval_model, server,
+                                                                                  monkeypatch):
+    """The default pair's sampling defaults must not send lm-eval's requests back to two passes each: the first
+    token has no answer tokens before it for a presence or frequency penalty to count."""
+    engine = server.app.state.engine
+    monkeypatch.setattr(engine, "sampling_defaults", lambda: {"presence_penalty": 1.0, "frequency_penalty": 0.5})
+    generations = []
+    original = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *args: generations.append(args) or original(*args))
+    results = lmeval_model.loglikelihood(_instances("loglikelihood", PAIRS[:2]), disable_tqdm=True)
+    assert len(results) == 2
+    assert generations == []  # the token came from the scoring forward

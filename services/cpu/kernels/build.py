@@ -115,6 +115,7 @@ def _built(module_name: str, directory: Path) -> Path | None:
 
 
 def main(argv: list[str]) -> None:
+    Path(argv[0]).mkdir(parents=True, exist_ok=True)  # an image copies it on every platform, empty or not
     if platform.machine() not in X86:
         print(f"no native kernels for {platform.machine()}: torch serves")
         return

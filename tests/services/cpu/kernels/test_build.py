@@ -77,3 +77,10 @@ def test_with_neither_a_prebuilt_kernel_nor_a_compiler_torch_serves_with_a_warni
     with caplog.at_level(logging.WARNING, logger=kernel_build.__name__):
         assert kernel_build.build("boomerang_gemv", GEMV_SOURCE, "avx2") is None
     assert "unavailable, using torch" in caplog.text
+
+
+def test_the_image_command_leaves_an_empty_directory_where_there_is_nothing_to_build(tmp_path, monkeypatch):
+    """The image copies the directory on every platform, so it must exist on ARM too."""
+    monkeypatch.setattr(kernel_build.platform, "machine", lambda: "aarch64")
+    kernel_build.main([str(tmp_path / "kernels")])
+    assert list((tmp_path / "kernels").iterdir()) == []

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from app.fields import check_extra_fields
-from services.engine.interface import PENALTY_BOUNDS, StructuredOutput
+from services.bounds import PENALTY_BOUNDS
+from services.engine.interface import StructuredOutput
 
 MAX_STOP_LENGTH = 256
 PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]

@@ -6,16 +6,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {  # part -> the parts it may import (besides itself)
-    "errors": set(), "store": {"errors"}, "cpu": {"errors"}, "corpora": {"errors"},
+    "errors": set(), "bounds": set(), "store": {"errors", "bounds"}, "cpu": {"errors"}, "corpora": {"errors"},
     "family": {"errors", "store", "cpu"},
     "engine": {"errors", "family", "store", "cpu"},
     "train": {"errors", "family", "store", "cpu", "corpora"},
     "eval": {"errors", "engine", "family", "store", "cpu", "corpora"},  # chat answers decoded as served
     "bench": {"errors", "engine", "family", "store", "cpu", "eval", "corpora"},
     "cli": {"errors", "engine", "family", "store", "cpu", "eval", "corpora", "train", "bench", "app"},
-    "app": {"errors", "engine"},
+    "app": {"errors", "bounds", "engine"},
 }
-APP_AT_IMPORT = {"services.engine.interface", "services.engine.latency", "services.errors"}  # no torch
+# no torch
+APP_AT_IMPORT = {"services.engine.interface", "services.engine.latency", "services.errors", "services.bounds"}
 
 
 def _module(path: Path) -> str:

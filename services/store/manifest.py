@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.engine.interface import PENALTY_BOUNDS
+from services.bounds import PENALTY_BOUNDS
 from services.errors import InvalidPairError
 from services.store.files import read_json, write_json
 from services.store.integrity import verify_hashes

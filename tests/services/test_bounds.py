@@ -1,6 +1,6 @@
-"""Plain data of the engine interface (pure Python)."""
+"""Bounds on request values (pure Python)."""
 
-from services.engine.interface import PENALTY_BOUNDS, Bounds
+from services.bounds import PENALTY_BOUNDS, Bounds
 
 
 def test_bounds_include_their_high_end_and_their_low_end_unless_open():

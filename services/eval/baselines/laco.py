@@ -13,6 +13,9 @@ from services.eval.baselines.plans import Recipe, identity_recipe
 from services.eval.baselines.prefix import PrefixRunner
 from services.family import Family
 
+# the head on one position only: the similarity reads hidden states, and the head costs as much as many layers
+HIDDEN_ONLY = {"output_hidden_states": True, "logits_to_keep": 1}
+
 
 def _final_hidden(output, _batch) -> torch.Tensor:
     """The last entry of `hidden_states` (after the final norm, what the head reads): [b, seq, hidden]."""
@@ -33,12 +36,12 @@ def similarity_to(family: Family, samples: torch.Tensor, template: nn.Module,
     reference = final_hidden(family.teacher, samples)  # [b, seq, hidden]
     runner = PrefixRunner(family, [samples.to(family.device)], template, merged or MergedLayers())
     runner.run(identity_recipe(range(family.teacher.config.num_hidden_layers)), _final_hidden,
-               output_hidden_states=True)  # the teacher's states: every candidate's bottom
+               **HIDDEN_ONLY)  # the teacher's states: every candidate's bottom
     seen: dict[Recipe, float] = {}
 
     def similarity(recipe: Recipe) -> float:
         if recipe not in seen:
-            hidden = runner.run(recipe, _final_hidden, output_hidden_states=True)[0]  # [b, seq, hidden]
+            hidden = runner.run(recipe, _final_hidden, **HIDDEN_ONLY)[0]  # [b, seq, hidden]
             seen[recipe] = float(nn.functional.cosine_similarity(hidden, reference, dim=-1).mean())
         return seen[recipe]
 

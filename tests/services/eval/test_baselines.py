@@ -1,6 +1,6 @@
 """Baselines on tiny pairs: Block Influence against a direct computation, ShortGPT against the kept teacher
-layers run on their own, LaCo's merged weights, the naive baseline against the old naive family, and
-`boomerang eval --baselines` end to end."""
+layers run on their own, LaCo's merged weights, the naive baseline against the old naive family,
+`boomerang eval --baselines` end to end, and the shared-prefix runs exactly equal to whole-model forwards."""
 
 import json
 import math
@@ -15,14 +15,17 @@ from torch import nn
 from services.corpora import shakespeare_files
 from services.errors import InvalidRequestError
 from services.eval.baselines import prepare_baselines
-from services.eval.baselines.build import build_model, merged_layer
+from services.eval.baselines.build import MergedLayers, build_model, merged_layer
 from services.eval.baselines.calibration import calibration_text
+from services.eval.baselines.laco import final_hidden, similarity_to
 from services.eval.baselines.plans import identity_recipe, merge, shortgpt_keep
+from services.eval.baselines.prefix import PrefixRunner
 from services.eval.baselines.shortgpt import block_influence
-from services.eval.curve import naive_family
+from services.eval.curve import RecipePerplexity, naive_family, perplexity
 from services.eval.texts import HELD_OUT_TEXTS, eval_chunks
 from services.family import load_family
 from services.family.architectures import get_path, set_path
+from services.family.assembly import make_template
 from services.family.plan import StudentLayout
 from services.family.student_init import init_student
 
@@ -134,3 +137,49 @@ def test_cli_reports_every_baseline_at_every_size(llama_pair, tmp_path):
     refused = subprocess.run(base + ["--baselines", "naive,sparsegpt"], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and "unknown baseline 'sparsegpt'" in refused.stderr
+
+
+def prepared_all(family):
+    calibration = calibration_text("shakespeare", family.tokenizer, 4, 32)
+    return prepare_baselines(["naive", "shortgpt", "laco"], family, calibration)
+
+
+@torch.no_grad()
+def test_prefix_runner_is_exactly_the_whole_model_and_runs_a_shared_bottom_once(tiny_pair):
+    family = load_family(*tiny_pair, device="cpu")
+    batches = list(chunks_of(family, 3).split(2))  # two batches, as the curve splits its windows
+    runner = PrefixRunner(family, batches, make_template(family.teacher, family.teacher), MergedLayers())
+    bottom, calls = get_path(family.teacher, family.spec.layers)[0], []
+    for baseline in prepared_all(family).values():
+        for n in reversed(family.sizes):
+            handle = bottom.register_forward_pre_hook(lambda *_: calls.append(1))
+            try:
+                logits = runner.run(baseline.recipes[n], lambda output, _: output.logits)
+            finally:
+                handle.remove()
+            whole = baseline.model(family, n)
+            assert all(torch.equal(got, whole(batch, use_cache=False).logits) for got, batch in zip(logits, batches))
+    assert len(calls) == len(batches)  # teacher layer 0 ran for the first recipe only: every other one reused it
+
+
+def test_recipe_perplexity_equals_the_perplexity_of_the_built_model(llama_pair):
+    family = load_family(*llama_pair, device="cpu")
+    texts = {"python_docs": chunks_of(family, 3)}
+    measure = RecipePerplexity(family, texts, make_template(family.teacher, family.teacher), batch_size=2)
+    for baseline in prepared_all(family).values():
+        for n in family.sizes:
+            assert measure(baseline.recipes[n]) == {"python_docs": perplexity(baseline.model(family, n),
+                                                                              texts["python_docs"], batch_size=2)}
+
+
+def test_laco_similarity_equals_a_forward_of_the_built_model(llama_pair):
+    family = load_family(*llama_pair, device="cpu")
+    samples = calibration_text("shakespeare", family.tokenizer, 3, 16).chunks  # [3, 16]
+    template = make_template(family.teacher, family.teacher)
+    similarity = similarity_to(family, samples, template)
+    reference = final_hidden(family.teacher, samples)
+    recipe = identity_recipe(range(family.teacher.config.num_hidden_layers))
+    for position, following in ((5, 2), (3, 1), (2, 1), (1, 1)):  # top down, as the search walks
+        recipe = merge(recipe, position, following)
+        direct = nn.functional.cosine_similarity(final_hidden(build_model(family, recipe), samples), reference, dim=-1)
+        assert similarity(recipe) == float(direct.mean())

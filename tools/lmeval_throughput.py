@@ -88,21 +88,24 @@ def checkout(label: str, spec: str, scratch: Path) -> tuple[Path, bool]:
 
 def measure(trees: dict[str, Path], args) -> dict:
     pairs = text_pairs(args.pairs)
-    servers = {label: TreeServer(tree, ["--pair", str(args.pair)]) for label, tree in trees.items()}
+    serve_args = ["--pair", str(args.pair)] + (["--threads", str(args.threads)] if args.threads else [])
+    servers = {label: TreeServer(tree, serve_args) for label, tree in trees.items()}
     times: dict[tuple[str, int], list[float]] = {}
     results: dict[tuple[str, int], list] = {}
     for server in servers.values():
         server.__enter__()
     try:
         model = next(iter(servers.values())).model_cards()[-1]["id"]  # the family id: the teacher
-        models = {(label, batch): lm_eval_model(server.url, model, batch) for label, server in servers.items()
-                  for batch in args.batch_sizes}
+        # trees next to each other within a batch size: what the machine does meanwhile falls on each alike
+        models = {(label, batch): lm_eval_model(server.url, model, batch) for batch in args.batch_sizes
+                  for label, server in servers.items()}
         for lm in models.values():
             timed_run(lm, pairs[:4])  # warm-up: kernels, first requests
         for _ in range(args.repeats):
             for key, lm in models.items():
                 seconds, results[key] = timed_run(lm, pairs)
                 times.setdefault(key, []).append(seconds)
+                print(f"{key[0]} batch {key[1]}: {args.pairs / seconds:.2f} requests/s", file=sys.stderr, flush=True)
     finally:
         for server in servers.values():
             server.__exit__()
@@ -121,8 +124,8 @@ def summary(trees, times, results, args, model) -> dict:
                      "ratio_to_" + first: base / median, "seconds": seconds,
                      "max_abs_loglik_diff": diff, "is_greedy_same": greedy_same})
     return {"model": model, "pairs": args.pairs, "repeats": args.repeats, "cpu": cpu_model(),
-            "threads": os.environ.get("OMP_NUM_THREADS", "default"), "trees": {k: str(v) for k, v in trees.items()},
-            "rows": rows}
+            "threads": args.threads or "default", "load_average": os.getloadavg(),
+            "trees": {k: str(v) for k, v in trees.items()}, "rows": rows}
 
 
 def cpu_model() -> str:
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
                         help="lm-eval's batch_size (prompts per request), comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tree and batch size (median taken)")
+    parser.add_argument("--threads", type=int, help="each server's torch threads (default: the server's own)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer comes from the server, never the Hub

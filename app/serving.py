@@ -67,7 +67,8 @@ def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, penalti
     return (max_tokens == 1 and req.n == 1 and req.temperature < MIN_TEMPERATURE and not req.stop_list()
             and req.structured() is None
             and not req.ignore_eos and not req.logit_bias and not req.stop_token_ids and req.min_tokens == 0
-            and all(value == getattr(plain, name) for name, value in penalties.items()))
+            # presence and frequency penalties count the answer's tokens, and the first token has none before it
+            and penalties["repetition_penalty"] == plain.repetition_penalty)
 
 
 def _collected_from_score(score: ScoreResult) -> Collected:

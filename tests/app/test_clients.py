@@ -168,8 +168,6 @@ def test_lm_eval_generate_until_stops_at_its_stop_string(lmeval_model, server):
         assert answer == ours["choices"][0]["text"]
 
 
-@pytest.mark.xfail(strict=True, reason="app/serving.py's _next_token_is_in_the_score refuses any penalty, though "
-                   "presence and frequency count only answer tokens; the default pair sets presence_penalty 1.0")
 def test_lm_eval_requests_take_one_forward_when_the_pair_sets_a_presence_penalty(lmeval_model, server,
                                                                                   monkeypatch):
     """The default pair's sampling defaults must not send lm-eval's requests back to two passes each: the first

@@ -334,9 +334,11 @@ def family_view(t: Tab, tmp_path: Path):
     assert "measured in this page from the streamed answers" in page.text_content("#speed-caption")
     rows = page.eval_on_selector_all("#family-table tbody tr", "rs => rs.map(r => r.lastElementChild.textContent)")
     assert rows[1] == "—"
-    for cell in (rows[0], rows[2]):  # tokens 20 ms apart: at most 50 tokens/s, less on a busy machine
+    # tokens 20 ms apart: about 50 tokens/s, less on a busy machine; a busy browser may read two tokens in one
+    # chunk, which shortens the measured span (not by more than a few intervals of six tokens)
+    for cell in (rows[0], rows[2]):
         rate, answers = re.fullmatch(r"([\d.]+) \((\d+)\)", cell).groups()
-        assert 5 < float(rate) <= 55 and answers == "1", rows
+        assert 5 < float(rate) <= 150 and answers == "1", rows
     page.select_option("#quality-metric", "chat · degenerate_rate")
     assert "lower is better" in page.text_content("#quality-caption")
     page.screenshot(path=str(tmp_path / "family.png"), full_page=True)

@@ -29,12 +29,21 @@ def default_engine_factory(settings: Settings, metrics: Metrics) -> Engine:
     """The real engine (imports torch, so only here, inside the lifespan's worker thread)."""
     from services.engine.factory import build_engine
 
-    return build_engine(pair=settings.pair, teacher=settings.teacher, student=settings.student,
-                        order=settings.order, device=settings.device, dtype=settings.dtype, name=settings.name,
-                        int8=settings.weights == "int8",
-                        variant_cache_size=settings.variant_cache_size, native_kernels=settings.native_kernels,
-                        limits=settings.engine_limits(), threads=settings.threads,
-                        on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size))
+    return build_engine(
+        pair=settings.pair,
+        teacher=settings.teacher,
+        student=settings.student,
+        order=settings.order,
+        device=settings.device,
+        dtype=settings.dtype,
+        name=settings.name,
+        weights=settings.weights,
+        variant_cache_size=settings.variant_cache_size,
+        native_kernels=settings.native_kernels,
+        limits=settings.engine_limits(),
+        threads=settings.threads,
+        on_batch=lambda n, size: metrics.batch_size.labels(str(n)).observe(size),
+    )
 
 
 async def in_own_thread(work: Callable[[], object]) -> object:
@@ -79,8 +88,11 @@ async def _load(app: FastAPI, factory: EngineFactory) -> None:
     log.info("ready: %s, sizes %s", engine.family_name, [m.num_layers for m in engine.models()])
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None,
-               on_fatal: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: EngineFactory | None = None,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -91,17 +103,25 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         if app.state.engine is not None:
             await asyncio.to_thread(app.state.engine.close)
 
-    app = FastAPI(title="Boomerang", version="0.1.0", lifespan=lifespan,
-                  description="One teacher and one boomerang student served as a family of sizes.")
+    app = FastAPI(
+        title="Boomerang",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="One teacher and one boomerang student served as a family of sizes.",
+    )
     app.state.settings, app.state.metrics = settings, Metrics()
     app.state.engine, app.state.load_error = None, None
     app.state.on_fatal = on_fatal or (lambda: None)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"],
-                           expose_headers=["x-boomerang-num-layers", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["x-boomerang-num-layers", "Retry-After"],
+        )
     for router in (ops.router, openai_routes.router, native.router):
         app.include_router(router)
     if settings.playground:

@@ -41,10 +41,15 @@ from services.store.teacher_import import LOCK_FILE
 SERVED_CONTEXT = 1024  # the served parts' context limit (prompt + completion)
 LOAD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)  # open-loop arrival rates, in units of the teacher's capacity
 LOAD_TARGET_FACTOR = 4  # the latency target: this many times a lone teacher request's latency
-GOALS = {"ratio_all_sizes_vs_pair": ("<=", 1.05), "switch_speedup_first_use": (">=", 1000),
-         "min_speed_ratio": (">=", 0.95), "served_speedup_n16": (">=", 3.0),
-         "served_speedup_n16_mixed_sizes": (">=", 3.0), "min_fraction_of_bound_b1": (">=", 0.8),
-         "structured_output_cost_b1": ("<=", 0.15)}
+GOALS = {
+    "ratio_all_sizes_vs_pair": ("<=", 1.05),
+    "switch_speedup_first_use": (">=", 1000),
+    "min_speed_ratio": (">=", 0.95),
+    "served_speedup_n16": (">=", 3.0),
+    "served_speedup_n16_mixed_sizes": (">=", 3.0),
+    "min_fraction_of_bound_b1": (">=", 0.8),
+    "structured_output_cost_b1": ("<=", 0.15),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,21 +59,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="three sizes, short runs (under 2 minutes)")
     parser.add_argument("--no-served", action="store_true", help="skip the HTTP throughput part")
-    parser.add_argument("--soak", type=float, metavar="MINUTES",
-                        help="only a soak: mixed traffic on every size while the server's memory is sampled; "
-                             "exit 1 if memory grows or a request fails")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="only a soak: mixed traffic on every size while the server's memory is sampled; "
+        "exit 1 if memory grows or a request fails",
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak")
     parser.add_argument("--context", type=int, help="soak: serve with this context limit and send prompts near it")
-    parser.add_argument("--weights", choices=WEIGHT_FORMS, default=DEFAULT_WEIGHTS,
-                        help="the weight form served (with --peer-llama-server: the peer gets the same bits)")
-    parser.add_argument("--load", action="store_true",
-                        help="only the open-loop load run: the teacher alone (reject, unbounded queue) against the "
-                             "elastic family (auto + degrade) at 0.5-3x the teacher's capacity: load.json")
-    parser.add_argument("--peer-llama-server", type=Path, metavar="PATH",
-                        help="only the side-by-side run against llama.cpp's llama-server at PATH (llama-quantize "
-                             "beside it) on the teacher's own GGUF: peer-WEIGHTS.json")
-    parser.add_argument("--peer-gguf", type=Path, help="the GGUF the peer serves before requantizing (default: the "
-                        "one the teacher was imported from)")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMS,
+        default=DEFAULT_WEIGHTS,
+        help="the weight form served (with --peer-llama-server: the peer gets the same bits)",
+    )
+    parser.add_argument(
+        "--load",
+        action="store_true",
+        help="only the open-loop load run: the teacher alone (reject, unbounded queue) against the "
+        "elastic family (auto + degrade) at 0.5-3x the teacher's capacity: load.json",
+    )
+    parser.add_argument(
+        "--peer-llama-server",
+        type=Path,
+        metavar="PATH",
+        help="only the side-by-side run against llama.cpp's llama-server at PATH (llama-quantize "
+        "beside it) on the teacher's own GGUF: peer-WEIGHTS.json",
+    )
+    parser.add_argument(
+        "--peer-gguf",
+        type=Path,
+        help="the GGUF the peer serves before requantizing (default: the one the teacher was imported from)",
+    )
 
 
 def cpu_model() -> str:
@@ -98,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rss0 = rss_bytes()
     load_start = time.perf_counter()
-    family = load_family(args.teacher, args.student, pair=args.pair, device="cpu", int8=args.weights == "int8")
+    family = load_family(args.teacher, args.student, pair=args.pair, device="cpu", weights=args.weights)
     load_seconds = time.perf_counter() - load_start
     sizes = _sizes(family.sizes, args.quick)
     memory, references = memory_and_switching(family, sizes, rss0, load_seconds)
@@ -107,12 +130,22 @@ def run(args: argparse.Namespace) -> int:
     del references
     bandwidth = bandwidth_bound(family, speed, rounds=3 if args.quick else 9)
     structured = structured_output_cost(family, rounds=2 if args.quick else 3)
-    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "family": family.name,
-              "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-                          "device": str(family.device), "dtype": str(family.dtype), "weights": args.weights,
-                          "bandwidth_gbs": bandwidth},
-              "settings": {"quick": args.quick, "decode_steps": steps, "batch_sizes": batches, "sizes": sizes},
-              "memory": memory, "speed": speed, "structured_output": structured}
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "family": family.name,
+        "machine": {
+            "cpu": cpu_model(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(family.device),
+            "dtype": str(family.dtype),
+            "weights": args.weights,
+            "bandwidth_gbs": bandwidth,
+        },
+        "settings": {"quick": args.quick, "decode_steps": steps, "batch_sizes": batches, "sizes": sizes},
+        "memory": memory,
+        "speed": speed,
+        "structured_output": structured,
+    }
     if not args.no_served:
         report["served"] = _served(args, family, sizes)
     report["goals"] = _goals(report)
@@ -159,15 +192,22 @@ def _peer(args: argparse.Namespace) -> int:
     threads = serving_threads(None)[0]
     tokenizer = load_tokenizer(teacher_dir)
     prompts = Prompts(tokenizer)
-    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "threads": threads,
-              "weights": args.weights, "peer": {"server": str(args.peer_llama_server), "gguf": gguf.name}}
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "threads": threads,
+        "weights": args.weights,
+        "peer": {"server": str(args.peer_llama_server), "gguf": gguf.name},
+    }
     with PeerServer(args.peer_llama_server, gguf, threads, SERVED_CONTEXT) as peer:
         report["theirs"] = measure_server(peer.url, "teacher", prompts, peer.process.pid)
     # the default batching window: a first token waits for it as a user's would
     with ServerProcess([*_served_args(args, batch_wait_ms=None), "--threads", str(threads)]) as server:
         by_layers = {card["num_layers"]: card["id"] for card in server.model_cards()}
-        report["ours"] = {n: measure_server(server.url, by_layers[n], prompts, server.process.pid)
-                          for n in (max(by_layers), min(by_layers))}
+        report["ours"] = {
+            n: measure_server(server.url, by_layers[n], prompts, server.process.pid)
+            for n in (max(by_layers), min(by_layers))
+        }
     report["ours_over_theirs"] = {n: ratios(ours, report["theirs"]) for n, ours in report["ours"].items()}
     print(f"wrote {write_peer_report(report, out)}")
     print(json.dumps({"cpu": report["cpu"], "ours_over_theirs": report["ours_over_theirs"]}, indent=2))
@@ -177,20 +217,38 @@ def _peer(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> int:
     seconds = 8 if args.quick else 15
     base = _served_args(args, batch_wait_ms=None)
-    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(),
-              "multiples": list(LOAD_MULTIPLES), "seconds_per_load": seconds, "servers": {}}
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "multiples": list(LOAD_MULTIPLES),
+        "seconds_per_load": seconds,
+        "servers": {},
+    }
     with ServerProcess(base) as server:
         cards = server.model_cards()
         by_layers = {card["num_layers"]: card["id"] for card in cards}
         family = next(card["root"] for card in cards if card["num_layers"] == min(by_layers))  # a size's family
         teacher, smallest = by_layers[max(by_layers)], by_layers[min(by_layers)]
-        quality = {card["num_layers"]: card["quality"]["chat"]["answer_perplexity"] for card in cards
-                   if "chat" in card.get("quality", {})}
-        unloaded = statistics.median(o.seconds for o in run_load(server.url, {"model": teacher}, [
-            Arrival(0.0, a.prompt, a.max_tokens) for a in arrivals(1e6, 1.0, seed=1)[:1]] * 5))
+        quality = {
+            card["num_layers"]: card["quality"]["chat"]["answer_perplexity"]
+            for card in cards
+            if "chat" in card.get("quality", {})
+        }
+        unloaded = statistics.median(
+            o.seconds
+            for o in run_load(
+                server.url,
+                {"model": teacher},
+                [Arrival(0.0, a.prompt, a.max_tokens) for a in arrivals(1e6, 1.0, seed=1)[:1]] * 5,
+            )
+        )
         rate = capacity(server.url, {"model": teacher})
-        report.update(teacher_capacity_per_s=rate, speed_range=capacity(server.url, {"model": smallest}) / rate,
-                      target_s=LOAD_TARGET_FACTOR * unloaded, unloaded_teacher_s=unloaded)
+        report.update(
+            teacher_capacity_per_s=rate,
+            speed_range=capacity(server.url, {"model": smallest}) / rate,
+            target_s=LOAD_TARGET_FACTOR * unloaded,
+            unloaded_teacher_s=unloaded,
+        )
         report["servers"]["teacher_reject"] = _loads(server.url, {"model": teacher}, report, quality)
     with ServerProcess([*base, "--max-queue", "1000000"]) as server:
         report["servers"]["teacher_queue"] = _loads(server.url, {"model": teacher}, report, quality)
@@ -204,10 +262,26 @@ def _load(args: argparse.Namespace) -> int:
     (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, loads in report["servers"].items():
         for multiple, row in loads.items():
-            print(json.dumps({"server": name, "load": float(multiple), **{k: round(v, 3) if isinstance(v, float)
-                                                                           else v for k, v in row.items()}}))
-    print(json.dumps({"cpu": report["cpu"], "target_s": round(report["target_s"], 3),
-                      "speed_range": round(report["speed_range"], 2), **report["goals"]}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "server": name,
+                        "load": float(multiple),
+                        **{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
+                    }
+                )
+            )
+    print(
+        json.dumps(
+            {
+                "cpu": report["cpu"],
+                "target_s": round(report["target_s"], 3),
+                "speed_range": round(report["speed_range"], 2),
+                **report["goals"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -217,8 +291,9 @@ def _loads(url: str, body: dict, report: dict, quality: dict[int, float]) -> dic
     for multiple in report["multiples"]:
         rate = multiple * report["teacher_capacity_per_s"]
         load = arrivals(rate, report["seconds_per_load"], seed=int(10 * multiple))
-        results[str(multiple)] = summarize(run_load(url, body, load), report["seconds_per_load"], report["target_s"],
-                                           quality)
+        results[str(multiple)] = summarize(
+            run_load(url, body, load), report["seconds_per_load"], report["target_s"], quality
+        )
     return results
 
 
@@ -226,8 +301,20 @@ def _served_args(args: argparse.Namespace, batch_wait_ms: float | None = 10) -> 
     # 16 rows at the default context would need more memory than a small machine has; the bench's requests
     # are short, so a shorter context costs them nothing
     wait = ["--batch-wait-ms", str(batch_wait_ms)] if batch_wait_ms is not None else []
-    return ["--device", "cpu", "--max-concurrent", "16", "--max-batch-size", "16", *wait,
-            "--max-total-tokens", str(SERVED_CONTEXT), "--weights", args.weights, *_pair_args(args)]
+    return [
+        "--device",
+        "cpu",
+        "--max-concurrent",
+        "16",
+        "--max-batch-size",
+        "16",
+        *wait,
+        "--max-total-tokens",
+        str(SERVED_CONTEXT),
+        "--weights",
+        args.weights,
+        *_pair_args(args),
+    ]
 
 
 def _served(args, family, sizes) -> dict:
@@ -239,18 +326,21 @@ def _served(args, family, sizes) -> dict:
         served = served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
         served["arrival_mid_batch"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens, short_tokens)
     with ServerProcess([*serve_args, "--join-batches", "false"]) as server:  # the baseline: the short one waits
-        served["arrival_mid_batch_without_joins"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens,
-                                                                      short_tokens)
+        served["arrival_mid_batch_without_joins"] = arrival_mid_batch(
+            server.url, ids[-1], ids[0], long_tokens, short_tokens
+        )
     return served
 
 
 def _goals(report: dict) -> dict:
     speed = report["speed"]
-    measured = {"ratio_all_sizes_vs_pair": report["memory"]["ratio_all_sizes_vs_pair"],
-                "switch_speedup_first_use": report["memory"]["switch_speedup_first_use"],
-                "min_speed_ratio": min(min(r["ratio_b1"], r["ratio_b8"]) for r in speed),
-                "min_fraction_of_bound_b1": min(r["fraction_of_bound_b1"] for r in speed),
-                "structured_output_cost_b1": report["structured_output"]["cost_fraction"]}
+    measured = {
+        "ratio_all_sizes_vs_pair": report["memory"]["ratio_all_sizes_vs_pair"],
+        "switch_speedup_first_use": report["memory"]["switch_speedup_first_use"],
+        "min_speed_ratio": min(min(r["ratio_b1"], r["ratio_b8"]) for r in speed),
+        "min_fraction_of_bound_b1": min(r["fraction_of_bound_b1"] for r in speed),
+        "structured_output_cost_b1": report["structured_output"]["cost_fraction"],
+    }
     if "served" in report:
         measured["served_speedup_n16"] = report["served"]["single_size"][-1]["speedup_vs_sequential"]
         measured["served_speedup_n16_mixed_sizes"] = report["served"]["mixed_sizes"][-1]["speedup_vs_sequential"]
@@ -273,8 +363,12 @@ def _chart(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for batch, style in ((1, "o-"), (8, "s-")):
         left.plot(layers, [r[f"tok_s_b{batch}"] for r in speed], style, label=f"serving batch, batch {batch}")
-        left.plot(layers, [r[f"standalone_tok_s_b{batch}"] for r in speed], style.replace("-", "--"),
-                  label=f"standalone generate(), batch {batch}")
+        left.plot(
+            layers,
+            [r[f"standalone_tok_s_b{batch}"] for r in speed],
+            style.replace("-", "--"),
+            label=f"standalone generate(), batch {batch}",
+        )
     left.plot(layers, [r["rounds_tok_s_b1"] for r in speed], "x-", label="serving batch, batch 1, beside the bound")
     left.plot(layers, [r["bound_tok_s_b1"] for r in speed], "k:", label="bandwidth bound, batch 1")
     left.plot(layers, [r["matmul_only_tok_s_b1"] for r in speed], "k-.", label="weight matmuls alone, batch 1")
@@ -284,9 +378,11 @@ def _chart(report: dict, path: Path) -> None:
     left.legend(fontsize=8)
     left.set_title("greedy decode speed per size")
     memory = report["memory"]
-    bars = {"teacher+student": memory["rss_teacher_plus_student_mb"],
-            "all sizes assembled": memory["rss_all_sizes_assembled_mb"],
-            f"{len(memory['deep_copied_sizes'])} deep copies": memory["rss_deep_copied_sizes_mb"]}
+    bars = {
+        "teacher+student": memory["rss_teacher_plus_student_mb"],
+        "all sizes assembled": memory["rss_all_sizes_assembled_mb"],
+        f"{len(memory['deep_copied_sizes'])} deep copies": memory["rss_deep_copied_sizes_mb"],
+    }
     right.bar(list(bars), list(bars.values()))
     right.set_ylabel("resident memory (MiB)")
     right.set_title("memory")

@@ -22,6 +22,7 @@ from services.engine.kv_pool import KVPool
 from services.family import Family
 from services.family.int8 import disable_int8_kernel
 from services.family.plan import order_to_json
+from services.family.q4 import disable_q4_kernel
 from services.family.reference import build_reference
 
 
@@ -57,10 +58,12 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
     references, deepcopy_s = [], {}
     for n in sizes:
         start = time.perf_counter()
-        reference = build_reference(family.teacher, family.student, copied, family.plan(n).patched_blocks,
-                                    order_to_json(family.order))
+        reference = build_reference(
+            family.teacher, family.student, copied, family.plan(n).patched_blocks, order_to_json(family.order)
+        )
         disable_fast_linear(reference)  # the baseline is stock transformers (int8: dequantized in torch)
         disable_int8_kernel(reference)
+        disable_q4_kernel(reference)
         references.append(reference)
         deepcopy_s[n] = time.perf_counter() - start
     gc.collect()
@@ -84,8 +87,9 @@ def memory_and_switching(family: Family, sizes: list[int], rss_before_load: int,
     }, dict(zip(sizes, references))
 
 
-def _runner(family: Family, num_layers: int, batch: int, prompt: list[int], max_tokens: int,
-            pool: KVPool) -> FamilyBatch:
+def _runner(
+    family: Family, num_layers: int, batch: int, prompt: list[int], max_tokens: int, pool: KVPool
+) -> FamilyBatch:
     """The batch the server runs, on `batch` greedy copies of `prompt` all of size `num_layers` (not yet
     prefilled); its KV buffers come from `pool`, as the engine's do."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -93,8 +97,9 @@ def _runner(family: Family, num_layers: int, batch: int, prompt: list[int], max_
     return FamilyBatch(family, seqs, family.tokenizer, {family.tokenizer.eos_token_id}, pad_id=0, pool=pool)
 
 
-def _ours_decode(family: Family, num_layers: int, batch: int, prompt: list[int], steps: int,
-                 pool: KVPool) -> tuple[float, float]:
+def _ours_decode(
+    family: Family, num_layers: int, batch: int, prompt: list[int], steps: int, pool: KVPool
+) -> tuple[float, float]:
     """(prefill seconds, decode seconds for `steps` steps) of the serving batch."""
     runner = _runner(family, num_layers, batch, prompt, steps + 1, pool)
     start = time.perf_counter()
@@ -117,14 +122,20 @@ def _standalone_decode(model, batch: int, prompt: list[int], steps: int) -> floa
     ids = torch.tensor([prompt] * batch, device=next(model.parameters()).device)
 
     def run(new_tokens: int) -> float:
-        return timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                            do_sample=False, pad_token_id=0), repeats=1)
+        return timed(
+            lambda: model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            ),
+            repeats=1,
+        )
+
     run(2)
     return run(steps + 1) - run(1)
 
 
-def speed_per_size(family: Family, references: dict, batch_sizes: list[int], steps: int, prompt_len: int = 32,
-                   prefill_len: int = 256) -> list[dict]:
+def speed_per_size(
+    family: Family, references: dict, batch_sizes: list[int], steps: int, prompt_len: int = 32, prefill_len: int = 256
+) -> list[dict]:
     """Per size: decode tokens/s of the serving batch (rows all of that size: prefill, then `steps` timed
     steps) at each batch size, against transformers' `generate()` on a deep-copied model; and prefill time."""
     span = min(1000, len(family.tokenizer) - 10)
@@ -145,8 +156,11 @@ def speed_per_size(family: Family, references: dict, batch_sizes: list[int], ste
         ours_prefill = statistics.median(_ours_decode(family, n, 1, long_prompt, 0, pool)[0] for _ in range(3))
         with torch.inference_mode():
             theirs_prefill = timed(lambda r=reference: r(long_ids, use_cache=True, logits_to_keep=1))
-        row.update(prefill_ms=ours_prefill * 1e3, standalone_prefill_ms=theirs_prefill * 1e3,
-                   prefill_ratio=theirs_prefill / ours_prefill)
+        row.update(
+            prefill_ms=ours_prefill * 1e3,
+            standalone_prefill_ms=theirs_prefill * 1e3,
+            prefill_ratio=theirs_prefill / ours_prefill,
+        )
         rows.append(row)
     return rows
 
@@ -160,6 +174,7 @@ def _matmuls_alone(family: Family, num_layers: int) -> Callable[[], None]:
     def run() -> None:
         for module in linears:
             module(inputs[module.in_features])  # [1, out]
+
     return run
 
 
@@ -172,8 +187,9 @@ def _read_probes(data: torch.Tensor) -> dict[str, Callable[[], object]]:
     return probes
 
 
-def bandwidth_bound(family: Family, rows: list[dict], prompt_len: int = 32, rounds: int = 9, steps: int = 8,
-                    megabytes: int = 256) -> float:
+def bandwidth_bound(
+    family: Family, rows: list[dict], prompt_len: int = 32, rounds: int = 9, steps: int = 8, megabytes: int = 256
+) -> float:
     """Adds to each row the batch-1 decode rate that reading every weight once per token allows, our
     fraction of it, and the same for the weight matmuls alone; returns the median bandwidth seen.
 

@@ -1,6 +1,6 @@
 """The server a user would pick instead, side by side in one run: llama.cpp's `llama-server` on the teacher's
-own GGUF, requantized to the bits our weights hold (F32 beside float, Q8_0 beside int8), the same threads, the
-same requests over HTTP; every figure is reported for both and as ours / theirs.
+own GGUF, requantized to the bits our weights hold (F32 beside float, Q8_0 beside int8, its own Q4_1 beside
+q4), the same threads, the same requests over HTTP; every figure is reported for both and as ours / theirs.
 
 Figures: decode rate of one stream (the time of a 1-token answer taken from that of a 129-token one, so
 prefill cancels out), time to a first token for 32- and 512-token prompts (a 1-token answer), and total
@@ -21,7 +21,7 @@ import httpx
 from services.bench.served import ReadyProcess
 from services.bench.soak import rss_of
 
-PEER_TYPES = {"float": "F32", "int8": "Q8_0"}  # llama.cpp's type of the same bits per weight as ours
+PEER_TYPES = {"float": "F32", "int8": "Q8_0", "q4": "Q4_1"}  # llama.cpp's type of the same bits per weight as ours
 DECODE_TOKENS = 128
 CLIENTS = 16
 PROMPT_LENGTHS = (32, 512)
@@ -31,12 +31,17 @@ LOG_TAIL = 500  # characters of a failing tool's output quoted in the error
 def peer_gguf(server: Path, source: Path, weights: str, out_dir: Path) -> Path:
     """The teacher's GGUF requantized for the peer by its own `llama-quantize` (made once per folder)."""
     kind = PEER_TYPES[weights]
+    if source.stem.endswith(f".{kind}"):
+        return source  # already in the peer's type (the teacher's own Q4_1 file): served as it is
     target = out_dir / f"{source.stem}.{kind}.gguf"
     if not target.exists():  # written under another name first: an interrupted run leaves no half file behind
         out_dir.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
-        done = subprocess.run([str(server.with_name("llama-quantize")), "--allow-requantize", str(source),
-                               str(partial), kind], capture_output=True, text=True)
+        done = subprocess.run(
+            [str(server.with_name("llama-quantize")), "--allow-requantize", str(source), str(partial), kind],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"llama-quantize failed: {done.stderr.strip()[-LOG_TAIL:]}")
         partial.replace(target)
@@ -49,13 +54,48 @@ class PeerServer(ReadyProcess):
     ready_path = "/health"
 
     def __init__(self, server: Path, gguf: Path, threads: int, context: int):
-        super().__init__(lambda port: [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                       "-t", str(threads), "-tb", str(threads), "-np", str(CLIENTS),
-                                       "-c", str(CLIENTS * context), "--no-webui"])
+        super().__init__(
+            lambda port: [
+                str(server),
+                "-m",
+                str(gguf),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "-np",
+                str(CLIENTS),
+                "-c",
+                str(CLIENTS * context),
+                "--no-webui",
+            ]
+        )
 
 
-WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wise", "owls",
-         "count", "stars", "above", "quiet", "hills")
+WORDS = (
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wise",
+    "owls",
+    "count",
+    "stars",
+    "above",
+    "quiet",
+    "hills",
+)
 
 
 def prompt_of(tokenizer, length: int, variant: int = 0) -> str:
@@ -112,6 +152,7 @@ async def _clients(url: str, bodies: list[dict]) -> tuple[float, int]:
 
 def measure_server(url: str, model: str, prompts: Prompts, pid: int, repeats: int = 3) -> dict:
     """The figures of one server (see the module)."""
+
     def bodies(length: int, max_tokens: int, count: int = repeats) -> list[dict]:
         return [_body(model, prompts.next(length), max_tokens) for _ in range(count)]
 
@@ -122,10 +163,13 @@ def measure_server(url: str, model: str, prompts: Prompts, pid: int, repeats: in
         assert usage["completion_tokens"] == DECODE_TOKENS + 1, usage
         first = {n: _median_latency(client, url, bodies(n, 1)) for n in PROMPT_LENGTHS}
     seconds, tokens = asyncio.run(_clients(url, bodies(32, DECODE_TOKENS, 2 * CLIENTS)))
-    return {"decode_tokens_per_s": DECODE_TOKENS / (long - one),
-            **{f"first_token_ms_{n}": 1000 * first[n][0] for n in PROMPT_LENGTHS},
-            **{f"prompt_tokens_{n}": first[n][1]["prompt_tokens"] for n in PROMPT_LENGTHS},
-            f"clients_{CLIENTS}_tokens_per_s": tokens / seconds, "rss_mib": rss_of(pid) / 2**20}
+    return {
+        "decode_tokens_per_s": DECODE_TOKENS / (long - one),
+        **{f"first_token_ms_{n}": 1000 * first[n][0] for n in PROMPT_LENGTHS},
+        **{f"prompt_tokens_{n}": first[n][1]["prompt_tokens"] for n in PROMPT_LENGTHS},
+        f"clients_{CLIENTS}_tokens_per_s": tokens / seconds,
+        "rss_mib": rss_of(pid) / 2**20,
+    }
 
 
 def ratios(ours: dict, theirs: dict) -> dict:

@@ -23,13 +23,33 @@ def apply_serving_threads(threads: int | None) -> int:
     return count
 
 
-def build_engine(*, pair: str | None = None, teacher: str | None = None, student: str | None = None,
-                 order: str | None = None, device: str | None = None, dtype: str | None = None,
-                 name: str | None = None, variant_cache_size: int = 32, native_kernels: bool | None = None,
-                 limits: EngineLimits = EngineLimits(),
-                 on_batch: Callable[[int | str, int], None] | None = None,
-                 threads: int | None = None, int8: bool = False) -> InferenceEngine:
+def build_engine(
+    *,
+    pair: str | None = None,
+    teacher: str | None = None,
+    student: str | None = None,
+    order: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    name: str | None = None,
+    variant_cache_size: int = 32,
+    native_kernels: bool | None = None,
+    limits: EngineLimits = EngineLimits(),
+    on_batch: Callable[[int | str, int], None] | None = None,
+    threads: int | None = None,
+    weights: str = "float",
+) -> InferenceEngine:
     apply_serving_threads(threads)
-    family = load_family(teacher, student, pair=pair, order=order, dtype=dtype, device=device,
-                         cache_size=variant_cache_size, name=name, native_kernels=native_kernels, int8=int8)
+    family = load_family(
+        teacher,
+        student,
+        pair=pair,
+        order=order,
+        dtype=dtype,
+        device=device,
+        cache_size=variant_cache_size,
+        name=name,
+        native_kernels=native_kernels,
+        weights=weights,
+    )
     return InferenceEngine(family, limits, on_batch)

@@ -9,9 +9,10 @@ from typing import Protocol
 MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: sampling is treated as greedy
 
 
-# how the pair's weights are held: as loaded, in the pair's float dtype; or every matrix and embedding as int8
-# with one scale per row (a quarter of fp32's bytes, read on every token)
-WEIGHT_FORMS = ("float", "int8")
+# how the pair's weights are held: as loaded, in the pair's float dtype; every matrix and embedding as int8 with
+# one scale per row (a quarter of fp32's bytes, read on every token); or every matrix in 4-bit blocks of 32 with
+# a scale and a minimum each (llama.cpp's Q4_1) and embeddings in int8
+WEIGHT_FORMS = ("float", "int8", "q4")
 DEFAULT_WEIGHTS = "float"
 
 
@@ -132,13 +133,15 @@ class Engine(Protocol):
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
 
-    def generate(self, num_layers: int, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
-        ...
+    def generate(
+        self, num_layers: int, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]: ...
 
     async def score(self, num_layers: int, prompt_ids: list[int], top_logprobs: int = 0) -> ScoreResult: ...
 
-    async def score_batch(self, num_layers: int, prompts: list[list[int]], top_logprobs: int = 0) -> list[ScoreResult]:
-        ...
+    async def score_batch(
+        self, num_layers: int, prompts: list[list[int]], top_logprobs: int = 0
+    ) -> list[ScoreResult]: ...
 
     def sampling_defaults(self) -> dict:
         """Sampling fields the pair sets for requests that set none of them (e.g. `repetition_penalty`)."""

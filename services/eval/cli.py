@@ -26,37 +26,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=8, help="windows per held-out text")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--ablation", action="append", default=[], metavar="NAME=STUDENT_DIR",
-                        help="another student of the same teacher, plotted on the same axes")
-    parser.add_argument("--baselines", default="naive",
-                        help="the teacher pruned without training at every size, comma-separated: naive (the "
-                             "student's layout, undistilled), shortgpt (lowest Block Influence dropped), laco "
-                             "(layers merged); see docs/baselines.md")
-    parser.add_argument("--calibration-data", default="shakespeare",
-                        help="text that shortgpt and laco are calibrated on (never the held-out texts; default: "
-                             "the plays without The Tempest)")
+    parser.add_argument(
+        "--ablation",
+        action="append",
+        default=[],
+        metavar="NAME=STUDENT_DIR",
+        help="another student of the same teacher, plotted on the same axes",
+    )
+    parser.add_argument(
+        "--baselines",
+        default="naive",
+        help="the teacher pruned without training at every size, comma-separated: naive (the "
+        "student's layout, undistilled), shortgpt (lowest Block Influence dropped), laco "
+        "(layers merged); see docs/baselines.md",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        default="shakespeare",
+        help="text that shortgpt and laco are calibrated on (never the held-out texts; default: "
+        "the plays without The Tempest)",
+    )
     parser.add_argument("--calibration-chunks", type=int, default=8, help="calibration windows")
     parser.add_argument("--calibration-seq-len", type=int, default=256)
-    parser.add_argument("--chat", action="store_true",
-                        help="also measure chat quality per size (answer perplexity, degenerate answers, agreement "
-                             "with the teacher, multiple choice): chat.json and chat.md")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="also measure chat quality per size (answer perplexity, degenerate answers, agreement "
+        "with the teacher, multiple choice): chat.json and chat.md",
+    )
     parser.add_argument("--no-curve", action="store_true", help="skip the raw-text curve (with --chat: chat only)")
-    parser.add_argument("--weights", choices=WEIGHT_FORMS, default=DEFAULT_WEIGHTS,
-                        help="int8: held-out perplexity of every size as loaded and in int8, and their ratio "
-                        "(weights.json; no curve)")
-    parser.add_argument("--update-manifest", action="store_true",
-                        help="record what was measured per size in the pair's manifest (`quality`)")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMS,
+        default=DEFAULT_WEIGHTS,
+        help="int8 or q4: held-out perplexity of every size as loaded and in that form, and "
+        "their ratio (weights-FORM.json; no curve)",
+    )
+    parser.add_argument(
+        "--update-manifest",
+        action="store_true",
+        help="record what was measured per size in the pair's manifest (`quality`)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     baselines = parse_baselines(args.baselines)  # before loading: a misspelt name fails at once
     if args.update_manifest and "naive" not in baselines:
-        raise InvalidRequestError("--update-manifest records the naive baseline: keep naive in --baselines",
-                                  param="baselines")
-    if args.weights == "int8":
+        raise InvalidRequestError(
+            "--update-manifest records the naive baseline: keep naive in --baselines", param="baselines"
+        )
+    if args.weights != "float":
         if args.chat or args.update_manifest or args.ablation:
-            raise InvalidRequestError("--weights int8 compares held-out perplexity only: drop --chat, "
-                                      "--update-manifest and --ablation", param="weights")
+            raise InvalidRequestError(
+                f"--weights {args.weights} compares held-out perplexity only: drop --chat, "
+                "--update-manifest and --ablation",
+                param="weights",
+            )
         return _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:
@@ -69,36 +94,55 @@ def run(args: argparse.Namespace) -> int:
     if args.no_curve:
         return 0
     options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
-    calibration = (calibration_text(args.calibration_data, family.tokenizer, args.calibration_chunks,
-                                    args.calibration_seq_len) if needs_calibration(baselines) else None)
+    calibration = (
+        calibration_text(args.calibration_data, family.tokenizer, args.calibration_chunks, args.calibration_seq_len)
+        if needs_calibration(baselines)
+        else None
+    )
     report = evaluate_curve(family, **options, baselines=baselines, calibration=calibration)
     ablations = {}
     for spec in args.ablation:
         name, _, student = spec.partition("=")
         teacher_dir = args.teacher or _teacher_dir(family)
-        ablations[name] = evaluate_curve(load_family(teacher_dir, student, order=family.order,
-                                                     device="cpu", name=name), **options, baselines=())
+        ablations[name] = evaluate_curve(
+            load_family(teacher_dir, student, order=family.order, device="cpu", name=name), **options, baselines=()
+        )
     write_report(report, Path(args.out), ablations)
     if args.update_manifest:
         _record_quality(Path(args.pair or DEFAULT_PAIR), report)
     for row in report["sizes"]:
         ppl = {f"ppl_{k}": round(v, 2) for k, v in row["perplexity"].items()}
         pruned = {f"{name}_{k}": round(v, 2) for name, texts in row["baselines"].items() for k, v in texts.items()}
-        print(json.dumps({"num_layers": row["num_layers"], **ppl, **pruned,
-                          "tok_s": round(row["decode_tokens_per_s"], 2)}))
+        print(
+            json.dumps(
+                {"num_layers": row["num_layers"], **ppl, **pruned, "tok_s": round(row["decode_tokens_per_s"], 2)}
+            )
+        )
     return 0
 
 
 def _compare_weights(args: argparse.Namespace) -> int:
-    report = compare_weights(lambda int8: load_family(args.teacher, args.student, pair=args.pair, order=args.order,
-                                                      device="cpu", int8=int8),
-                             num_chunks=args.chunks, seq_len=args.seq_len)
+    report = compare_weights(
+        lambda weights: load_family(
+            args.teacher, args.student, pair=args.pair, order=args.order, device="cpu", weights=weights
+        ),
+        args.weights,
+        num_chunks=args.chunks,
+        seq_len=args.seq_len,
+    )
     print(f"wrote {write_weights_report(report, Path(args.out))}")
     for row in report["sizes"]:
         ratios = {f"ratio_{text}": round(value, 4) for text, value in row["ratio"].items()}
-        print(json.dumps({"num_layers": row["num_layers"], **ratios,
-                          **{f"ppl_int8_{text}": round(value, 3) for text, value in row["int8"].items()}}))
-    print(f"worst int8 / float perplexity: {report['worst_ratio']:.4f}")
+        print(
+            json.dumps(
+                {
+                    "num_layers": row["num_layers"],
+                    **ratios,
+                    **{f"ppl_{args.weights}_{text}": round(value, 3) for text, value in row[args.weights].items()},
+                }
+            )
+        )
+    print(f"worst {args.weights} / float perplexity: {report['worst_ratio']:.4f}")
     return 0
 
 
@@ -111,8 +155,10 @@ def _record_chat(pair_dir: Path, chat: dict) -> None:
         quality = manifest.setdefault("quality", {})
         for row in chat["sizes"]:
             quality.setdefault(str(row["num_layers"]), {})["chat"] = chat_quality(row)
-        manifest["chat_quality_method"] = {k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice",
-                                                                "sampling_defaults")}
+        manifest["chat_quality_method"] = {
+            k: chat[k] for k in ("prompts", "max_new_tokens", "multiple_choice", "sampling_defaults")
+        }
+
     update_manifest(pair_dir, change)
 
 
@@ -121,10 +167,16 @@ def _record_quality(pair_dir: Path, report: dict) -> None:
         quality = manifest.setdefault("quality", {})
         for r in report["sizes"]:
             entry = quality.setdefault(str(r["num_layers"]), {})
-            entry.update({"perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
-                          "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2)})
+            entry.update(
+                {
+                    "perplexity": {k: round(v, 3) for k, v in r["perplexity"].items()},
+                    "decode_tokens_per_s_cpu": round(r["decode_tokens_per_s"], 2),
+                }
+            )
             if "naive" in r["baselines"]:  # other baselines stay in curve.json: the manifest describes the pair
                 entry["naive_perplexity"] = {k: round(v, 3) for k, v in r["baselines"]["naive"].items()}
-        manifest["quality_method"] = {k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype",
-                                                             "machine")}
+        manifest["quality_method"] = {
+            k: report[k] for k in ("texts", "num_chunks", "seq_len", "device", "dtype", "machine")
+        }
+
     update_manifest(pair_dir, change)

@@ -17,7 +17,7 @@ from services.cpu.huge_pages import move_to_huge_pages
 from services.errors import InvalidPairError, UnknownSizeError
 from services.family.architectures import ArchitectureSpec, get_path, number_layers, spec_for
 from services.family.assembly import assemble_variant, make_template
-from services.family.int8 import float_dtype, is_int8, quantize_int8
+from services.family.int8 import Int8Linear, float_dtype, quantize_int8
 from services.family.loading import (
     check_pair,
     check_tokenizers,
@@ -30,6 +30,7 @@ from services.family.loading import (
     swap_parameters,
 )
 from services.family.plan import STUDENT, TEACHER, Order, StudentLayout, VariantPlan, parse_order, plan_family
+from services.family.q4 import Q4Linear, quantize_q4
 from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
 
 DEFAULT_VARIANT_CACHE_SIZE = 32
@@ -47,8 +48,12 @@ def share_identical_parameters(teacher: nn.Module, student: nn.Module) -> int:
 
     def identical(name: str, param: nn.Parameter) -> nn.Parameter | None:
         other = teacher_params.get(name)
-        same = (other is not None and other.shape == param.shape and other.dtype == param.dtype
-                and torch.equal(other, param))
+        same = (
+            other is not None
+            and other.shape == param.shape
+            and other.dtype == param.dtype
+            and torch.equal(other, param)
+        )
         return other if same else None
 
     return sum(p.numel() * p.element_size() for p in swap_parameters(student, identical))
@@ -67,9 +72,18 @@ class SizeInfo:
 class Family:
     """Teacher + student + plans; `variant(n)` assembles (and caches) the n-layer model."""
 
-    def __init__(self, name: str, teacher: nn.Module, student: nn.Module, layout: StudentLayout,
-                 order: Order | str, tokenizer=None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
-                 quality: dict | None = None, sampling_defaults: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        teacher: nn.Module,
+        student: nn.Module,
+        layout: StudentLayout,
+        order: Order | str,
+        tokenizer=None,
+        cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
+        quality: dict | None = None,
+        sampling_defaults: dict | None = None,
+    ):
         self.name = name
         self.teacher, self.student, self.layout = teacher, student, layout
         self.order = parse_order(order)
@@ -100,14 +114,16 @@ class Family:
         return float_dtype(self.teacher)
 
     @property
-    def int8(self) -> bool:
-        """Matrices and embeddings stored as int8 (`load_family`)."""
-        return is_int8(self.teacher)
+    def weights(self) -> str:
+        """How the matrices are held (`WEIGHT_FORMS`): "q4" where any is 4-bit, "int8" where any is int8."""
+        kinds = {type(module) for module in self.teacher.modules()}
+        return "q4" if Q4Linear in kinds else "int8" if Int8Linear in kinds else "float"
 
     def plan(self, num_layers: int) -> VariantPlan:
         if num_layers not in self.plans:
             raise UnknownSizeError(
-                f"no {num_layers}-layer model in this family; sizes are {self.sizes}", param="num_layers")
+                f"no {num_layers}-layer model in this family; sizes are {self.sizes}", param="num_layers"
+            )
         return self.plans[num_layers]
 
     def assemble(self, plan: VariantPlan) -> nn.Module:
@@ -141,22 +157,42 @@ class Family:
         plan = self.plan(num_layers)
         sources = {TEACHER: self.teacher, STUDENT: self.student}
         modules = [get_path(sources[ref.source], self.spec.layers)[ref.index] for ref in plan.layers]
-        modules += [get_path(sources[plan.embed], self.spec.embed), get_path(sources[plan.norm], self.spec.norm),
-                    get_path(sources[plan.head], self.spec.head)]
+        modules += [
+            get_path(sources[plan.embed], self.spec.embed),
+            get_path(sources[plan.norm], self.spec.norm),
+            get_path(sources[plan.head], self.spec.head),
+        ]
         params = {id(p): p for module in modules for p in module.parameters()}
-        return SizeInfo(num_layers, plan.patched_blocks, sum(p.numel() for p in params.values()),
-                        sum(p.numel() * p.element_size() for p in params.values()))
+        return SizeInfo(
+            num_layers,
+            plan.patched_blocks,
+            sum(p.numel() for p in params.values()),
+            sum(p.numel() * p.element_size() for p in params.values()),
+        )
 
     def model_id(self, num_layers: int) -> str:
         return f"{self.name}-{num_layers}L"
 
 
-def load_family(teacher: str | Path | None = None, student: str | Path | None = None, *,
-                pair: str | Path | None = None, order: str | Sequence[int] | None = None, dtype: str | None = None,
-                device: str | None = None, cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
-                name: str | None = None, native_kernels: bool | None = None, int8: bool = False) -> Family:
+QUANTIZERS = {"int8": quantize_int8, "q4": quantize_q4}  # weight form -> in-place quantizer of a pair
+
+
+def load_family(
+    teacher: str | Path | None = None,
+    student: str | Path | None = None,
+    *,
+    pair: str | Path | None = None,
+    order: str | Sequence[int] | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    cache_size: int = DEFAULT_VARIANT_CACHE_SIZE,
+    name: str | None = None,
+    native_kernels: bool | None = None,
+    weights: str = "float",
+) -> Family:
     """Load a pair from two HF folders (paper layout) or a `models_store` pair folder (default pair if none).
-    `int8`: every matrix and embedding stored as int8 with per-row scales (`family.int8`), else in `dtype`."""
+    `weights`: "float" (as loaded, in `dtype`), "int8" (every matrix and embedding with per-row scales) or "q4"
+    (matrices in 4-bit blocks, embeddings int8); see `WEIGHT_FORMS`."""
     quality, sampling_defaults = {}, {}
     if teacher is None and student is None:
         manifest = Manifest.read(Path(pair) if pair else DEFAULT_PAIR)
@@ -177,15 +213,27 @@ def load_family(teacher: str | Path | None = None, student: str | Path | None = 
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     on_cpu = torch.device(device).type == "cpu"
-    teacher_model, student_model = (load_model(folder, torch_dtype, device, fresh_memory=not on_cpu)
-                                    for folder in (teacher, student))
+    teacher_model, student_model = (
+        load_model(folder, torch_dtype, device, fresh_memory=not on_cpu) for folder in (teacher, student)
+    )
     native = native_kernels_wanted() if native_kernels is None else native_kernels
     if native and on_cpu and torch_dtype == torch.float32:
         enable_fast_linear(teacher_model, student_model)
-    family = Family(name or f"{teacher.name}-boomerang", teacher_model, student_model, layout, order or "last",
-                    tokenizer, cache_size, quality, sampling_defaults)
-    if int8:  # after the pair's identical tensors are shared: each is quantized once
-        quantize_int8([teacher_model, student_model], use_kernel=native and on_cpu and torch_dtype == torch.float32)
+    family = Family(
+        name or f"{teacher.name}-boomerang",
+        teacher_model,
+        student_model,
+        layout,
+        order or "last",
+        tokenizer,
+        cache_size,
+        quality,
+        sampling_defaults,
+    )
+    if weights != "float":  # after the pair's identical tensors are shared: each is quantized once
+        QUANTIZERS[weights](
+            [teacher_model, student_model], use_kernel=native and on_cpu and torch_dtype == torch.float32
+        )
     if on_cpu:
         move_to_huge_pages([teacher_model, student_model])  # the one copy of the loaded weights
     return family

@@ -44,9 +44,15 @@ class Int8Linear(nn.Linear):
         if self.use_kernel and rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
             out = load_gemv_q8()(x.reshape(rows, self.in_features), self.weight, self.weight_scale, self.bias)
             return out.view(*x.shape[:-1], self.out_features)  # [..., out]
-        pieces = [functional.linear(x, dequantize_rows(self.weight[start:start + CHUNK_ROWS],
-                                                       self.weight_scale[start:start + CHUNK_ROWS], x.dtype))
-                  for start in range(0, self.out_features, CHUNK_ROWS)]  # each [..., chunk]
+        pieces = [
+            functional.linear(
+                x,
+                dequantize_rows(
+                    self.weight[start : start + CHUNK_ROWS], self.weight_scale[start : start + CHUNK_ROWS], x.dtype
+                ),
+            )
+            for start in range(0, self.out_features, CHUNK_ROWS)
+        ]  # each [..., chunk]
         out = torch.cat(pieces, dim=-1)  # [..., out]
         return out + self.bias if self.bias is not None else out
 
@@ -71,7 +77,7 @@ def is_int8(module: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in module.modules())
 
 
-def _users(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
+def users_by_tensor(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
     """Linear layers and embeddings grouped by the weight tensor they hold (shared and tied ones together);
     each embedding learns the dtype it must return."""
     users: dict[int, list[nn.Module]] = {}
@@ -88,7 +94,7 @@ def _users(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
 def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
     """Quantizes every linear layer and embedding of `models` in place (each distinct weight tensor once);
     returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV."""
-    users = _users(models)
+    users = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q8() is not None
     for modules in users.values():
         q, scale = quantize_rows(modules[0].weight)

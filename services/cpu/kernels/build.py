@@ -17,10 +17,16 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 X86 = ("x86_64", "AMD64")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # at::parallel_for is OpenMP, in the header
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # at::parallel_for is OpenMP, in the header
 # Vector sets the kernels are written for, widest first, each with the CPU flags it needs and its compiler
 # flags. AVX-512 widens the batched dot products (compute-bound from a few rows up); one row stays AVX2.
-ISAS = {"avx512": ({"avx512f", "avx2", "fma"}, ["-mavx512f"]), "avx2": ({"avx2", "fma"}, [])}
+ISAS = {
+    "avx512": (
+        {"avx512f", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"},
+        ["-mavx512f", "-mavx512vl", "-mavx512vnni"],
+    ),
+    "avx2": ({"avx2", "fma", "f16c"}, []),
+}
 
 
 def cpu_flags() -> set[str]:
@@ -59,8 +65,9 @@ def build(name: str, source: Path, isa: str | None = None) -> ModuleType | None:
             return module
         from torch.utils.cpp_extension import load
 
-        return load(module_name, [str(source)], extra_cflags=FLAGS + ISAS[isa][1], extra_ldflags=["-fopenmp"],
-                    verbose=False)
+        return load(
+            module_name, [str(source)], extra_cflags=FLAGS + ISAS[isa][1], extra_ldflags=["-fopenmp"], verbose=False
+        )
     except Exception as error:  # no compiler, no headers: the stock path serves instead
         log.warning("native kernel %s unavailable, using torch: %s", name, str(error).splitlines()[0])
         return None
@@ -98,10 +105,12 @@ def _compile(module_name: str, source: Path, isa_flags: list[str], directory: Pa
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     # -g0: the interpreter's own CFLAGS ask for debug info, which would make each file many times larger
-    extension = CppExtension(module_name, [str(source)], extra_compile_args=FLAGS + isa_flags + ["-g0"],
-                             extra_link_args=["-fopenmp"])
-    distribution = Distribution({"name": module_name, "ext_modules": [extension],
-                                 "cmdclass": {"build_ext": BuildExtension}})
+    extension = CppExtension(
+        module_name, [str(source)], extra_compile_args=FLAGS + isa_flags + ["-g0"], extra_link_args=["-fopenmp"]
+    )
+    distribution = Distribution(
+        {"name": module_name, "ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+    )
     with tempfile.TemporaryDirectory() as temp:  # one per build: the same .cpp's objects must not be shared
         command = distribution.get_command_obj("build_ext")
         command.build_lib, command.build_temp = str(directory), temp

@@ -20,11 +20,11 @@
 namespace {
 
 constexpr int kMatrices = 7;  // q, k, v, o, gate, up, down
-// the slots of the weight matrices; slot kSlots - kMatrices + i holds matrix i's per-row scales where it is
-// int8, else nothing
+// the slots of the weight matrices; slot kTensorSlots + i holds matrix i's scales where it is int8 (per row,
+// fp32) or 4-bit (per block, fp16), slot kTensorSlots + kMatrices + i its 4-bit block minimums, else nothing
 constexpr int kMatrixSlots[kMatrices] = {1, 3, 5, 7, 12, 13, 14};
 constexpr int kTensorSlots = 15;  // norms, matrices, biases and q/k norms
-constexpr int kSlots = kTensorSlots + kMatrices;  // a layer's slots, in the order `layer_tensors` (Python) lists them
+constexpr int kSlots = kTensorSlots + 2 * kMatrices;  // a layer's slots, in the order `layer_tensors` lists them
 
 // One decoder layer's weights; nullptr where the layer has none (biases, q/k norms).
 struct Layer {
@@ -45,21 +45,41 @@ const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_p
 
 bool is_matrix_slot(size_t slot) { return std::find(std::begin(kMatrixSlots), std::end(kMatrixSlots), slot) != std::end(kMatrixSlots); }
 
-boomerang::Weights matrix_view(const torch::Tensor& weight, const torch::Tensor& scale) {
-  if (weight.scalar_type() != torch::kChar) return {weight.data_ptr<float>(), nullptr, nullptr};
-  TORCH_CHECK(scale.numel() == weight.size(0), "LayerStack: an int8 matrix needs one fp32 scale per row");
-  return {nullptr, weight.data_ptr<int8_t>(), scale.data_ptr<float>()};
+boomerang::Weights matrix_view(const torch::Tensor& weight, const torch::Tensor& scale, const torch::Tensor& minimum) {
+  boomerang::Weights w;
+  if (weight.scalar_type() == torch::kChar) {
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0),
+                "LayerStack: an int8 matrix needs one fp32 scale per row");
+    w.q8 = weight.data_ptr<int8_t>();
+    w.scale = scale.data_ptr<float>();
+  } else if (weight.scalar_type() == torch::kByte) {
+    const int64_t blocks = weight.size(0) * weight.size(1) * 2 / boomerang::kBlock;
+    TORCH_CHECK(weight.size(1) % boomerang::kBlock == 0 && scale.scalar_type() == torch::kHalf &&
+                    minimum.scalar_type() == torch::kHalf && scale.numel() == blocks && minimum.numel() == blocks,
+                "LayerStack: a 4-bit matrix needs rows of whole block pairs and an fp16 scale and minimum per block");
+    w.q4 = weight.data_ptr<uint8_t>();
+    w.block_scale = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+    w.block_min = reinterpret_cast<const uint16_t*>(minimum.data_ptr<at::Half>());
+  } else {
+    w.f32 = weight.data_ptr<float>();
+  }
+  return w;
 }
 
 Layer layer_view(const std::vector<torch::Tensor>& w) {
   TORCH_CHECK(w.size() == kSlots, "LayerStack: ", kSlots, " weight slots per layer");
   for (size_t slot = 0; slot < w.size(); ++slot) {
     const auto& t = w[slot];
-    const bool int8 = is_matrix_slot(slot) && t.scalar_type() == torch::kChar;
-    TORCH_CHECK(!t.numel() || ((t.scalar_type() == torch::kFloat || int8) && t.is_contiguous() && t.device().is_cpu()),
-                "LayerStack: contiguous CPU weights, fp32 (matrices fp32 or int8) only");
+    const auto type = t.scalar_type();
+    const bool quantized = is_matrix_slot(slot) && (type == torch::kChar || type == torch::kByte);
+    const bool block_constant = slot >= size_t(kTensorSlots) && type == torch::kHalf;
+    TORCH_CHECK(!t.numel() || ((type == torch::kFloat || quantized || block_constant) && t.is_contiguous() &&
+                               t.device().is_cpu()),
+                "LayerStack: contiguous CPU weights, fp32 (matrices fp32, int8 or 4-bit) only");
   }
-  const auto matrix = [&](int i) { return matrix_view(w[kMatrixSlots[i]], w[kSlots - kMatrices + i]); };
+  const auto matrix = [&](int i) {
+    return matrix_view(w[kMatrixSlots[i]], w[kTensorSlots + i], w[kTensorSlots + kMatrices + i]);
+  };
   return {w[0].data_ptr<float>(), matrix(0),           optional_data(w[2]),     matrix(1),
           optional_data(w[4]),    matrix(2),           optional_data(w[6]),     matrix(3),
           optional_data(w[8]),    optional_data(w[9]), optional_data(w[10]),    w[11].data_ptr<float>(),

@@ -39,6 +39,24 @@ torch::Tensor gemv_q8(const torch::Tensor& x, const torch::Tensor& weight, const
   return apply(x.contiguous(), wc.size(0), {nullptr, wc.data_ptr<int8_t>(), sc.data_ptr<float>()}, bias);
 }
 
+// The same over 4-bit weights: weight uint8 [out, in / 2] (blocks of 32 packed in pairs), scale and minimum
+// fp16 [out, in / 32]; fp32 input and output, in a multiple of 64.
+torch::Tensor gemv_q4(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                      const torch::Tensor& minimum, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == 2 * weight.size(1) && x.size(1) % 64 == 0,
+              "gemv_q4: x [B, in], weight [out, in / 2], in a multiple of 64");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kByte &&
+                  scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf &&
+                  scale.numel() == weight.size(0) * x.size(1) / 32 && minimum.numel() == scale.numel(),
+              "gemv_q4: fp32 x, uint8 weight, one fp16 scale and minimum per block of 32");
+  const auto wc = weight.contiguous(), sc = scale.contiguous(), mc = minimum.contiguous();
+  boomerang::Weights w;
+  w.q4 = wc.data_ptr<uint8_t>();
+  w.block_scale = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  w.block_min = reinterpret_cast<const uint16_t*>(mc.data_ptr<at::Half>());
+  return apply(x.contiguous(), wc.size(0), w, bias);
+}
+
 // Sum of a contiguous fp32 tensor, each thread streaming its share with the GEMV's read loop: a second
 // probe of the machine's read bandwidth for `boomerang bench`, beside torch's own sum.
 double stream_sum(const torch::Tensor& data) {
@@ -58,5 +76,6 @@ double stream_sum(const torch::Tensor& data) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "few-row fp32 GEMV (AVX2/FMA)");
   m.def("gemv_q8", &gemv_q8, "few-row GEMV over int8 weights with per-row scales (AVX2/FMA)");
+  m.def("gemv_q4", &gemv_q4, "few-row GEMV over 4-bit weights in blocks of 32 (AVX2, VNNI where present)");
   m.def("stream_sum", &stream_sum, "sum of an fp32 tensor read like GEMV weights (a bandwidth probe)");
 }

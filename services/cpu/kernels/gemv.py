@@ -27,6 +27,12 @@ def load_gemv_q8() -> Callable | None:
     return None if _module() is None else _module().gemv_q8
 
 
+def load_gemv_q4() -> Callable | None:
+    """`gemv_q4(x [rows, in], weight uint8 [out, in / 2], scale fp16 [out, in / 32], minimum fp16 [out, in / 32],
+    bias | None) -> [rows, out]` (4-bit blocks, `services/family/q4.py`), or None."""
+    return None if _module() is None else _module().gemv_q4
+
+
 def load_stream_sum() -> Callable | None:
     """`stream_sum(data) -> float`: the sum of a contiguous fp32 tensor read like GEMV weights, or None."""
     return None if _module() is None else _module().stream_sum

@@ -1,7 +1,7 @@
 """The native step backend: one decode step of a group's layers in one kernel call (`LayerStack.step`,
 `services/cpu/kernels/decoder_step.cpp`), reading the modules' own tensors and appending to the batch's KV
-buffers in place. For fp32 or int8 CPU Llama-style layers (Llama/SmolLM2, Qwen2 with its biases, Qwen3 with its q/k
-norms) when native kernels are on; every other group takes the torch backend (`torch_layers`)."""
+buffers in place. For fp32, int8 or 4-bit CPU Llama-style layers (Llama/SmolLM2, Qwen2 with its biases, Qwen3 with
+its q/k norms) when native kernels are on; every other group takes the torch backend (`torch_layers`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from torch import nn
 from services.cpu.fast_linear import FastLinear
 from services.cpu.kernels.decoder_step import load_decoder_step
 from services.family.int8 import Int8Linear
+from services.family.q4 import Q4Linear
 
 # Architectures whose decoder layer is Llama's (pre-norm, rotate-half RoPE, SiLU-gated MLP), with the same
 # module names; Qwen2 adds q/k/v biases and Qwen3 per-head q/k RMSNorms, both handled by the kernel.
 FUSED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+# fp32 tensors, int8 matrices, 4-bit matrices (uint8) with their fp16 block scales and minimums
+KERNEL_DTYPES = frozenset({torch.float32, torch.int8, torch.uint8, torch.float16})
 
 
 def _tensor(module: nn.Module | None, name: str) -> torch.Tensor:
@@ -26,35 +29,49 @@ def _tensor(module: nn.Module | None, name: str) -> torch.Tensor:
 def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
     """A decoder layer's tensors in the kernel's slot order (`Layer` in decoder_step.cpp)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return [_tensor(layer.input_layernorm, "weight"),
-            _tensor(attn.q_proj, "weight"), _tensor(attn.q_proj, "bias"),
-            _tensor(attn.k_proj, "weight"), _tensor(attn.k_proj, "bias"),
-            _tensor(attn.v_proj, "weight"), _tensor(attn.v_proj, "bias"),
-            _tensor(attn.o_proj, "weight"), _tensor(attn.o_proj, "bias"),
-            _tensor(getattr(attn, "q_norm", None), "weight"), _tensor(getattr(attn, "k_norm", None), "weight"),
-            _tensor(layer.post_attention_layernorm, "weight"),
-            _tensor(mlp.gate_proj, "weight"), _tensor(mlp.up_proj, "weight"), _tensor(mlp.down_proj, "weight"),
-            *(_tensor(matrix, "weight_scale") for matrix in _matrices(layer))]
+    return [
+        _tensor(layer.input_layernorm, "weight"),
+        _tensor(attn.q_proj, "weight"),
+        _tensor(attn.q_proj, "bias"),
+        _tensor(attn.k_proj, "weight"),
+        _tensor(attn.k_proj, "bias"),
+        _tensor(attn.v_proj, "weight"),
+        _tensor(attn.v_proj, "bias"),
+        _tensor(attn.o_proj, "weight"),
+        _tensor(attn.o_proj, "bias"),
+        _tensor(getattr(attn, "q_norm", None), "weight"),
+        _tensor(getattr(attn, "k_norm", None), "weight"),
+        _tensor(layer.post_attention_layernorm, "weight"),
+        _tensor(mlp.gate_proj, "weight"),
+        _tensor(mlp.up_proj, "weight"),
+        _tensor(mlp.down_proj, "weight"),
+        *(_tensor(matrix, "weight_scale") for matrix in _matrices(layer)),
+        *(_tensor(matrix, "weight_min") for matrix in _matrices(layer)),
+    ]
 
 
 def _matrices(layer: nn.Module) -> list[nn.Module]:
-    """The seven weight matrices in the kernel's order; int8 ones carry a per-row `weight_scale`."""
+    """The seven weight matrices in the kernel's order; int8 ones carry a per-row `weight_scale`, 4-bit ones
+    per-block `weight_scale` and `weight_min`."""
     attn, mlp = layer.self_attn, layer.mlp
     return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
 
 
 def _layer_supported(layer: nn.Module) -> bool:
     tensors = layer_tensors(layer)
-    return all(t.dtype in (torch.float32, torch.int8) and t.device.type == "cpu" and t.is_contiguous()
-               for t in tensors) and all(
-        getattr(layer.mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj"))
+    return all(t.dtype in KERNEL_DTYPES and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and all(
+        getattr(layer.mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj")
+    )
 
 
 def _constants(layer: nn.Module) -> tuple[float, float, float]:
     """(RMSNorm eps, q/k norm eps, attention scaling) of one layer."""
     q_norm = getattr(layer.self_attn, "q_norm", None)
-    return (layer.input_layernorm.variance_epsilon, q_norm.variance_epsilon if q_norm is not None else 0.0,
-            layer.self_attn.scaling)
+    return (
+        layer.input_layernorm.variance_epsilon,
+        q_norm.variance_epsilon if q_norm is not None else 0.0,
+        layer.self_attn.scaling,
+    )
 
 
 def layer_stack(kernel, layers: list[nn.Module], config):
@@ -63,13 +80,17 @@ def layer_stack(kernel, layers: list[nn.Module], config):
     constants = {_constants(layer) for layer in layers}
     if not layers or len(constants) != 1 or not all(_layer_supported(layer) for layer in layers):
         return None
-    return kernel.LayerStack([layer_tensors(layer) for layer in layers], config.num_attention_heads,
-                             config.num_key_value_heads, *constants.pop())
+    return kernel.LayerStack(
+        [layer_tensors(layer) for layer in layers],
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        *constants.pop(),
+    )
 
 
 def _kernel_on(matrix: nn.Module) -> bool:
-    """Native kernels are on for this matrix: swapped to `FastLinear` (fp32), or int8 with the kernel."""
-    return type(matrix) is FastLinear or (type(matrix) is Int8Linear and matrix.use_kernel)
+    """Native kernels are on for this matrix: swapped to `FastLinear` (fp32), or int8 or 4-bit with the kernel."""
+    return type(matrix) is FastLinear or (type(matrix) in (Int8Linear, Q4Linear) and matrix.use_kernel)
 
 
 def config_supported(config) -> bool:
@@ -85,14 +106,24 @@ class NativeStep:
     def __init__(self, stack):
         self.stack = stack
 
-    def step(self, hidden: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
-             mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
         """hidden [rows, hidden_size] after the group's layers; writes position `length` of each layer's
         keys and values [rows, kv_heads, capacity, head_dim]. mask [rows, length + 1] (1: attend); cos, sin
         [rows, head_dim] fp32; `positions` is unused (the rotary values carry it)."""
         hidden = hidden.contiguous()  # [rows, hidden_size], updated in place by the kernel
-        self.stack.step(hidden, keys, values, length, mask.to(torch.long).contiguous(), cos.contiguous(),
-                        sin.contiguous())
+        self.stack.step(
+            hidden, keys, values, length, mask.to(torch.long).contiguous(), cos.contiguous(), sin.contiguous()
+        )
         return hidden
 
 

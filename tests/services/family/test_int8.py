@@ -24,8 +24,10 @@ def test_rows_round_to_within_half_a_step_of_their_own_scale():
 
 
 @pytest.mark.skipif(load_gemv_q8() is None, reason="no C++ compiler or no AVX2/FMA here")
-@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 576, 576), (3, 13, 7), (8, 1536, 576),
-                                                                   (16, 9, 1537), (5, 17, 130), (1, 4099, 64)])
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features"),
+    [(1, 576, 576), (3, 13, 7), (8, 1536, 576), (16, 9, 1537), (5, 17, 130), (1, 4099, 64)],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_kernel_matches_torch_on_the_dequantized_weights(rows, out_features, in_features, bias):
     generator = torch.Generator().manual_seed(rows * out_features + in_features)
@@ -49,24 +51,28 @@ def _dequantized_reference(pair) -> object:
 
 @pytest.mark.parametrize("native_kernels", [False, True])
 def test_every_size_matches_the_dequantized_pair(tiny_pair, native_kernels):
-    int8 = load_family(*tiny_pair, device="cpu", int8=True, native_kernels=native_kernels)
+    int8 = load_family(*tiny_pair, device="cpu", weights="int8", native_kernels=native_kernels)
     reference = _dequantized_reference(tiny_pair)
-    assert int8.int8 and int8.dtype == torch.float32
+    assert int8.weights == "int8" and int8.dtype == torch.float32
     for n in int8.sizes:
-        torch.testing.assert_close(forward_logits(int8.variant(n), PROMPT),
-                                   forward_logits(reference.variant(n), PROMPT), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            forward_logits(int8.variant(n), PROMPT), forward_logits(reference.variant(n), PROMPT), rtol=1e-4, atol=1e-4
+        )
 
 
 def _distinct(family, skip: str = "\0") -> dict[int, int]:
     """Bytes of each distinct tensor of the pair, parameters and buffers (names containing `skip` left out)."""
-    return {t.data_ptr(): t.nbytes for model in (family.teacher, family.student)
-            for name, t in (*model.named_parameters(), *model.named_buffers()) if skip not in name
-            and "rotary" not in name}
+    return {
+        t.data_ptr(): t.nbytes
+        for model in (family.teacher, family.student)
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if skip not in name and "rotary" not in name
+    }
 
 
 def test_shared_tensors_stay_shared_and_the_family_takes_a_quarter_of_the_bytes(llama_pair):
     full = load_family(*llama_pair, device="cpu")
-    int8 = load_family(*llama_pair, device="cpu", int8=True)
+    int8 = load_family(*llama_pair, device="cpu", weights="int8")
     teacher = int8.teacher
     assert type(teacher.model.embed_tokens) is Int8Embedding and type(teacher.lm_head) is Int8Linear
     assert teacher.lm_head.weight is teacher.model.embed_tokens.weight  # tied: one int8 tensor
@@ -79,7 +85,7 @@ def test_shared_tensors_stay_shared_and_the_family_takes_a_quarter_of_the_bytes(
 def test_int8_in_bfloat16_keeps_the_activations_dtype_and_matches_its_reference(llama_pair):
     """Half-precision pairs (the GPU default) quantize too: scales stay fp32 buffers, the family still
     computes in bf16, and each size matches the same pair dequantized in bf16."""
-    int8 = load_family(*llama_pair, device="cpu", dtype="bfloat16", int8=True)
+    int8 = load_family(*llama_pair, device="cpu", dtype="bfloat16", weights="int8")
     assert int8.dtype == torch.bfloat16 and int8.teacher.lm_head.weight_scale.dtype == torch.float32
     reference = load_family(*llama_pair, device="cpu", dtype="bfloat16")
     with torch.no_grad():
@@ -88,5 +94,6 @@ def test_int8_in_bfloat16_keeps_the_activations_dtype_and_matches_its_reference(
                 if isinstance(module, nn.Linear | nn.Embedding):
                     module.weight.copy_(dequantize_rows(*quantize_rows(module.weight), torch.bfloat16))
     for n in (int8.sizes[0], int8.sizes[-1]):
-        torch.testing.assert_close(forward_logits(int8.variant(n), PROMPT),
-                                   forward_logits(reference.variant(n), PROMPT), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(
+            forward_logits(int8.variant(n), PROMPT), forward_logits(reference.variant(n), PROMPT), rtol=2e-2, atol=2e-2
+        )

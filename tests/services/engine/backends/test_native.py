@@ -22,15 +22,16 @@ pytestmark = pytest.mark.skipif(load_decoder_step() is None, reason="no C++ comp
 
 # Even sizes, and odd ones: rows not a multiple of 8, inputs with a tail after the 8-wide loop, a head
 # dimension with a tail after the 32-wide blocks of the attention's weighted sum.
-SHAPES = {"even": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=32),
-          "odd": dict(hidden_size=44, intermediate_size=90, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=38)}
+SHAPES = {
+    "even": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "odd": dict(hidden_size=44, intermediate_size=90, num_attention_heads=2, num_key_value_heads=1, head_dim=38),
+}
 
 
 def _model(model_type: str, shape: str, **extra):
-    config = AutoConfig.for_model(model_type, vocab_size=97, num_hidden_layers=3, max_position_embeddings=256,
-                                  **SHAPES[shape], **extra)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=97, num_hidden_layers=3, max_position_embeddings=256, **SHAPES[shape], **extra
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -48,8 +49,13 @@ def _prefilled(model, rows: list[list[int]]):
     mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])  # [B, longest]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, longest]
     cache = SlotCache(model.config, {i: i for i in range(model.config.num_hidden_layers)})
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-          **{cache_argument_name(type(model)): cache})
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_argument_name(type(model)): cache},
+    )
     return cache, mask, positions[:, -1:]
 
 
@@ -59,14 +65,15 @@ def _buffers(cache, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tenso
     for layer in cache.layers:
         for out, filled in ((keys, layer.keys), (values, layer.values)):
             buffer = filled.new_zeros(*filled.shape[:2], capacity, filled.shape[-1])
-            buffer[:, :, :filled.shape[2]] = filled
+            buffer[:, :, : filled.shape[2]] = filled
             out.append(buffer)
     return keys, values
 
 
 @pytest.mark.parametrize("shape", ["even", "odd"])
-@pytest.mark.parametrize(("model_type", "extra"), [("llama", {}), ("qwen2", {}), ("qwen3", {}),
-                                                   ("llama", {"attention_bias": True})])
+@pytest.mark.parametrize(
+    ("model_type", "extra"), [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("llama", {"attention_bias": True})]
+)
 @torch.inference_mode()
 def test_native_steps_match_the_transformers_forward(model_type, extra, shape):
     model = _model(model_type, shape, **extra)
@@ -84,8 +91,13 @@ def test_native_steps_match_the_transformers_forward(model_type, extra, shape):
         cos, sin = rotary_lookup(model.model.rotary_emb)(positions[:, 0])  # [B, head_dim] each
         hidden = step.step(hidden, keys, values, length, mask, cos, sin, positions[:, 0])
         got = model.lm_head(model.model.norm(hidden))  # [B, vocab]
-        want = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                     **{cache_argument_name(type(model)): theirs}).logits[:, -1]  # [B, vocab]
+        want = model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_argument_name(type(model)): theirs},
+        ).logits[:, -1]  # [B, vocab]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         tokens = want.argmax(-1, keepdim=True)
     for ours_keys, ours_values, layer in zip(keys, values, theirs.layers):
@@ -109,9 +121,11 @@ def test_any_thread_count_gives_the_same_step(threads):
 def test_not_used_where_it_does_not_apply(llama_pair):
     stock = load_family(*llama_pair, device="cpu", native_kernels=False)  # native kernels off
     assert native_step(list(stock.teacher.model.layers), stock.teacher.config) is None
-    neox = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "gpt_neox", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4)).eval()
+    neox = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "gpt_neox", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        )
+    ).eval()
     enable_fast_linear(neox)
     assert native_step(list(neox.gpt_neox.layers), neox.config) is None
     gelu = _model("llama", "even", hidden_act="gelu")
@@ -126,8 +140,10 @@ def _run(family, with_join: bool) -> tuple[list[list[int]], list[torch.Tensor], 
     prompts = [[5, 17, 42], [99, 7, 3, 250, 61, 11, 8], [12], [40, 41, 42, 43, 44], [8, 9]]
     outputs, record, backends = [[] for _ in prompts], {}, set()
     sizes = [family.sizes[i % len(family.sizes)] for i in range(len(prompts))]
-    seqs = [Sequence(list(p), params, lambda delta, out=out: out.extend(delta.token_ids), num_layers=n)
-            for n, p, out in zip(sizes, prompts, outputs)]
+    seqs = [
+        Sequence(list(p), params, lambda delta, out=out: out.extend(delta.token_ids), num_layers=n)
+        for n, p, out in zip(sizes, prompts, outputs)
+    ]
     first = 3 if with_join else len(seqs)
     batch = FamilyBatch(family, seqs[:first], family.tokenizer, {2}, pad_id=0)
     record_logits(batch, record)
@@ -145,11 +161,11 @@ def _run(family, with_join: bool) -> tuple[list[list[int]], list[torch.Tensor], 
     return outputs, [torch.stack(record[id(seq)]) for seq in seqs], backends
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("weights", ["float", "int8"])
 @pytest.mark.parametrize("with_join", [False, True])
-def test_native_and_torch_backends_agree_on_a_llama_pair(llama_pair, with_join, int8):
-    native = load_family(*llama_pair, device="cpu", int8=int8)
-    stock = load_family(*llama_pair, device="cpu", native_kernels=False, int8=int8)
+def test_native_and_torch_backends_agree_on_a_llama_pair(llama_pair, with_join, weights):
+    native = load_family(*llama_pair, device="cpu", weights=weights)
+    stock = load_family(*llama_pair, device="cpu", native_kernels=False, weights=weights)
     native_tokens, native_logits, native_backends = _run(native, with_join)
     stock_tokens, stock_logits, stock_backends = _run(stock, with_join)
     assert native_backends == {NativeStep} and stock_backends == {LayerStep}

@@ -83,9 +83,7 @@ class InferenceEngine:
     def _memory_bound(self):
         config, family = self.family.teacher.config, self.family
         item_bytes = torch.empty((), dtype=family.dtype).element_size()
-        tensors = {p.data_ptr(): p.numel() * p.element_size()
-                   for model in (family.teacher, family.student) for p in model.parameters()}
-        return memory_bound(config, item_bytes, sum(tensors.values()), self.max_model_len,
+        return memory_bound(config, item_bytes, family.weights_bytes(), self.max_model_len,
                             self.limits.max_batch_size, self.limits.max_concurrent, self.mix_sizes)
 
     # -- sizes -------------------------------------------------------------------------------------------

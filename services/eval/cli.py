@@ -143,6 +143,7 @@ def _compare_weights(args: argparse.Namespace) -> int:
             )
         )
     print(f"worst {args.weights} / float perplexity: {report['worst_ratio']:.4f}")
+    print(f"all sizes' weights, {args.weights} / float bytes: {report['bytes_ratio']:.3f}")
     return 0
 
 

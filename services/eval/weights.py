@@ -18,9 +18,10 @@ from services.family import Family
 
 def compare_weights(load: Callable[[str], Family], form: str, num_chunks: int = 8, seq_len: int = 256) -> dict:
     """`load(weights)` gives the family as loaded ("float") and in `form`; each is measured, then let go."""
-    per_form, texts = {}, None
+    per_form, weights_bytes, texts = {}, {}, None
     for weights in ("float", form):
         family = load(weights)
+        weights_bytes[weights] = family.weights_bytes()
         texts = texts or {
             name: eval_chunks(read(), family.tokenizer, num_chunks, seq_len) for name, read in HELD_OUT_TEXTS.items()
         }
@@ -43,6 +44,8 @@ def compare_weights(load: Callable[[str], Family], form: str, num_chunks: int = 
         "num_chunks": num_chunks,
         "seq_len": seq_len,
         "machine": f"{platform.machine()} threads={torch.get_num_threads()}",
+        "weights_bytes": weights_bytes,
+        "bytes_ratio": weights_bytes[form] / weights_bytes["float"],
         "sizes": rows,
         "worst_ratio": max(r for row in rows for r in row["ratio"].values()),
     }

@@ -30,7 +30,8 @@ from services.family.loading import (
     swap_parameters,
 )
 from services.family.plan import STUDENT, TEACHER, Order, StudentLayout, VariantPlan, parse_order, plan_family
-from services.family.q4 import Q4Linear, quantize_q4
+from services.family.q4 import Q4Linear
+from services.family.q4_calibration import quantize_family_q4
 from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
 
 DEFAULT_VARIANT_CACHE_SIZE = 32
@@ -163,18 +164,29 @@ class Family:
             get_path(sources[plan.head], self.spec.head),
         ]
         params = {id(p): p for module in modules for p in module.parameters()}
-        return SizeInfo(
-            num_layers,
-            plan.patched_blocks,
-            sum(p.numel() for p in params.values()),
-            sum(p.numel() * p.element_size() for p in params.values()),
-        )
+        parameters = sum(p.numel() for p in params.values())
+        return SizeInfo(num_layers, plan.patched_blocks, parameters, _distinct_bytes(modules))
+
+    def weights_bytes(self) -> int:
+        """Bytes of the teacher's and the student's distinct tensors, all sizes together."""
+        return _distinct_bytes([self.teacher, self.student])
 
     def model_id(self, num_layers: int) -> str:
         return f"{self.name}-{num_layers}L"
 
 
-QUANTIZERS = {"int8": quantize_int8, "q4": quantize_q4}  # weight form -> in-place quantizer of a pair
+def _distinct_bytes(modules: list[nn.Module]) -> int:
+    """Parameters and buffers (the scales of quantized weights are buffers), each shared tensor once."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size()
+               for module in modules for t in (*module.parameters(), *module.buffers())}
+    return sum(tensors.values())
+
+
+def _quantize_int8(family: Family, use_kernel: bool) -> int:
+    return quantize_int8([family.teacher, family.student], use_kernel)
+
+
+QUANTIZERS = {"int8": _quantize_int8, "q4": quantize_family_q4}  # weight form -> in-place quantizer of a family
 
 
 def load_family(
@@ -231,9 +243,7 @@ def load_family(
         sampling_defaults,
     )
     if weights != "float":  # after the pair's identical tensors are shared: each is quantized once
-        QUANTIZERS[weights](
-            [teacher_model, student_model], use_kernel=native and on_cpu and torch_dtype == torch.float32
-        )
+        QUANTIZERS[weights](family, use_kernel=native and on_cpu and torch_dtype == torch.float32)
     if on_cpu:
         move_to_huge_pages([teacher_model, student_model])  # the one copy of the loaded weights
     return family

@@ -83,11 +83,11 @@ def test_a_bad_setting_exits_2_with_one_line(monkeypatch, caplog):
     monkeypatch.setenv("BOOMERANG_MAX_N", "0")
     assert main(["serve"]) == 2
     monkeypatch.delenv("BOOMERANG_MAX_N")
-    monkeypatch.setenv("BOOMERANG_WEIGHTS", "q4")  # a weight form we do not serve: refused at start
+    monkeypatch.setenv("BOOMERANG_WEIGHTS", "q2")  # a weight form we do not serve: refused at start
     assert main(["serve"]) == 2
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert lines == [
         "invalid setting port: Input should be less than or equal to 65535",
         "invalid setting max_n: Input should be greater than or equal to 1",
-        "invalid setting weights: Input should be 'float' or 'int8'",
+        "invalid setting weights: Input should be 'float', 'int8' or 'q4'",
     ]

@@ -295,10 +295,41 @@ __attribute__((noinline)) inline float row_dot_q4(const uint8_t* w, const uint16
   return horizontal_sum(_mm256_add_ps(a0, a1)) + offset;
 }
 
-// `matvec_rows` over 4-bit weights (n a multiple of 64). Every input row is quantized once, then each weight
-// row meets every input row while it is in L1; a row's arithmetic does not depend on the batch beside it.
+// Rows [first, first + rows) of 4-bit weights into fp32 `out` [rows, n].
+inline void dequantize_rows_q4(const Weights& w, int64_t first, int64_t rows, int64_t n, float* out) {
+  const int64_t blocks = n / kBlock;
+  const __m256i low_nibble = _mm256_set1_epi32(0x0F);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w.q4 + (first + r) * n / 2;
+    const uint16_t *scale = w.block_scale + (first + r) * blocks, *minimum = w.block_min + (first + r) * blocks;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* pair = row + (b & ~int64_t(1)) * kBlock / 2;
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[b])), m = _mm256_set1_ps(_cvtsh_ss(minimum[b]));
+      for (int i = 0; i < kBlock; i += 8) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + i)));
+        v = b & 1 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, low_nibble);
+        _mm256_storeu_ps(out + r * n + b * kBlock + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, m));
+      }
+    }
+  }
+}
+
+// `matvec_rows` over 4-bit weights (n a multiple of 64). One input row: each weight row against the input
+// quantized to 8 bits per block (integer dot products). More: eight weight rows at a time dequantized into an
+// fp32 block that stays in cache and multiplied as fp32 weights are, so unpacking is paid once per weight and
+// step, not once per input row.
 inline void matvec_rows_q4(const Weights& w, int64_t first, int64_t last, int64_t n, const float* x, int64_t batch,
                            float* y, int64_t y_stride) {
+  if (batch > 1) {
+    thread_local std::vector<float> block;
+    block.resize(8 * n);
+    for (int64_t r = first; r < last; r += 8) {
+      const int64_t rows = std::min<int64_t>(8, last - r);
+      dequantize_rows_q4(w, r, rows, n, block.data());
+      matvec_rows(block.data(), 0, rows, n, x, batch, y + (r - first), y_stride);
+    }
+    return;
+  }
   const int64_t blocks = n / kBlock;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> x_scale, x_sum;

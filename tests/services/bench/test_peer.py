@@ -39,4 +39,6 @@ def test_the_peer_gets_the_same_bits_per_weight_requantized_once(tmp_path):
         made = peer_gguf(quantize.with_name("llama-server"), source, "int8", tmp_path / "out")
     assert made.name == "teacher.Q4_1.Q8_0.gguf" and made.read_bytes() == b"GGUF"
     assert calls.read_text().split() == ["--allow-requantize", str(source), str(made.with_suffix(".partial")), "Q8_0"]
-    assert PEER_TYPES == {"float": "F32", "int8": "Q8_0"}
+    assert PEER_TYPES == {"float": "F32", "int8": "Q8_0", "q4": "Q4_1"}
+    assert peer_gguf(quantize.with_name("llama-server"), source, "q4", tmp_path / "out") == source  # its own type
+    assert len(calls.read_text().splitlines()) == 1

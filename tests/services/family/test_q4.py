@@ -1,6 +1,8 @@
 """4-bit weights: the block quantizer (lossless on blocks it made), the 4-bit GEMV kernel against the same
 arithmetic in torch, and a 4-bit family through both decode backends and against its dequantized reference."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from services.cpu.kernels.gemv import load_gemv_q4
 from services.engine.backends import native as native_backend
 from services.engine.backends.native import NativeStep
 from services.engine.backends.torch_layers import LayerStep
-from services.family import load_family
+from services.family import load_family, q4_calibration
 from services.family.int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
 from services.family.q4 import BLOCK, Q4Linear, dequantize_blocks, quantize_blocks
 from tests.services.engine.backends.test_native import _run
@@ -52,16 +54,19 @@ def _reference(x: torch.Tensor, packed, scale, minimum) -> torch.Tensor:
     ("rows", "out_features", "in_features"),
     [(1, 576, 576), (3, 13, 64), (8, 1536, 576), (16, 9, 1600), (5, 17, 192), (1, 4099, 64)],
 )
-def test_q4_kernel_matches_its_arithmetic_in_torch_and_each_row_is_independent(rows, out_features, in_features):
+def test_q4_kernel_one_row_on_8_bit_inputs_and_several_on_the_dequantized_weights(rows, out_features, in_features):
     generator = torch.Generator().manual_seed(rows * out_features + in_features)
     x = torch.randn(rows, in_features, generator=generator)  # [rows, in]
     x[0, :BLOCK] = 0  # an all-zero input block
     weights = quantize_blocks(torch.randn(out_features, in_features, generator=generator))
     bias = torch.randn(out_features, generator=generator)
     got = load_gemv_q4()(x, *weights, bias)  # [rows, out]
-    torch.testing.assert_close(got, _reference(x, *weights) + bias, rtol=1e-5, atol=1e-4)
-    alone = torch.cat([load_gemv_q4()(x[i : i + 1], *weights, bias) for i in range(rows)])
-    assert torch.equal(alone, got)  # a row's result does not depend on the rows beside it
+    alone = torch.cat([load_gemv_q4()(x[i : i + 1], *weights, bias) for i in range(rows)])  # [rows, out]
+    torch.testing.assert_close(alone, _reference(x, *weights) + bias, rtol=1e-5, atol=1e-4)
+    if rows > 1:
+        dense = dequantize_blocks(*weights, torch.float64)  # [out, in]
+        torch.testing.assert_close(got, (x.double() @ dense.T + bias).float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, alone, rtol=0, atol=0.02 * float(got.abs().max()))  # 8-bit inputs: near
 
 
 def test_shared_tensors_stay_shared_and_matrices_take_five_bits_a_weight(llama_pair):
@@ -106,9 +111,40 @@ def test_native_and_torch_backends_agree_on_a_q4_pair(llama_pair, with_join, mon
     assert compared >= len(native_tokens) * len(native_tokens[0]) // 2  # most steps compared
 
 
-def test_every_size_matches_the_dequantized_pair_and_the_kernel_stays_near_it(tiny_pair):
+def test_fitted_blocks_keep_4_bit_blocks_and_never_do_worse_than_the_range():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 128, generator=generator) * torch.logspace(-2, 0, 24)[:, None]  # [24, 128]
+    importance = torch.rand(128, generator=generator) ** 4 * 10  # [128], a few inputs run large
+    on_grid = dequantize_blocks(*quantize_blocks(weight), torch.float32)  # [24, 128], a Q4_1 teacher
+    assert all(torch.equal(a, b) for a, b in zip(quantize_blocks(on_grid, importance), quantize_blocks(on_grid)))
+
+    def error(blocks) -> torch.Tensor:  # [24], importance-weighted squared error per row
+        return (importance * (dequantize_blocks(*blocks, torch.float32) - weight) ** 2).sum(dim=1)
+
+    fitted, ranged = error(quantize_blocks(weight, importance)), error(quantize_blocks(weight))
+    assert bool((fitted <= ranged * (1 + 1e-3)).all()) and float(fitted.sum()) < 0.9 * float(ranged.sum())
+
+
+def test_the_students_matrices_are_fitted_to_its_calibration_activations(llama_pair, monkeypatch, caplog):
+    windows = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))  # [2, 16]
+    monkeypatch.setattr(q4_calibration, "calibration_windows", lambda tokenizer: windows)
+    fitted, seen = load_family(*llama_pair, device="cpu", weights="q4"), {}
+    monkeypatch.setattr(q4_calibration, "calibration_windows", lambda tokenizer: None)
+    with caplog.at_level(logging.WARNING):
+        ranged = load_family(*llama_pair, device="cpu", weights="q4")
+    assert any("no calibration text" in r.getMessage() for r in caplog.records)
+    for name, model in (("teacher", fitted.teacher), ("student", fitted.student)):
+        other = dict((ranged.teacher if name == "teacher" else ranged.student).named_modules())
+        for module_name, module in model.named_modules():
+            if type(module) is Q4Linear:
+                seen.setdefault(name, []).append(torch.equal(module.weight_scale, other[module_name].weight_scale))
+    assert all(seen["teacher"]) and not any(seen["student"])  # the teacher's blocks are its own; the student's fitted
+
+
+def test_every_size_matches_the_dequantized_pair_and_the_kernel_stays_near_it(tiny_pair, monkeypatch):
     """Off the kernel the 4-bit pair computes with exactly its dequantized weights; on it, the input's 8-bit
-    blocks add an error of about a percent of the logits' scale."""
+    blocks add an error of about a percent of the logits' scale. (Range-rounded blocks: no calibration.)"""
+    monkeypatch.setattr(q4_calibration, "calibration_windows", lambda tokenizer: None)
     reference = load_family(*tiny_pair, device="cpu", native_kernels=False)
     with torch.no_grad():
         for model in (reference.teacher, reference.student):

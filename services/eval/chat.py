@@ -235,7 +235,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_chat_report(report: dict, out_dir: Path) -> None:
+def write_chat_report(report: dict, out_dir: Path, name: str = "chat") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "chat.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "chat.md").write_text(markdown_table(report))
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown_table(report))

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=WEIGHT_FORMS,
         default=DEFAULT_WEIGHTS,
         help="int8 or q4: held-out perplexity of every size as loaded and in that form, and "
-        "their ratio (weights-FORM.json; no curve)",
+        "their ratio (weights-FORM.json; no curve); with --chat, the chat measures in that form (chat-FORM.json)",
     )
     parser.add_argument(
         "--update-manifest",
@@ -76,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
             "--update-manifest records the naive baseline: keep naive in --baselines", param="baselines"
         )
     if args.weights != "float":
-        if args.chat or args.update_manifest or args.ablation:
+        if args.update_manifest or args.ablation:
             raise InvalidRequestError(
-                f"--weights {args.weights} compares held-out perplexity only: drop --chat, "
-                "--update-manifest and --ablation",
+                f"--weights {args.weights} measures a weight form, not the pair: drop --update-manifest and "
+                "--ablation",
                 param="weights",
             )
-        return _compare_weights(args)
+        return _chat_in_form(args) if args.chat else _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:
         chat = evaluate_chat(family)
@@ -118,6 +118,17 @@ def run(args: argparse.Namespace) -> int:
                 {"num_layers": row["num_layers"], **ppl, **pruned, "tok_s": round(row["decode_tokens_per_s"], 2)}
             )
         )
+    return 0
+
+
+def _chat_in_form(args: argparse.Namespace) -> int:
+    """The chat measures of every size with the weights in `--weights` form (chat-FORM.json, chat-FORM.md)."""
+    family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu",
+                         weights=args.weights)
+    chat = evaluate_chat(family)
+    write_chat_report(chat, Path(args.out), name=f"chat-{args.weights}")
+    for row in chat["sizes"]:
+        print(json.dumps({k: v for k, v in row.items() if k != "examples"}))
     return 0
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from services.cli import main
 from services.eval import weights as weights_eval
 from services.family import load_family
-from tests.conftest import TINY_TEXT
+from tests.conftest import TINY_TEXT, read_json
 
 
 @pytest.mark.parametrize("form, max_bytes_ratio", [("int8", 0.30), ("q4", 0.20)])
@@ -23,3 +24,13 @@ def test_every_size_is_measured_in_both_forms_with_the_bytes_they_take(llama_pai
     assert report["weights_bytes"]["float"] == float_family.weights_bytes()
     assert 0.1 < report["bytes_ratio"] < max_bytes_ratio
     assert weights_eval.write_weights_report(report, tmp_path).name == f"weights-{form}.json"
+
+
+def test_chat_measures_in_a_weight_form_and_a_form_never_updates_the_manifest(llama_pair, tmp_path):
+    pair = ["--teacher", str(llama_pair[0]), "--student", str(llama_pair[1])]
+    assert main(["eval", *pair, "--chat", "--weights", "q4", "--out", str(tmp_path)]) == 0
+    report = read_json(tmp_path / "chat-q4.json")
+    assert [row["num_layers"] for row in report["sizes"]] == load_family(*llama_pair, device="cpu").sizes
+    assert all(row["answer_perplexity"] > 1 for row in report["sizes"])
+    assert (tmp_path / "chat-q4.md").read_text().startswith("| layers |")
+    assert main(["eval", *pair, "--weights", "int8", "--update-manifest"]) == 2

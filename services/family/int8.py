@@ -10,6 +10,8 @@ embedding) are quantized once and stay shared.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -17,8 +19,16 @@ from torch.nn import functional
 from services.cpu.fast_linear import MAX_ROWS, FastLinear
 from services.cpu.kernels.gemv import load_gemv_q8
 
+logger = logging.getLogger(__name__)
+
 CHUNK_ROWS = 4096  # output rows dequantized at a time off the kernel path
 Q8_MAX = 127  # symmetric int8: -Q8_MAX..Q8_MAX, so a row's scale is its largest magnitude over Q8_MAX
+
+
+def warn_no_kernel(form: str) -> None:
+    logger.warning("%s weights without their native kernel (not x86 with AVX2/FMA, or no C++ compiler): every "
+                   "decode step dequantizes each matrix in torch, several times slower than --weights float; "
+                   "serve --weights float on this machine", form)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +106,8 @@ def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
     returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV."""
     users = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q8() is not None
+    if use_kernel and not kernel:
+        warn_no_kernel("int8")
     for modules in users.values():
         q, scale = quantize_rows(modules[0].weight)
         weight = nn.Parameter(q, requires_grad=False)

@@ -17,7 +17,7 @@ from torch.nn import functional
 
 from services.cpu.fast_linear import MAX_ROWS
 from services.cpu.kernels.gemv import load_gemv_q4
-from services.family.int8 import CHUNK_ROWS, quantize_int8, users_by_tensor
+from services.family.int8 import CHUNK_ROWS, quantize_int8, users_by_tensor, warn_no_kernel
 
 BLOCK = 32  # weights per block: one scale and one minimum each
 ROW_MULTIPLE = 2 * BLOCK  # blocks are packed in pairs
@@ -134,6 +134,8 @@ def quantize_q4(models: list[nn.Module], use_kernel: bool, importance: dict[int,
     (by `data_ptr`), how large each of its inputs runs [in_features]; those tensors' blocks are fitted to it."""
     groups = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q4() is not None
+    if use_kernel and not kernel:
+        warn_no_kernel("q4")
     for pointer, modules in groups.items():
         if not _in_blocks(modules):
             continue
@@ -145,7 +147,7 @@ def quantize_q4(models: list[nn.Module], use_kernel: bool, importance: dict[int,
             module.register_buffer("weight_min", minimum, persistent=False)
             module.__class__ = Q4Linear
             module.use_kernel = kernel
-    quantize_int8(models, use_kernel)  # what is left: embeddings, tied heads, odd widths
+    quantize_int8(models, kernel)  # what is left: embeddings, tied heads, odd widths
     return len(groups)
 
 

@@ -12,6 +12,7 @@ from services.engine.backends import native as native_backend
 from services.engine.backends.native import NativeStep
 from services.engine.backends.torch_layers import LayerStep
 from services.family import load_family, q4_calibration
+from services.family import q4 as q4_module
 from services.family.int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
 from services.family.q4 import BLOCK, Q4Linear, dequantize_blocks, quantize_blocks
 from tests.services.engine.backends.test_native import _run
@@ -165,3 +166,13 @@ def test_every_size_matches_the_dequantized_pair_and_the_kernel_stays_near_it(ti
 
 def _embeddings(model: nn.Module) -> set[int]:
     return {m.weight.data_ptr() for m in model.modules() if type(m) is nn.Embedding}
+
+
+def test_without_the_kernel_q4_serves_through_torch_and_says_what_it_costs(llama_pair, monkeypatch, caplog):
+    monkeypatch.setattr(q4_module, "load_gemv_q4", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        family = load_family(*llama_pair, device="cpu", weights="q4")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "kernel" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("q4 weights without their native kernel")
+    assert "slower than --weights float" in warnings[0]
+    assert not any(m.use_kernel for m in family.teacher.modules() if type(m) is Q4Linear)

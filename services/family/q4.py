@@ -127,17 +127,19 @@ def _in_blocks(modules: list[nn.Module]) -> bool:
     return all(isinstance(m, nn.Linear) for m in modules) and modules[0].in_features % ROW_MULTIPLE == 0
 
 
-def quantize_q4(models: list[nn.Module], use_kernel: bool, importance: dict[int, torch.Tensor] | None = None) -> int:
+def quantize_q4(models: list[nn.Module], use_kernel: bool, importance: dict[int, torch.Tensor] | None = None,
+                keep_int8: frozenset[int] = frozenset()) -> int:
     """Quantizes every linear layer of `models` in place to 4-bit blocks, and embeddings with the heads that
-    share them (and any matrix whose rows are not whole blocks) to int8; each distinct tensor once. Returns how
-    many tensors. `use_kernel`: decode rows on CPU go to the native kernels. `importance`: per weight tensor
-    (by `data_ptr`), how large each of its inputs runs [in_features]; those tensors' blocks are fitted to it."""
+    share them (and any matrix whose rows are not whole blocks, or in `keep_int8`) to int8; each distinct tensor
+    once. Returns how many tensors. `use_kernel`: decode rows on CPU go to the native kernels. Both keyed by
+    weight `data_ptr`: `importance`, how large each input of a tensor runs [in_features], its blocks fitted to
+    it; `keep_int8`, tensors held in int8 rows."""
     groups = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q4() is not None
     if use_kernel and not kernel:
         warn_no_kernel("q4")
     for pointer, modules in groups.items():
-        if not _in_blocks(modules):
+        if not _in_blocks(modules) or pointer in keep_int8:
             continue
         packed, scale, minimum = quantize_blocks(modules[0].weight, (importance or {}).get(pointer))
         weight = nn.Parameter(packed, requires_grad=False)

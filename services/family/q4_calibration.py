@@ -1,7 +1,7 @@
-"""How large each input of the student's matrices runs, measured on calibration text, so that `--weights q4`
-fits the student's 4-bit blocks where its inputs are large (llama.cpp's importance matrix). The teacher's
-blocks came from its Q4_1 file and are kept as they are; the calibration text is training text (Shakespeare's
-plays without the held-out one), never evaluation text."""
+"""`--weights q4` for a family: the teacher's blocks as they came from its Q4_1 file; the student's fitted to how
+large each of its inputs runs on calibration text (llama.cpp's importance matrix), and its most sensitive
+matrices kept in int8 rows. The calibration text is training text (Shakespeare's plays without the held-out
+one), never evaluation text."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The student's matrices kept in int8 rows (its attention values and MLP outputs, as llama.cpp's Q4_K_M keeps
+# them wider): where 4-bit rounding of a distilled student costs the most quality for the fewest bytes.
+STUDENT_INT8_MATRICES = ("v_proj", "down_proj")
 CALIBRATION_WINDOWS = 4
 CALIBRATION_SEQ_LEN = 256
 SKIP_TOKENS = 512  # a Gutenberg play's licence header
@@ -78,7 +81,17 @@ def quantize_family_q4(family: Family, use_kernel: bool) -> int:
         importance = None
     else:
         importance = student_input_importance(family, windows)
-    count = quantize_q4([family.teacher, family.student], use_kernel, importance)
-    logger.info("q4: %d tensors quantized (%d fitted to calibration activations) in %.1f s", count,
-                len(importance or {}), time.perf_counter() - started)
+    keep_int8 = student_int8_tensors(family)
+    count = quantize_q4([family.teacher, family.student], use_kernel, importance, keep_int8)
+    logger.info("q4: %d tensors quantized (%d of the student's in int8 rows, %d fitted to calibration "
+                "activations) in %.1f s", count, len(keep_int8), len(importance or {}) - len(keep_int8),
+                time.perf_counter() - started)
     return count
+
+
+def student_int8_tensors(family: Family) -> frozenset[int]:
+    """The `STUDENT_INT8_MATRICES` of the student that it does not share with the teacher, by `data_ptr`."""
+    teacher_tensors = {p.data_ptr() for p in family.teacher.parameters()}
+    return frozenset(m.weight.data_ptr() for name, m in family.student.named_modules()
+                     if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES
+                     and m.weight.data_ptr() not in teacher_tensors)

@@ -78,7 +78,10 @@ def test_shared_tensors_stay_shared_and_matrices_take_five_bits_a_weight(llama_p
     assert type(teacher.model.embed_tokens) is Int8Embedding and type(teacher.lm_head) is Int8Linear
     assert teacher.lm_head.weight is teacher.model.embed_tokens.weight  # tied: one int8 tensor
     matrices = [m for model in (q4.teacher, q4.student) for m in model.modules() if type(m) is Q4Linear]
-    assert len(matrices) == 7 * (full.teacher.config.num_hidden_layers + full.student.config.num_hidden_layers)
+    teacher_layers, student_layers = full.teacher.config.num_hidden_layers, full.student.config.num_hidden_layers
+    assert len(matrices) == 7 * teacher_layers + 5 * student_layers  # the student's v_proj and down_proj: int8
+    wider = [name for name, m in q4.student.named_modules() if type(m) is Int8Linear and "layers" in name]
+    assert len(wider) == 2 * student_layers and all(n.endswith(("v_proj", "down_proj")) for n in wider)
     distinct = {m.weight.data_ptr(): m for m in matrices}
     for m in distinct.values():
         stored = m.weight.nbytes + m.weight_scale.nbytes + m.weight_min.nbytes
@@ -149,8 +152,9 @@ def test_every_size_matches_the_dequantized_pair_and_the_kernel_stays_near_it(ti
     reference = load_family(*tiny_pair, device="cpu", native_kernels=False)
     with torch.no_grad():
         for model in (reference.teacher, reference.student):
-            for module in model.modules():
-                if type(module) is nn.Embedding:  # embeddings (and a tied head) take int8 rows
+            for name, module in model.named_modules():
+                wider = model is reference.student and name.endswith(q4_calibration.STUDENT_INT8_MATRICES)
+                if type(module) is nn.Embedding or wider:  # embeddings (and a tied head) take int8 rows
                     module.weight.copy_(dequantize_rows(*quantize_rows(module.weight), torch.float32))
                 elif type(module) is nn.Linear and module.weight.data_ptr() not in _embeddings(model):
                     module.weight.copy_(dequantize_blocks(*quantize_blocks(module.weight), torch.float32))

@@ -26,7 +26,7 @@ def no_compiler(*args, **kwargs):
     raise RuntimeError("no compiler in the runtime image")
 
 cpp_extension.load = no_compiler
-build.cpu_flags = lambda: {"avx2", "fma"}
+build.cpu_flags = lambda: {"avx2", "fma", "f16c"}
 for module in (gemv._module(), decoder_step.load_decoder_step()):
     print(Path(module.__file__).parent if module is not None else None)
 """

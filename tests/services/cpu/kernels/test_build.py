@@ -15,8 +15,10 @@ from services.cpu.kernels.gemv import SOURCE as GEMV_SOURCE
 from services.cpu.kernels.gemv import _module as gemv_module
 
 
-@pytest.mark.parametrize(("flags", "isa"), [({"avx2", "fma", "avx512f"}, "avx512"), ({"avx2", "fma"}, "avx2"),
-                                            ({"avx512f"}, None), ({"sse4_2"}, None)])
+@pytest.mark.parametrize(("flags", "isa"), [
+    ({"avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512_vnni"}, "avx512_vnni"),
+    ({"avx2", "fma", "f16c", "avx512f"}, "avx512"), ({"avx2", "fma", "f16c"}, "avx2"), ({"avx2", "fma"}, None),
+    ({"avx512f"}, None), ({"sse4_2"}, None)])
 def test_the_widest_vector_set_the_cpu_has(monkeypatch, flags, isa):
     monkeypatch.setattr(kernel_build, "cpu_flags", lambda: flags)
     assert kernel_build.best_isa() == isa
@@ -58,7 +60,7 @@ def _no_compiler(*args, **kwargs):
 def test_a_kernel_built_ahead_is_imported_from_the_extensions_dir_with_no_compiler(prebuilt_avx2, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(prebuilt_avx2))
     monkeypatch.setattr(cpp_extension, "load", _no_compiler)
-    monkeypatch.setattr(kernel_build, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU picks this build
+    monkeypatch.setattr(kernel_build, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # an AVX2-only CPU picks this build
     found = []
     monkeypatch.setattr(kernel_build, "prebuilt", lambda name: found.append(prebuilt(name)) or found[-1])
     module = gemv_module.__wrapped__()  # the name the serving path asks for, past its per-process cache

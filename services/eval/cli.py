@@ -85,12 +85,9 @@ def run(args: argparse.Namespace) -> int:
         return _chat_in_form(args) if args.chat else _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:
-        chat = evaluate_chat(family)
-        write_chat_report(chat, Path(args.out))
+        chat = _measure_chat(family, Path(args.out), "chat")
         if args.update_manifest:
             _record_chat(Path(args.pair or DEFAULT_PAIR), chat)
-        for row in chat["sizes"]:
-            print(json.dumps({k: v for k, v in row.items() if k != "examples"}))
     if args.no_curve:
         return 0
     options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
@@ -125,11 +122,17 @@ def _chat_in_form(args: argparse.Namespace) -> int:
     """The chat measures of every size with the weights in `--weights` form (chat-FORM.json, chat-FORM.md)."""
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu",
                          weights=args.weights)
+    _measure_chat(family, Path(args.out), f"chat-{args.weights}")
+    return 0
+
+
+def _measure_chat(family, out_dir: Path, name: str) -> dict:
+    """Chat measures of every size, written as NAME.json and NAME.md and printed a line a size."""
     chat = evaluate_chat(family)
-    write_chat_report(chat, Path(args.out), name=f"chat-{args.weights}")
+    write_chat_report(chat, out_dir, name=name)
     for row in chat["sizes"]:
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}))
-    return 0
+    return chat
 
 
 def _compare_weights(args: argparse.Namespace) -> int:

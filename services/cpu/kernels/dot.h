@@ -330,21 +330,16 @@ inline void matvec_rows_q4(const Weights& w, int64_t first, int64_t last, int64_
     }
     return;
   }
-  const int64_t blocks = n / kBlock;
+  const int64_t blocks = n / kBlock;  // one input row from here on
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> x_scale, x_sum;
-  xq.resize(batch * n);
-  x_scale.resize(batch * blocks);
-  x_sum.resize(batch * blocks);
-  for (int64_t b = 0; b < batch; ++b)
-    quantize_input(x + b * n, n, xq.data() + b * n, x_scale.data() + b * blocks, x_sum.data() + b * blocks);
-  for (int64_t r = first; r < last; ++r) {
-    const uint8_t* row = w.q4 + r * n / 2;
-    const uint16_t *scale = w.block_scale + r * blocks, *minimum = w.block_min + r * blocks;
-    for (int64_t b = 0; b < batch; ++b)
-      y[b * y_stride + r - first] = row_dot_q4(row, scale, minimum, xq.data() + b * n, x_scale.data() + b * blocks,
-                                               x_sum.data() + b * blocks, n);
-  }
+  xq.resize(n);
+  x_scale.resize(blocks);
+  x_sum.resize(blocks);
+  quantize_input(x, n, xq.data(), x_scale.data(), x_sum.data());
+  for (int64_t r = first; r < last; ++r)
+    y[r - first] = row_dot_q4(w.q4 + r * n / 2, w.block_scale + r * blocks, w.block_min + r * blocks, xq.data(),
+                              x_scale.data(), x_sum.data(), n);
 }
 
 // `matvec_rows` over a matrix of any form.

@@ -19,7 +19,7 @@ from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.engine.scoring import score_prompts
-from services.engine.step_times import StepTimes
+from services.engine.step_times import PrefillRate, StepTimes
 from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
@@ -51,9 +51,10 @@ class InferenceEngine:
         self._in_flight = 0
         self._lock = threading.Lock()
         on_cpu = family.device.type == "cpu"  # the heap that holds the tensors is the C library's
-        self.step_times = StepTimes()
+        self.step_times, self.prefill_rate = StepTimes(), PrefillRate()
         self.scheduler = Scheduler(self._make_batch, limits, on_batch,
-                                   Housekeeping(self._return_memory) if on_cpu else None, self.step_times.observe)
+                                   Housekeeping(self._return_memory) if on_cpu else None, self.step_times.observe,
+                                   self.prefill_rate.observe)
         self.scheduler.start()
 
     def _return_memory(self) -> None:
@@ -238,7 +239,8 @@ class InferenceEngine:
                 "running": self.scheduler.num_running, "cached_sizes": self.family.cached_sizes(),
                 "kv_reserved_bytes": self.kv_pool.reserved_bytes, "kv_in_use_bytes": self.kv_pool.in_use_bytes,
                 "memory_bound_bytes": self.memory_bound.total_bytes, "weights_bytes": self.memory_bound.weights_bytes,
-                "running_layers": self.scheduler.running_layers(), "step_model": self.step_times.model()}
+                "running_layers": self.scheduler.running_layers(), "step_model": self.step_times.model(),
+                "prefill_s_per_layer_token": self.prefill_rate.seconds_per_layer_token()}
 
     def close(self) -> None:
         self.scheduler.stop()

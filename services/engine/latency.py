@@ -7,12 +7,17 @@ One rate of each kind, learned from every size served, predicts all of them: a s
 predicted from the others; before the first request, decode starts from the model card's recorded speed.
 Under load a request shares its steps with the rows running and waiting now, and each newcomer's prefill
 pauses them: its time per token is predicted from the engine's own fit of step times (`step_times`) at the
-batch it will join, stretched by the prefill work arriving per second; queueing is added from the engine's
+batch it will join, stretched by the prefill work arriving per second (requests arriving times the engine's
+own prefill time of an average prompt: a first token's latency also holds the waits for a step, so it would
+overstate that work); queueing is added from the engine's
 counts of running and waiting sequences. Until the fit is trusted, the time per token is the running average.
+Whatever these estimates still miss is corrected as a whole: each finished request that was predicted on
+arrival teaches the ratio of its measured latency to the prediction, and every prediction is scaled by it.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -30,6 +35,7 @@ PRIOR_PROMPT_TOKENS = 64.0  # expected prompt length until requests are observed
 RECORDED_SPEED = "decode_tokens_per_s_cpu"  # the model card's measure, where a pair has one
 ARRIVAL_WINDOW_S = 10.0  # the arrival rate is counted over this many seconds
 MAX_PREFILL_SHARE = 0.8  # prefills arriving faster than this share of the time: the stretch stops growing
+MAX_CORRECTION = 4.0  # one request's measured / predicted latency counts at most this far from 1, either way
 
 
 @dataclass(frozen=True)
@@ -42,29 +48,32 @@ class Observation:
     time_to_first_token_s: float
     total_s: float
     queued: bool = False  # it waited for a slot: its first token measures the queue, not the prefill
+    predicted_s: float | None = None  # the model's own latency on arrival (`Prediction.uncorrected_s`), if asked
 
 
 @dataclass(frozen=True)
 class Prediction:
     time_to_first_token_s: float
     total_s: float
+    uncorrected_s: float | None = None  # total_s before the learned correction: what an observation is held to
 
 
 @dataclass(frozen=True)
 class Load:
     """What the server carries as a request arrives: the engine's counts, the size of every running row, its
-    fit of step times (None until trusted) and the arrival rate of requests."""
+    fit of step times and its prefill rate (None until trusted) and the arrival rate of requests."""
 
     running: int = 0
     waiting: int = 0
     running_layers: tuple[int, ...] = ()
     step_model: StepModel | None = None
     arrivals_per_s: float = 0.0
+    prefill_s_per_layer_token: float | None = None
 
     @classmethod
     def from_stats(cls, stats: dict, arrivals_per_s: float = 0.0) -> Load:
         return cls(stats.get("running", 0), stats.get("waiting", 0), tuple(stats.get("running_layers", ())),
-                   stats.get("step_model"), arrivals_per_s)
+                   stats.get("step_model"), arrivals_per_s, stats.get("prefill_s_per_layer_token"))
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class LatencyModel:
         self.completion_tokens = PRIOR_COMPLETION_TOKENS
         self.prompt_tokens = PRIOR_PROMPT_TOKENS
         self.request_s: float | None = None
+        self.log_correction = 0.0  # log of measured / predicted latency, averaged over finished requests
         self._arrivals: deque[float] = deque()
         self._lock = threading.Lock()
 
@@ -139,6 +149,14 @@ class LatencyModel:
             # a slot is held for the prefill and the decode; the wait before it is the queue's, counted apart
             service_s = obs.total_s - obs.time_to_first_token_s + self.prefill_s(obs.num_layers, obs.prompt_tokens)
             self.request_s = service_s if self.request_s is None else _blend(self.request_s, service_s)
+            if obs.predicted_s:
+                ratio = min(max(obs.total_s / obs.predicted_s, 1 / MAX_CORRECTION), MAX_CORRECTION)
+                self.log_correction = _blend(self.log_correction, math.log(ratio))
+
+    @property
+    def correction(self) -> float:
+        """Measured latency over predicted, learned from finished requests: scales every prediction."""
+        return math.exp(self.log_correction)
 
     def token_s(self, num_layers: int) -> float:
         return self.seconds_per_byte * self.cards[num_layers].bytes
@@ -148,7 +166,10 @@ class LatencyModel:
 
     def _prefill_stretch(self, load: Load, num_layers: int) -> float:
         """How much the prefills of newcomers stretch a running request's decode: 1 / (1 - their share)."""
-        share = load.arrivals_per_s * self.prefill_s(num_layers, round(self.prompt_tokens))
+        tokens = round(self.prompt_tokens)
+        per_request = (self.prefill_s(num_layers, tokens) if load.prefill_s_per_layer_token is None
+                       else load.prefill_s_per_layer_token * tokens * num_layers)
+        share = load.arrivals_per_s * per_request
         return 1 / (1 - min(share, MAX_PREFILL_SHARE))
 
     def token_s_at(self, num_layers: int, load: Load) -> float:
@@ -166,7 +187,8 @@ class LatencyModel:
         if load.step_model is None:
             return self.request_s
         layers = round(statistics.fmean(load.running_layers)) if load.running_layers else max(self.cards)
-        full = Load(self.max_concurrent, 0, (layers,) * self.max_concurrent, load.step_model, load.arrivals_per_s)
+        full = Load(self.max_concurrent, 0, (layers,) * self.max_concurrent, load.step_model, load.arrivals_per_s,
+                    load.prefill_s_per_layer_token)
         return (self.prefill_s(layers, round(self.prompt_tokens))
                 + self.completion_tokens * self.token_s_at(layers, full))
 
@@ -182,7 +204,9 @@ class LatencyModel:
                 load: Load = Load()) -> Prediction:
         tokens = self.completion_tokens if max_tokens is None else max_tokens
         first = self.queue_s(load) + self.prefill_s(num_layers, prompt_tokens)
-        return Prediction(first, first + max(0.0, tokens - 1) * self.token_s_at(num_layers, load))
+        total = first + max(0.0, tokens - 1) * self.token_s_at(num_layers, load)
+        correction = self.correction
+        return Prediction(first * correction, total * correction, total)
 
     def speed(self, num_layers: int) -> dict:
         """Current estimates for `/v1/models`."""
@@ -191,14 +215,13 @@ class LatencyModel:
 
 
 def choose_size(model: LatencyModel, sizes: list[int], largest: int, budget: Budget, prompt_tokens: int,
-                max_tokens: int | None, load: Load = Load()) -> int:
+                max_tokens: int | None, load: Load = Load()) -> tuple[int, Prediction]:
     """The largest size up to `largest`, never below the floor, whose predicted latency fits the budget; the
-    smallest allowed where none fits."""
+    smallest allowed where none fits. With its prediction."""
     floor = budget.min_num_layers or min(sizes)
-    allowed = sorted((n for n in sizes if floor <= n <= largest), reverse=True)
-    if not allowed:
-        return largest
+    allowed = sorted((n for n in sizes if floor <= n <= largest), reverse=True) or [largest]
     for n in allowed:
-        if budget.fits(model.predict(n, prompt_tokens, max_tokens, load)):
-            return n
-    return allowed[-1]
+        prediction = model.predict(n, prompt_tokens, max_tokens, load)
+        if budget.fits(prediction):
+            return n, prediction
+    return allowed[-1], prediction

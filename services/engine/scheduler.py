@@ -47,8 +47,10 @@ class _Job:
 class Scheduler:
     def __init__(self, make_batch: Callable[[BatchKey, list[Sequence]], RowBatch], limits: EngineLimits,
                  on_batch: Callable[[BatchKey, int], None] | None = None, housekeeping: Housekeeping | None = None,
-                 on_step: Callable[[list[int], float], None] | None = None):
+                 on_step: Callable[[list[int], float], None] | None = None,
+                 on_prefill: Callable[[int, float], None] | None = None):
         self.make_batch, self.limits, self.on_batch, self.on_step = make_batch, limits, on_batch, on_step
+        self.on_prefill = on_prefill
         self.housekeeping, self.last_housekeeping = housekeeping, time.monotonic()
         self.waiting: OrderedDict[BatchKey, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
@@ -187,11 +189,15 @@ class Scheduler:
         batch = self.make_batch(key, sequences)
         if self.on_batch:
             self.on_batch(key, len(sequences))
+        start = time.perf_counter()
         try:
             batch.prefill()
         except BaseException:
             batch.release()
             raise
+        if self.on_prefill is not None:
+            layer_tokens = sum(len(seq.prompt_ids) * (seq.num_layers or 0) for seq in sequences)
+            self.on_prefill(layer_tokens, time.perf_counter() - start)
         return batch
 
     def _step_all(self) -> None:

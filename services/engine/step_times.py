@@ -1,5 +1,6 @@
-"""How long a decode step takes for the rows it carries, fitted online from the engine's own steps. Pure Python
-(no torch): the engine feeds it, the latency model reads its coefficients through `Engine.stats()`.
+"""How long a decode step takes for the rows it carries, and a prefill per prompt token, learned online from the
+engine's own work. Pure Python (no torch): the engine feeds them, the latency model reads them through
+`Engine.stats()`.
 
 A step of a batch that mixes sizes reads the weights of its largest size once and computes every row through
 its own layers, so its time is taken as `per_layer_s * largest + per_row_layer_s * sum(row layers)`: a weighted
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 DECAY = 0.995  # weight left to a step after each newer one: the fit remembers a few hundred steps
 MIN_STEPS = 32  # steps seen before the fit is trusted
 MIN_SPREAD = 0.05  # the batch sizes seen must differ this much (relative) for the two rates to be told apart
+PREFILL_DECAY = 0.9  # prefills are rarer than steps: the rate remembers a few dozen of them
+MIN_PREFILLS = 4  # prefills seen before the rate is trusted
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,27 @@ class StepTimes:
         if per_layer < 0 or per_row_layer < 0:  # noise on a narrow spread; a negative rate predicts nonsense
             return None
         return StepModel(per_layer, per_row_layer)
+
+
+class PrefillRate:
+    """Thread-safe running rate of the engine's prefills: seconds per prompt token and layer (each prompt's own
+    tokens, so the padding of a batch of prompts is part of the rate)."""
+
+    def __init__(self):
+        self._seconds = self._layer_tokens = 0.0
+        self._prefills = 0
+        self._lock = threading.Lock()
+
+    def observe(self, layer_tokens: int, seconds: float) -> None:
+        """One prefill: the sum over its prompts of tokens times layers, and its wall time."""
+        if layer_tokens <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            self._seconds = PREFILL_DECAY * self._seconds + seconds
+            self._layer_tokens = PREFILL_DECAY * self._layer_tokens + layer_tokens
+            self._prefills += 1
+
+    def seconds_per_layer_token(self) -> float | None:
+        """None until a few prefills were seen."""
+        with self._lock:
+            return self._seconds / self._layer_tokens if self._prefills >= MIN_PREFILLS else None

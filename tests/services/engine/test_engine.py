@@ -214,3 +214,4 @@ def test_the_engine_times_its_steps_and_reports_running_rows(engine):
     assert any(seen) and all(n in sizes for rows in seen for n in rows)
     assert engine.step_times.steps - before >= 3 * (params.max_tokens - 1)  # every decode step was timed
     assert "step_model" in engine.stats()  # None or a fit: a tiny model's steps are all overhead
+    assert engine.stats()["prefill_s_per_layer_token"] > 0  # every prefill timed against its prompts' tokens

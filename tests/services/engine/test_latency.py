@@ -7,7 +7,15 @@ import random
 import pytest
 
 from services.engine.interface import ModelCard
-from services.engine.latency import Budget, LatencyModel, Load, Observation, choose_size
+from services.engine.latency import (
+    MAX_CORRECTION,
+    SMOOTHING,
+    Budget,
+    LatencyModel,
+    Load,
+    Observation,
+    choose_size,
+)
 from services.engine.step_times import StepModel
 
 SIZES = list(range(16, 31))
@@ -78,14 +86,14 @@ def test_the_largest_size_that_fits_is_chosen_never_below_the_floor():
     for obs in _trace(SIZES, 200):
         model.observe(obs)
     budget_s = model.predict(23, 50, 64).total_s * 1.001
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64) == 23
-    assert choose_size(model, SIZES, 20, Budget(max_latency_s=budget_s), 50, 64) == 20  # capped by the ask
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9), 50, 64) == 16  # none fits: smallest
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9, min_num_layers=25), 50, 64) == 25
-    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e9), 50, 64) == 30
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64)[0] == 23
+    assert choose_size(model, SIZES, 20, Budget(max_latency_s=budget_s), 50, 64)[0] == 20  # capped by the ask
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9), 50, 64)[0] == 16  # none fits: smallest
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e-9, min_num_layers=25), 50, 64)[0] == 25
+    assert choose_size(model, SIZES, 30, Budget(max_latency_s=1e9), 50, 64)[0] == 30
     ttft_s = model.predict(18, 400, 1).time_to_first_token_s * 1.001
-    assert choose_size(model, SIZES, 30, Budget(max_time_to_first_token_s=ttft_s), 400, 1) == 18
-    crowded = choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64, Load(running=8, waiting=4))
+    assert choose_size(model, SIZES, 30, Budget(max_time_to_first_token_s=ttft_s), 400, 1)[0] == 18
+    crowded, _ = choose_size(model, SIZES, 30, Budget(max_latency_s=budget_s), 50, 64, Load(running=8, waiting=4))
     assert crowded < 23  # the same budget under a queue buys a smaller size
 
 
@@ -140,5 +148,52 @@ def test_a_filling_batch_shrinks_the_size_before_a_queue_forms():
         model.observe(obs)
     budget = Budget(max_latency_s=model.predict(30, 50, 64, Load(step_model=TRUE_STEP)).total_s * 3)
     filling = dict(running=15, waiting=0, running_layers=(30,) * 15, arrivals_per_s=4.0)
-    assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling)) == 30  # the average: still fits
-    assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling, step_model=TRUE_STEP)) < 30
+    assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling))[0] == 30  # the average: still fits
+    assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling, step_model=TRUE_STEP))[0] < 30
+
+
+def _predicted(model, obs, scale):
+    """`obs` as the server records it when its latency, predicted on arrival, came out `scale` times too high."""
+    raw = model.predict(obs.num_layers, obs.prompt_tokens, obs.completion_tokens).uncorrected_s
+    return Observation(obs.num_layers, obs.prompt_tokens, obs.completion_tokens, obs.time_to_first_token_s,
+                       raw / scale, predicted_s=raw)
+
+
+def test_predictions_that_run_high_are_scaled_down_by_what_requests_measured():
+    model = LatencyModel(CARDS, max_concurrent=8)
+    for obs in _trace(SIZES, 50):
+        model.observe(obs)
+    assert model.correction == 1.0  # nothing predicted yet: nothing to correct
+    raw = model.predict(30, 50, 64).total_s
+    budget = Budget(max_latency_s=raw * 0.8)
+    assert choose_size(model, SIZES, 30, budget, 50, 64)[0] < 30  # the uncorrected model gives the teacher away
+    for obs in _trace([30], 40, seed=2):
+        model.observe(_predicted(model, obs, scale=2.0))  # every request took half of what was predicted
+    assert model.correction == pytest.approx(0.5, rel=0.05)
+    size, prediction = choose_size(model, SIZES, 30, budget, 50, 64)
+    assert size == 30
+    assert prediction.total_s == pytest.approx(model.correction * prediction.uncorrected_s)
+
+
+def test_one_wild_request_moves_the_correction_a_bounded_step():
+    model = LatencyModel(CARDS, max_concurrent=8)
+    obs = next(_trace([30], 1))
+    model.observe(_predicted(model, obs, scale=1e-6))  # a million times slower than predicted (a stall)
+    assert model.correction == pytest.approx(MAX_CORRECTION ** SMOOTHING)
+
+
+def test_the_stretch_counts_the_engines_own_prefill_time_not_the_first_tokens_waits():
+    model = LatencyModel(CARDS, max_concurrent=16)
+    for obs in _trace(SIZES, 100):
+        model.observe(obs)
+    waits = [Observation(o.num_layers, o.prompt_tokens, o.completion_tokens, 3 * o.time_to_first_token_s,
+                         o.total_s + 2 * o.time_to_first_token_s) for o in _trace(SIZES, 60, seed=3)]
+    for obs in waits:  # first tokens also waited two prefills' time for a step to end
+        model.observe(obs)
+    engine_rate = TRUE_S_PER_PARAM_TOKEN * CARDS[-1].parameters / 30  # the engine's own, per token and layer
+    quiet = model.token_s_at(30, Load(step_model=TRUE_STEP))
+    busy = model.token_s_at(30, Load(step_model=TRUE_STEP, arrivals_per_s=0.5, prefill_s_per_layer_token=engine_rate))
+    share = 0.5 * engine_rate * round(model.prompt_tokens) * 30
+    assert busy == pytest.approx(quiet / (1 - share))
+    from_first_tokens = model.token_s_at(30, Load(step_model=TRUE_STEP, arrivals_per_s=0.5))
+    assert from_first_tokens > busy  # what the stretch would have been without the engine's rate

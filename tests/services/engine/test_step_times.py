@@ -1,4 +1,4 @@
-"""The online fit of decode step times (pure Python)."""
+"""The online fit of decode step times and the prefill rate (pure Python)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.engine.step_times import MIN_STEPS, StepModel, StepTimes
+from services.engine.step_times import MIN_PREFILLS, MIN_STEPS, PrefillRate, StepModel, StepTimes
 
 TRUE = StepModel(per_layer_s=2e-3, per_row_layer_s=3e-4)
 
@@ -50,3 +50,16 @@ def test_the_fit_follows_a_machine_that_slows_down():
     for rows, seconds in _steps(slower, 1500, seed=1):
         times.observe(rows, seconds)
     assert times.model().step_s(30, 16 * 30) == pytest.approx(slower.step_s(30, 16 * 30), rel=0.1)
+
+
+def test_the_prefill_rate_is_trusted_after_a_few_prefills_and_follows_the_newest():
+    rate = PrefillRate()
+    for _ in range(MIN_PREFILLS - 1):
+        rate.observe(30 * 100, 30 * 100 * 2e-5)
+    assert rate.seconds_per_layer_token() is None
+    rate.observe(16 * 40, 16 * 40 * 2e-5)
+    assert rate.seconds_per_layer_token() == pytest.approx(2e-5)
+    rate.observe(0, 1.0)  # an empty prefill teaches nothing
+    for _ in range(60):  # the machine became twice as slow
+        rate.observe(30 * 100, 30 * 100 * 4e-5)
+    assert rate.seconds_per_layer_token() == pytest.approx(4e-5, rel=0.01)

@@ -7,6 +7,10 @@ Each tree (a git commit, checked out as a temporary worktree, or a folder) serve
 the machine falls on each alike. Printed: requests/s per tree and batch size, the ratio to the first tree, and
 the largest difference of any log-likelihood from the first tree's.
 
+Tasks (`--task`): `pairs`, every context once with its own continuation; `letters`, multiple choice as MMLU asks
+it, each context with the four one-token answers " A" to " D"; `endings`, multiple choice as HellaSwag asks it,
+each context with four continuations of different lengths (the true one and three from elsewhere).
+
     nice -n 5 .venv/bin/python tools/lmeval_throughput.py --tree before=3b3e3db^ --tree head=.
 """
 
@@ -59,6 +63,27 @@ def text_pairs(count: int) -> list[tuple[str, str]]:
     return pairs
 
 
+CHOICES = 4
+LETTERS = (" A", " B", " C", " D")
+
+
+def multiple_choice(count: int, task: str) -> list[tuple[str, str]]:
+    """`count` requests: each context of `text_pairs` asked with `CHOICES` continuations, in lm-eval's way."""
+    contexts = text_pairs(count // CHOICES + CHOICES)
+    requests = []
+    for i, (context, truth) in enumerate(contexts[:count // CHOICES]):
+        if task == "letters":
+            requests += [(context + "\nAnswer:", letter) for letter in LETTERS]
+        else:
+            others = [contexts[(i + k) % len(contexts)][1] for k in range(1, CHOICES)]
+            requests += [(context, ending) for ending in (truth, *others)]
+    return requests
+
+
+def task_requests(task: str, count: int) -> list[tuple[str, str]]:
+    return text_pairs(count) if task == "pairs" else multiple_choice(count, task)
+
+
 def lm_eval_model(url: str, model: str, batch_size: int):
     from lm_eval.api.registry import get_model
 
@@ -87,7 +112,8 @@ def checkout(label: str, spec: str, scratch: Path) -> tuple[Path, bool]:
 
 
 def measure(trees: dict[str, Path], args) -> dict:
-    pairs = text_pairs(args.pairs)
+    pairs = task_requests(args.task, args.pairs)
+    args.pairs = len(pairs)  # what is sent: a whole number of questions
     serve_args = ["--pair", str(args.pair)] + (["--threads", str(args.threads)] if args.threads else [])
     servers = {label: TreeServer(tree, serve_args) for label, tree in trees.items()}
     times: dict[tuple[str, int], list[float]] = {}
@@ -123,7 +149,7 @@ def summary(trees, times, results, args, model) -> dict:
         rows.append({"tree": label, "batch_size": batch, "requests_per_s": args.pairs / median,
                      "ratio_to_" + first: base / median, "seconds": seconds,
                      "max_abs_loglik_diff": diff, "is_greedy_same": greedy_same})
-    return {"model": model, "pairs": args.pairs, "repeats": args.repeats, "cpu": cpu_model(),
+    return {"model": model, "task": args.task, "pairs": args.pairs, "repeats": args.repeats, "cpu": cpu_model(),
             "threads": args.threads or "default", "load_average": os.getloadavg(),
             "trees": {k: str(v) for k, v in trees.items()}, "rows": rows}
 
@@ -141,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a code tree to serve from; the first is the baseline of the ratios")
     parser.add_argument("--pair", type=Path, default=DEFAULT_PAIR, help="the pair every tree serves")
     parser.add_argument("--pairs", type=int, default=64, help="(context, continuation) pairs per run")
+    parser.add_argument("--task", choices=("pairs", "letters", "endings"), default="pairs",
+                        help="what the requests look like (see above)")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
                         help="lm-eval's batch_size (prompts per request), comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tree and batch size (median taken)")

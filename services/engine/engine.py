@@ -18,7 +18,8 @@ from services.engine.interface import EngineLimits, ModelCard, SamplingParams, S
 from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
-from services.engine.scoring import score_prompts
+from services.engine.scoring import packs_prompts, score_prompts
+from services.engine.shared_prefixes import group_by_prefix
 from services.engine.step_times import PrefillRate, StepTimes
 from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
@@ -44,6 +45,9 @@ class InferenceEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.grammars = GrammarCompiler(self.tokenizer, family.teacher.config.vocab_size)
         self.mix_sizes = limits.mix_sizes
+        spec = family.spec
+        layers = [*get_path(family.teacher, spec.layers), *get_path(family.student, spec.layers)]
+        self.packs_prompts = packs_prompts(layers, spec.attention, family.teacher.config)
         self.memory_bound = self._memory_bound()
         check_fits(self.memory_bound, available_bytes())
         self.kv_pool = KVPool(family.dtype, self.memory_bound.kv_bytes, family.device)
@@ -226,10 +230,18 @@ class InferenceEngine:
             self._release()
 
     def _score_now(self, num_layers: int, prompts: list[list[int]], top_logprobs: int) -> list[ScoreResult]:
-        model, group = self.family.variant(num_layers), self.limits.max_batch_size
-        return [result for start in range(0, len(prompts), group)
-                for result in score_prompts(model, prompts[start:start + group], top_logprobs, self.tokenizer,
-                                            self.eos_ids, self.pad_id)]
+        """Up to `max_batch_size` rows per forward: prompts, or, where they share a prefix, packed groups."""
+        model, rows = self.family.variant(num_layers), self.limits.max_batch_size
+        pack_up_to = self.max_model_len if self.packs_prompts else None
+        groups = ([group.members for group in group_by_prefix(prompts, pack_up_to)] if pack_up_to
+                  else [(i,) for i in range(len(prompts))])
+        results = {}
+        for start in range(0, len(groups), rows):
+            indices = [i for members in groups[start:start + rows] for i in members]
+            scored = score_prompts(model, [prompts[i] for i in indices], top_logprobs, self.tokenizer, self.eos_ids,
+                                   self.pad_id, pack_up_to)
+            results.update(zip(indices, scored))
+        return [results[i] for i in range(len(prompts))]
 
     def sampling_defaults(self) -> dict:
         return dict(self.family.sampling_defaults)

@@ -3,14 +3,23 @@
 Prompts are right-padded into one batch through the decoder; the output head then runs on each prompt's own
 positions only, so no [batch, longest, vocab] tensor is ever made. The last position also gives the greedy next
 token, so a client asking for the prompt's log-likelihood and one generated token needs one forward, not two.
+
+Prompts that share a prefix (one context with each of its answer choices) are packed into one row: the prefix
+once, then each prompt's own tokens, with a mask that lets each see the prefix and itself only and positions
+that continue the prefix (`shared_prefixes`); the prefix's logits are computed once too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from services.engine.backends.torch_layers import MASK_KINDS, sliding_window
 from services.engine.detokenize import text_decoder
 from services.engine.interface import NextToken, ScoreResult, TokenLogprob
+from services.engine.shared_prefixes import PrefixGroup, group_by_prefix
+from services.family.int8 import float_dtype
+
+PREFIX, PADDING = -1, -2  # segment ids of packed positions that are not a member's own tokens
 
 
 def _padded_batch(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +61,75 @@ def _score_row(logits: torch.Tensor, prompt_ids: list[int], top_logprobs: int, t
     return ScoreResult(tuple(prompt_ids), tokens, (None, *map(float, chosen)), tuple(tops), next_token)
 
 
+def packs_prompts(layers, attention_name: str, config) -> bool:
+    """Whether prompts may share a row: the attention takes a 4-D mask of ours and no layer has a window."""
+    return (config._attn_implementation in MASK_KINDS
+            and all(sliding_window(layer, attention_name) is None for layer in layers))
+
+
+def _packed_rows(prompts: list[list[int]], groups: list[PrefixGroup], pad_id: int, device):
+    """input_ids, position_ids and segments [rows, longest]: per group its prefix, then each member's own
+    tokens (segment: the member's index; PREFIX for the prefix, PADDING after the row's end)."""
+    rows = []
+    for group in groups:
+        first = prompts[group.members[0]]
+        ids, positions, segments = first[:group.shared], list(range(group.shared)), [PREFIX] * group.shared
+        for member in group.members:
+            own = prompts[member][group.shared:]
+            ids, positions = ids + own, positions + list(range(group.shared, group.shared + len(own)))
+            segments += [member] * len(own)
+        rows.append((ids, positions, segments))
+    longest = max(len(ids) for ids, _, _ in rows)
+    pad = [longest - len(ids) for ids, _, _ in rows]
+    input_ids = torch.tensor([ids + [pad_id] * n for (ids, _, _), n in zip(rows, pad)], device=device)
+    position_ids = torch.tensor([pos + [0] * n for (_, pos, _), n in zip(rows, pad)], device=device)
+    segments = torch.tensor([seg + [PADDING] * n for (_, _, seg), n in zip(rows, pad)], device=device)
+    return input_ids, position_ids, segments
+
+
+def _packed_mask(segments: torch.Tensor, dtype: torch.dtype, boolean: bool) -> torch.Tensor:
+    """[rows, 1, longest, longest]: a query sees earlier keys of the prefix and of its own segment, and itself."""
+    at = torch.arange(segments.shape[1], device=segments.device)  # [longest]
+    # built in place: the mask is the largest tensor of a scoring, and the memory bound counts one
+    allowed = segments[:, None, :] == segments[:, :, None]  # [rows, queries, keys]
+    allowed |= (segments == PREFIX)[:, None, :]
+    allowed &= (at[None, :] <= at[:, None])[None]
+    allowed.diagonal(dim1=1, dim2=2).fill_(True)
+    if boolean:
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _score_packed(model, prompts: list[list[int]], groups: list[PrefixGroup], top_logprobs: int, tokenizer,
+                  eos_ids: set[int], pad_id: int) -> list[ScoreResult]:
+    device = next(model.parameters()).device
+    input_ids, position_ids, segments = _packed_rows(prompts, groups, pad_id, device)  # [rows, longest] each
+    mask = _packed_mask(segments, float_dtype(model), model.config._attn_implementation == "sdpa")
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # [rows, longest, hidden]
+    head, results = model.get_output_embeddings(), {}
+    for row, group in enumerate(groups):
+        prefix = head(hidden[row, :group.shared]).float()  # [shared, vocab], once for every member
+        start = group.shared
+        for member in group.members:
+            end = start + len(prompts[member]) - group.shared
+            own = head(hidden[row, start:end]).float()  # [own tokens, vocab]
+            logits = torch.cat([prefix, own]) if group.shared else own
+            results[member] = _score_row(logits, prompts[member], top_logprobs, tokenizer, eos_ids)
+            start = end
+    return [results[i] for i in range(len(prompts))]
+
+
 @torch.inference_mode()
 def score_prompts(model, prompts: list[list[int]], top_logprobs: int, tokenizer, eos_ids: set[int],
-                  pad_id: int) -> list[ScoreResult]:
-    """Every prompt scored in one forward of the decoder; the head runs per prompt on its own positions."""
+                  pad_id: int, pack_up_to: int | None = None) -> list[ScoreResult]:
+    """Every prompt scored in one forward of the decoder; the head runs per prompt on its own positions.
+    `pack_up_to`: prompts sharing a prefix go into one row of at most this many tokens (None: never)."""
+    if pack_up_to is not None:
+        groups = group_by_prefix(prompts, pack_up_to)
+        if len(groups) < len(prompts):
+            return _score_packed(model, prompts, groups, top_logprobs, tokenizer, eos_ids, pad_id)
     device = next(model.parameters()).device
     input_ids, mask = _padded_batch(prompts, pad_id, device)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask,

@@ -145,6 +145,22 @@ def test_lm_eval_log_likelihoods_equal_our_score_and_the_offline_variant(lmeval_
         assert is_greedy == greedy
 
 
+def test_lm_eval_multiple_choice_runs_the_context_once_and_keeps_every_number(lmeval_model, server, monkeypatch):
+    from services.engine import scoring
+
+    packed = []
+    real = scoring._score_packed
+    monkeypatch.setattr(scoring, "_score_packed", lambda model, prompts, groups, *rest: packed.append(
+        [len(g.members) for g in groups]) or real(model, prompts, groups, *rest))
+    context = "To be, or not to be, that is the question: whether tis nobler"
+    pairs = [(context, choice) for choice in (" in the mind", " to suffer", " A", " the slings and arrows")]
+    results = lmeval_model.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+    assert packed == [[4]]  # one request of four prompts, one row: the context once, then each choice
+    for (context, choice), (logprob, is_greedy) in zip(pairs, results):
+        offline, greedy = _offline(server, context, choice)
+        assert logprob == pytest.approx(offline, abs=1e-3) and is_greedy == greedy
+
+
 def test_lm_eval_rolling_log_likelihood_equals_our_score(lmeval_model, server):
     """Perplexity tasks: the whole text given the prefix token, as one request."""
     text = "To be, or not to be, that is the question"

@@ -26,6 +26,10 @@ HARMLESS = frozenset({  # cannot change the answer: dropped with a warning
     "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls",
     "reasoning_effort",
 })
+# the same for the fields of one chat message (a client sending back an assistant message adds the empty ones)
+MESSAGE_NEUTRAL: dict[str, tuple] = {"tool_calls": ([],), "annotations": ([],), "tool_call_id": ("",)}
+MESSAGE_HARMLESS = frozenset({"name", "refusal"})  # the chat template never reads them
+CONTENT_PARTS = ("text",)  # the kinds of content part a message may hold
 
 
 def check_extra_fields(extra: dict) -> None:
@@ -38,3 +42,23 @@ def check_extra_fields(extra: dict) -> None:
             continue
         reason = "is not supported" if name in NEUTRAL else "is not a field of this endpoint"
         raise PydanticCustomError("unsupported_field", "{param} {reason}", {"param": name, "reason": reason})
+
+
+def _refused_in_messages(reason: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported_field", "{param}: {reason}", {"param": "messages", "reason": reason})
+
+
+def check_message(extra: dict, content) -> None:
+    """The same for one chat message: its extra fields, and content parts other than text (images, audio)."""
+    for name, value in extra.items():
+        if value is None or (name in MESSAGE_NEUTRAL and value in MESSAGE_NEUTRAL[name]):
+            continue
+        if name in MESSAGE_HARMLESS:
+            log.warning("message field %r is not used; ignored", name)
+            continue
+        reason = "is not supported" if name in MESSAGE_NEUTRAL else "is not a field of a message"
+        raise _refused_in_messages(f"{name} {reason}")
+    for part in content if isinstance(content, list) else ():
+        if part.get("type") not in CONTENT_PARTS:
+            raise _refused_in_messages(f"content parts of type {part.get('type')!r} are not supported "
+                                       f"(this server reads {', '.join(CONTENT_PARTS)} only)")

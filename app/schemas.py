@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from app.fields import check_extra_fields
+from app.fields import check_extra_fields, check_message
 from services.bounds import PENALTY_BOUNDS
 from services.engine.interface import StructuredOutput
 
@@ -21,6 +21,8 @@ UNSET_IS_THE_PAIR_S = "unset: the pair's default (`sampling_defaults` on GET /v1
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
@@ -141,10 +143,15 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
+
+    @model_validator(mode="after")
+    def _no_silent_drops(self):
+        check_message(self.model_extra or {}, self.content)
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

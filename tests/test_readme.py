@@ -74,3 +74,23 @@ def test_the_python_api_block_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0] == str(list(range(16, 31))) and lines[1].startswith("The quick brown fox")
+
+
+def _table_row(last_cell: str) -> set[str]:
+    """The field names in the README rows whose last cell starts with `last_cell`."""
+    rows = [line for line in README.splitlines() if line.startswith("| ") and
+            line.rstrip(" |").rsplit("| ", 1)[-1].startswith(last_cell)]
+    first_cells = " ".join(row.split(" | ")[0] for row in rows)
+    return set(re.findall(r"`(\w+)`", first_cells))
+
+
+def test_the_readme_s_field_table_says_what_the_server_does_with_each_field():
+    from app.fields import HARMLESS, MESSAGE_HARMLESS, MESSAGE_NEUTRAL, NEUTRAL
+    from app.schemas import ChatRequest
+
+    assert _table_row("accepted at the value") == set(NEUTRAL)
+    assert _table_row("dropped with a logged warning: they") == set(HARMLESS)
+    assert _table_row("accepted empty") == set(MESSAGE_NEUTRAL)
+    assert _table_row("dropped with a logged warning (the chat") == set(MESSAGE_HARMLESS)
+    served = _table_row("served")
+    assert set(ChatRequest.model_fields) - {"messages"} <= served | {"guided_json", "guided_regex"}

@@ -223,6 +223,12 @@ def test_a_chat_with_no_max_tokens_answers_until_the_turn_or_the_context_ends(ll
         chat = client.chat.completions.create(model="tiny-6L", messages=[{"role": "user", "content": "hi"}],
                                               temperature=0, extra_body={"ignore_eos": True})
         assert chat.choices[0].finish_reason == "length" and chat.usage.total_tokens == 64
+        eos = live.app.state.engine.tokenizer.eos_token_id
+        ended = client.chat.completions.create(  # the end of the turn made likeliest after two tokens
+            model="tiny-6L", messages=[{"role": "user", "content": "hi"}], temperature=0, logprobs=True,
+            top_logprobs=2, extra_body={"logit_bias": {str(eos): 100}, "min_tokens": 2})
+        assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens <= 3
+        assert all(1 <= len(item.top_logprobs) <= 2 for item in ended.choices[0].logprobs.content)
         completion = client.completions.create(model="tiny-6L", prompt="hi", temperature=0,
                                                extra_body={"ignore_eos": True})
         assert completion.usage.completion_tokens == 16

@@ -173,6 +173,39 @@ def test_a_field_we_cannot_honour_is_refused_by_name_never_dropped(make_server, 
         assert f"request field '{field}' is not used" in caplog.text
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+@pytest.mark.parametrize("message, status_code, named", [
+    ({"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}, 400, "image_url"),
+    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, 400, "input_audio"),
+    ({"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}, 400, "tool_calls"),
+    ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, 400, "tool_call_id"),
+    ({"role": "user", "content": "hi", "no_such_field": 1}, 400, "no_such_field"),
+    # what the OpenAI SDK sends back with an assistant message it received: empty fields change nothing
+    ({"role": "assistant", "content": "x", "refusal": None, "annotations": [], "tool_calls": None}, 200, None),
+    ({"role": "user", "content": "hi", "name": "ada"}, 200, "name"),
+])
+def test_what_a_message_holds_beyond_text_is_refused_never_dropped(make_server, message, status_code, named, caplog):
+    live, _ = make_server()
+    body = {"model": "fake-3L", "messages": [message, {"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = httpx.post(live.url + "/v1/chat/completions", json=body)
+    assert response.status_code == status_code, response.text
+    if status_code == 400:
+        error = response.json()["error"]
+        assert error["param"] == "messages" and named in error["message"], error
+    elif named:
+        assert f"message field '{named}' is not used" in caplog.text
+
+
+def test_an_unknown_stream_option_is_refused_by_name(make_server):
+    live, _ = make_server()
+    body = {"model": "fake-3L", "prompt": "hi", "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    response = httpx.post(live.url + "/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options", response.text
+
+
 def test_the_pair_s_sampling_defaults_apply_unless_the_request_sets_them():
     engine = FakeEngine()
     engine.defaults = {"repetition_penalty": 1.1, "presence_penalty": 1.0}

@@ -62,6 +62,12 @@ class Nginx:
         assert wait_for(lambda: status(self.url + "/health") is not None, 20), "nginx did not start"
         return self
 
+    def reload(self, upstream_ports: list[int]) -> None:
+        """A new upstream list, read by a configuration reload (SIGHUP) of the running nginx."""
+        (self.workdir / "upstream.conf").write_text("".join(
+            f"server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;\n" for p in upstream_ports))
+        self.process.send_signal(signal.SIGHUP)
+
     def __exit__(self, *exc) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)

@@ -165,3 +165,16 @@ def test_each_profile_builds_its_image_from_its_dockerfile(profile, dockerfile, 
         build = service["build"] if isinstance(service["build"], dict) else {"context": service["build"]}
         assert (REPO / build["context"] / build.get("dockerfile", "Dockerfile")) == REPO / dockerfile, name
         assert service["image"] == image, name
+
+
+def test_every_variable_the_compose_replicas_get_is_a_setting_that_parses():
+    from app.settings import Settings
+
+    for name, service in _compose()["services"].items():
+        env = service.get("environment") or {}
+        unknown = [key for key in env if not key.startswith("BOOMERANG_")
+                   or key.removeprefix("BOOMERANG_").lower() not in Settings.model_fields]
+        assert unknown == [], f"{name}: {unknown} are not settings of the server"
+        literal = {key.removeprefix("BOOMERANG_").lower(): value for key, value in env.items()
+                   if "${" not in str(value)}  # values the shell fills in are checked where they are set
+        Settings(**literal)

@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 import signal
+import time
 
 import httpx
 import pytest
@@ -116,3 +117,16 @@ def test_sigterm_lets_an_inflight_stream_finish(llama_pair):
         assert status(replica.url + "/health") is None  # it stopped accepting
     finally:
         replica.stop()
+
+
+def test_a_replica_added_by_a_reload_takes_traffic_within_ten_seconds_and_one_removed_loses_none(replicas, tmp_path):
+    """The fallback for an nginx older than 1.27.3 (no `resolve`): a new upstream list and `nginx -s reload`."""
+    first, joining = replicas
+    with Nginx(tmp_path, [first.port]) as nginx:
+        assert asyncio.run(_many(nginx.url, 4, 2)) == [200] * 4 and _served_count(joining) == 0
+        nginx.reload([first.port, joining.port])
+        assert wait_for(lambda: asyncio.run(_many(nginx.url, 4, 4)) == [200] * 4 and _served_count(joining) > 0, 10)
+        nginx.reload([joining.port])
+        time.sleep(1)  # the old workers finish what they hold and exit
+        before = _served_count(first)
+        assert asyncio.run(_many(nginx.url, 8, 4)) == [200] * 8 and _served_count(first) == before

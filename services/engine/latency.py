@@ -9,8 +9,8 @@ Under load a request shares its steps with the rows running and waiting now, and
 pauses them: its time per token is predicted from the engine's own fit of step times (`step_times`) at the
 batch it will join, stretched by the prefill work arriving per second (requests arriving times the engine's
 own prefill time of an average prompt: a first token's latency also holds the waits for a step, so it would
-overstate that work); queueing is added from the engine's
-counts of running and waiting sequences. Until the fit is trusted, the time per token is the running average.
+overstate that work); queueing is added from the engine's counts of running and waiting sequences. Until the
+fit is trusted, the time per token is the running average.
 Whatever these estimates still miss is corrected as a whole: each finished request that was predicted on
 arrival teaches the ratio of its measured latency to the prediction, and every prediction is scaled by it.
 """

@@ -60,7 +60,7 @@ def _score_as_legacy_logprobs(score: ScoreResult) -> dict:
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # the pair may set defaults
 
 
-def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, penalties: dict) -> bool:
+def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, repetition_penalty: float) -> bool:
     """A log-likelihood request (echo, logprobs, one greedy token, nothing that shapes the choice) gets its token
     from the scoring forward: one pass instead of a scoring and a generation."""
     plain = SamplingParams()
@@ -68,7 +68,7 @@ def _next_token_is_in_the_score(req: CompletionRequest, max_tokens: int, penalti
             and req.structured() is None
             and not req.ignore_eos and not req.logit_bias and not req.stop_token_ids and req.min_tokens == 0
             # presence and frequency penalties count the answer's tokens, and the first token has none before it
-            and penalties["repetition_penalty"] == plain.repetition_penalty)
+            and repetition_penalty == plain.repetition_penalty)
 
 
 def _collected_from_score(score: ScoreResult) -> Collected:
@@ -208,7 +208,7 @@ class Serving:
         scores = await self._echo_scores(size, prompts, req) if req.echo else None
         if req.stream:
             return self._completion_stream(size, prompts, choices, req, scores)
-        if scores and _next_token_is_in_the_score(req, max_tokens, self._penalties(req)):
+        if scores and _next_token_is_in_the_score(req, max_tokens, self._penalties(req)["repetition_penalty"]):
             results = [_collected_from_score(score) for score in scores]
             for result in results:
                 self.metrics.count("completions", self.engine.model_id(size), prompt_tokens=result.prompt_tokens,

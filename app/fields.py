@@ -32,16 +32,24 @@ MESSAGE_HARMLESS = frozenset({"name", "refusal"})  # the chat template never rea
 CONTENT_PARTS = ("text",)  # the kinds of content part a message may hold
 
 
+def _first_refused(extra: dict, neutral: dict[str, tuple], harmless: frozenset,
+                   where: str) -> tuple[str, str] | None:
+    """The first field of `extra` we cannot honour and why; warns of those we drop."""
+    for name, value in extra.items():
+        if value is None or (name in neutral and value in neutral[name]):
+            continue
+        if name in harmless:
+            log.warning("%s field %r is not used; ignored", where, name)
+            continue
+        return name, "is not supported" if name in neutral else f"is not a field of this {where}"
+    return None
+
+
 def check_extra_fields(extra: dict) -> None:
     """Raises a validation error naming the first field we cannot honour; warns of those we drop."""
-    for name, value in extra.items():
-        if value is None or (name in NEUTRAL and value in NEUTRAL[name]):
-            continue
-        if name in HARMLESS:
-            log.warning("request field %r is not used; ignored", name)
-            continue
-        reason = "is not supported" if name in NEUTRAL else "is not a field of this endpoint"
-        raise PydanticCustomError("unsupported_field", "{param} {reason}", {"param": name, "reason": reason})
+    refused = _first_refused(extra, NEUTRAL, HARMLESS, "request")
+    if refused is not None:
+        raise PydanticCustomError("unsupported_field", "{param} {reason}", {"param": refused[0], "reason": refused[1]})
 
 
 def _refused_in_messages(reason: str) -> PydanticCustomError:
@@ -50,14 +58,9 @@ def _refused_in_messages(reason: str) -> PydanticCustomError:
 
 def check_message(extra: dict, content) -> None:
     """The same for one chat message: its extra fields, and content parts other than text (images, audio)."""
-    for name, value in extra.items():
-        if value is None or (name in MESSAGE_NEUTRAL and value in MESSAGE_NEUTRAL[name]):
-            continue
-        if name in MESSAGE_HARMLESS:
-            log.warning("message field %r is not used; ignored", name)
-            continue
-        reason = "is not supported" if name in MESSAGE_NEUTRAL else "is not a field of a message"
-        raise _refused_in_messages(f"{name} {reason}")
+    refused = _first_refused(extra, MESSAGE_NEUTRAL, MESSAGE_HARMLESS, "message")
+    if refused is not None:
+        raise _refused_in_messages(" ".join(refused))
     for part in content if isinstance(content, list) else ():
         if part.get("type") not in CONTENT_PARTS:
             raise _refused_in_messages(f"content parts of type {part.get('type')!r} are not supported "

@@ -85,7 +85,6 @@ async def _load(app: FastAPI, factory: EngineFactory) -> None:
     state.latency = LatencyModel(engine.models(), state.settings.max_concurrent)
     state.engine = engine
     state.metrics.stats = engine.stats
-    state.metrics.correction = lambda: state.latency.correction
     log.info("ready: %s, sizes %s", engine.family_name, [m.num_layers for m in engine.models()])
 
 

@@ -37,12 +37,8 @@ class Metrics:
                              registry=self.registry)
         self.memory = {key: Gauge(f"boomerang_{key}", help_text, registry=self.registry)
                        for key, help_text in MEMORY_GAUGES.items()}
-        self.latency_correction = Gauge("boomerang_latency_correction", "Measured over predicted latency of "
-                                        "requests the server sized (1: the latency model is right)",
-                                        registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         self.stats = stats
-        self.correction: Callable[[], float] | None = None  # the latency model's, once it exists
 
     def render(self) -> bytes:
         if self.stats is not None:
@@ -51,8 +47,6 @@ class Metrics:
             self.running.set(stats.get("running", 0))
             for key, gauge in self.memory.items():
                 gauge.set(stats.get(key, 0))
-        if self.correction is not None:
-            self.latency_correction.set(self.correction())
         return generate_latest(self.registry)
 
     def count(self, endpoint: str, model: str, status: str = "ok", prompt_tokens: int = 0,

@@ -25,7 +25,7 @@ from app.settings import Settings
 from app.sizes import Requested, choose, observed, requested_size
 from app.streams import SSE_DONE, merge, sse, with_deadline
 from services.engine.interface import MIN_TEMPERATURE, Engine, SamplingParams, ScoreResult, StreamDelta
-from services.engine.latency import LatencyModel, Prediction
+from services.engine.latency import LatencyModel
 from services.errors import BoomerangError, ContextLengthError, InvalidRequestError
 
 
@@ -81,7 +81,6 @@ class Serving:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, latency: LatencyModel):
         self.engine, self.settings, self.metrics, self.latency = engine, settings, metrics, latency
         self.served_size: int | None = None  # the size chosen for this request (the response names it)
-        self.prediction: Prediction | None = None  # its latency predicted on arrival, where a budget asked
 
     # -- validation ---------------------------------------------------------------------------------------
     def _tokenized(self, prompt) -> list[list[int]]:
@@ -142,8 +141,8 @@ class Serving:
         """The size that serves: the one asked for, or the largest that fits the budget (see app.sizes)."""
         sizes = sorted(self.latency.cards)
         self.latency.arrive()
-        size, self.prediction = choose(wanted, req, self.settings, self.latency, sizes, self.engine.stats(),
-                                       max(len(ids) for ids in prompts), max_tokens)
+        size = choose(wanted, req, self.settings, self.latency, sizes, self.engine.stats(),
+                      max(len(ids) for ids in prompts), max_tokens)
         if wanted.may_shrink:
             self.metrics.size_choices.labels(str(wanted.largest), str(size)).inc()
         self.served_size = size
@@ -176,8 +175,7 @@ class Serving:
     def _stream(self, size: int, choice: Choice, endpoint: str) -> AsyncIterator[StreamDelta]:
         stats = self.engine.stats()
         queued = stats.get("waiting", 0) > 0 or stats.get("running", 0) >= self.settings.max_concurrent
-        stream = observed(self.engine.generate(size, choice.prompt_ids, choice.params), self.latency, size, queued,
-                          self.prediction)
+        stream = observed(self.engine.generate(size, choice.prompt_ids, choice.params), self.latency, size, queued)
         return with_deadline(self.metrics.observe_stream(stream, self.engine.model_id(size), endpoint),
                              self.settings.request_timeout_s)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from app.schemas import SamplingFields
 from app.settings import Settings
 from services.engine.interface import Engine, StreamDelta
-from services.engine.latency import Budget, LatencyModel, Load, Observation, Prediction, choose_size
+from services.engine.latency import Budget, LatencyModel, Load, Observation, choose_size
 from services.errors import InvalidRequestError
 
 AUTO = "auto"
@@ -50,29 +50,25 @@ def budget_of(req: SamplingFields, settings: Settings) -> Budget:
 
 
 def choose(requested: Requested, req: SamplingFields, settings: Settings, latency: LatencyModel, sizes: list[int],
-           stats: dict, prompt_tokens: int, max_tokens: int | None) -> tuple[int, Prediction | None]:
-    """The size, and its predicted latency where the budget was consulted."""
+           stats: dict, prompt_tokens: int, max_tokens: int | None) -> int:
     budget = budget_of(req, settings)
     if not requested.may_shrink or not budget.limited:
-        return requested.largest, None
+        return requested.largest
     load = Load.from_stats(stats, latency.arrivals_per_s())
     size, predicted = choose_size(latency, sizes, requested.largest, budget, prompt_tokens, max_tokens, load)
-    log.info("size chosen: %d of up to %d layers, predicted %.2f s (first token %.2f s; correction %.2f), "
-             "%d running, %d waiting", size, requested.largest, predicted.total_s, predicted.time_to_first_token_s,
-             latency.correction, load.running, load.waiting)
-    return size, predicted
+    log.info("size chosen: %d of up to %d layers, predicted %.2f s (first token %.2f s), %d running, %d waiting",
+             size, requested.largest, predicted.total_s, predicted.time_to_first_token_s, load.running, load.waiting)
+    return size
 
 
 async def observed(stream: AsyncIterator[StreamDelta], latency: LatencyModel, num_layers: int,
-                   queued: bool, predicted: Prediction | None = None) -> AsyncIterator[StreamDelta]:
-    """Pass deltas through; a sequence that finishes teaches the latency model what it cost (and, where it was
-    predicted on arrival, how far off the prediction was)."""
+                   queued: bool) -> AsyncIterator[StreamDelta]:
+    """Pass deltas through; a sequence that finishes teaches the latency model what it cost."""
     start, first = time.perf_counter(), None
     async for delta in stream:
         if first is None and delta.token_ids:
             first = time.perf_counter() - start
         if delta.finish_reason is not None and first is not None:
             latency.observe(Observation(num_layers, delta.prompt_tokens, delta.completion_tokens, first,
-                                        time.perf_counter() - start, queued,
-                                        predicted.uncorrected_s if predicted is not None else None))
+                                        time.perf_counter() - start, queued))
         yield delta

@@ -11,13 +11,10 @@ batch it will join, stretched by the prefill work arriving per second (requests 
 own prefill time of an average prompt: a first token's latency also holds the waits for a step, so it would
 overstate that work); queueing is added from the engine's counts of running and waiting sequences. Until the
 fit is trusted, the time per token is the running average.
-Whatever these estimates still miss is corrected as a whole: each finished request that was predicted on
-arrival teaches the ratio of its measured latency to the prediction, and every prediction is scaled by it.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import threading
 import time
@@ -35,7 +32,6 @@ PRIOR_PROMPT_TOKENS = 64.0  # expected prompt length until requests are observed
 RECORDED_SPEED = "decode_tokens_per_s_cpu"  # the model card's measure, where a pair has one
 ARRIVAL_WINDOW_S = 10.0  # the arrival rate is counted over this many seconds
 MAX_PREFILL_SHARE = 0.8  # prefills arriving faster than this share of the time: the stretch stops growing
-MAX_CORRECTION = 4.0  # one request's measured / predicted latency counts at most this far from 1, either way
 
 
 @dataclass(frozen=True)
@@ -48,14 +44,12 @@ class Observation:
     time_to_first_token_s: float
     total_s: float
     queued: bool = False  # it waited for a slot: its first token measures the queue, not the prefill
-    predicted_s: float | None = None  # the model's own latency on arrival (`Prediction.uncorrected_s`), if asked
 
 
 @dataclass(frozen=True)
 class Prediction:
     time_to_first_token_s: float
     total_s: float
-    uncorrected_s: float | None = None  # total_s before the learned correction: what an observation is held to
 
 
 @dataclass(frozen=True)
@@ -117,7 +111,6 @@ class LatencyModel:
         self.completion_tokens = PRIOR_COMPLETION_TOKENS
         self.prompt_tokens = PRIOR_PROMPT_TOKENS
         self.request_s: float | None = None
-        self.log_correction = 0.0  # log of measured / predicted latency, averaged over finished requests
         self._arrivals: deque[float] = deque()
         self._lock = threading.Lock()
 
@@ -149,14 +142,6 @@ class LatencyModel:
             # a slot is held for the prefill and the decode; the wait before it is the queue's, counted apart
             service_s = obs.total_s - obs.time_to_first_token_s + self.prefill_s(obs.num_layers, obs.prompt_tokens)
             self.request_s = service_s if self.request_s is None else _blend(self.request_s, service_s)
-            if obs.predicted_s:
-                ratio = min(max(obs.total_s / obs.predicted_s, 1 / MAX_CORRECTION), MAX_CORRECTION)
-                self.log_correction = _blend(self.log_correction, math.log(ratio))
-
-    @property
-    def correction(self) -> float:
-        """Measured latency over predicted, learned from finished requests: scales every prediction."""
-        return math.exp(self.log_correction)
 
     def token_s(self, num_layers: int) -> float:
         return self.seconds_per_byte * self.cards[num_layers].bytes
@@ -204,9 +189,7 @@ class LatencyModel:
                 load: Load = Load()) -> Prediction:
         tokens = self.completion_tokens if max_tokens is None else max_tokens
         first = self.queue_s(load) + self.prefill_s(num_layers, prompt_tokens)
-        total = first + max(0.0, tokens - 1) * self.token_s_at(num_layers, load)
-        correction = self.correction
-        return Prediction(first * correction, total * correction, total)
+        return Prediction(first, first + max(0.0, tokens - 1) * self.token_s_at(num_layers, load))
 
     def speed(self, num_layers: int) -> dict:
         """Current estimates for `/v1/models`."""

@@ -7,15 +7,7 @@ import random
 import pytest
 
 from services.engine.interface import ModelCard
-from services.engine.latency import (
-    MAX_CORRECTION,
-    SMOOTHING,
-    Budget,
-    LatencyModel,
-    Load,
-    Observation,
-    choose_size,
-)
+from services.engine.latency import Budget, LatencyModel, Load, Observation, choose_size
 from services.engine.step_times import StepModel
 
 SIZES = list(range(16, 31))
@@ -150,36 +142,6 @@ def test_a_filling_batch_shrinks_the_size_before_a_queue_forms():
     filling = dict(running=15, waiting=0, running_layers=(30,) * 15, arrivals_per_s=4.0)
     assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling))[0] == 30  # the average: still fits
     assert choose_size(model, SIZES, 30, budget, 50, 64, Load(**filling, step_model=TRUE_STEP))[0] < 30
-
-
-def _predicted(model, obs, scale):
-    """`obs` as the server records it when its latency, predicted on arrival, came out `scale` times too high."""
-    raw = model.predict(obs.num_layers, obs.prompt_tokens, obs.completion_tokens).uncorrected_s
-    return Observation(obs.num_layers, obs.prompt_tokens, obs.completion_tokens, obs.time_to_first_token_s,
-                       raw / scale, predicted_s=raw)
-
-
-def test_predictions_that_run_high_are_scaled_down_by_what_requests_measured():
-    model = LatencyModel(CARDS, max_concurrent=8)
-    for obs in _trace(SIZES, 50):
-        model.observe(obs)
-    assert model.correction == 1.0  # nothing predicted yet: nothing to correct
-    raw = model.predict(30, 50, 64).total_s
-    budget = Budget(max_latency_s=raw * 0.8)
-    assert choose_size(model, SIZES, 30, budget, 50, 64)[0] < 30  # the uncorrected model gives the teacher away
-    for obs in _trace([30], 40, seed=2):
-        model.observe(_predicted(model, obs, scale=2.0))  # every request took half of what was predicted
-    assert model.correction == pytest.approx(0.5, rel=0.05)
-    size, prediction = choose_size(model, SIZES, 30, budget, 50, 64)
-    assert size == 30
-    assert prediction.total_s == pytest.approx(model.correction * prediction.uncorrected_s)
-
-
-def test_one_wild_request_moves_the_correction_a_bounded_step():
-    model = LatencyModel(CARDS, max_concurrent=8)
-    obs = next(_trace([30], 1))
-    model.observe(_predicted(model, obs, scale=1e-6))  # a million times slower than predicted (a stall)
-    assert model.correction == pytest.approx(MAX_CORRECTION ** SMOOTHING)
 
 
 def test_the_stretch_counts_the_engines_own_prefill_time_not_the_first_tokens_waits():

@@ -19,7 +19,6 @@ from services.engine.kv_pool import KVPool
 from services.engine.memory import available_bytes, check_fits, memory_bound
 from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.engine.scoring import packs_prompts, score_prompts
-from services.engine.shared_prefixes import group_by_prefix
 from services.engine.step_times import PrefillRate, StepTimes
 from services.engine.structured import GrammarCompiler
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
@@ -231,17 +230,9 @@ class InferenceEngine:
 
     def _score_now(self, num_layers: int, prompts: list[list[int]], top_logprobs: int) -> list[ScoreResult]:
         """Up to `max_batch_size` rows per forward: prompts, or, where they share a prefix, packed groups."""
-        model, rows = self.family.variant(num_layers), self.limits.max_batch_size
-        pack_up_to = self.max_model_len if self.packs_prompts else None
-        groups = ([group.members for group in group_by_prefix(prompts, pack_up_to)] if pack_up_to
-                  else [(i,) for i in range(len(prompts))])
-        results = {}
-        for start in range(0, len(groups), rows):
-            indices = [i for members in groups[start:start + rows] for i in members]
-            scored = score_prompts(model, [prompts[i] for i in indices], top_logprobs, self.tokenizer, self.eos_ids,
-                                   self.pad_id, pack_up_to)
-            results.update(zip(indices, scored))
-        return [results[i] for i in range(len(prompts))]
+        return score_prompts(self.family.variant(num_layers), prompts, top_logprobs, self.tokenizer, self.eos_ids,
+                             self.pad_id, self.max_model_len if self.packs_prompts else None,
+                             self.limits.max_batch_size)
 
     def sampling_defaults(self) -> dict:
         return dict(self.family.sampling_defaults)

@@ -102,7 +102,8 @@ def _packed_mask(segments: torch.Tensor, dtype: torch.dtype, boolean: bool) -> t
 
 
 def _score_packed(model, prompts: list[list[int]], groups: list[PrefixGroup], top_logprobs: int, tokenizer,
-                  eos_ids: set[int], pad_id: int) -> list[ScoreResult]:
+                  eos_ids: set[int], pad_id: int) -> dict[int, ScoreResult]:
+    """The prompts of `groups`, a row per group, by their index in `prompts`."""
     device = next(model.parameters()).device
     input_ids, position_ids, segments = _packed_rows(prompts, groups, pad_id, device)  # [rows, longest] each
     mask = _packed_mask(segments, float_dtype(model), model.config._attn_implementation == "sdpa")
@@ -118,22 +119,36 @@ def _score_packed(model, prompts: list[list[int]], groups: list[PrefixGroup], to
             logits = torch.cat([prefix, own]) if group.shared else own
             results[member] = _score_row(logits, prompts[member], top_logprobs, tokenizer, eos_ids)
             start = end
-    return [results[i] for i in range(len(prompts))]
+    return results
+
+
+def _score_padded(model, prompts: list[list[int]], members: list[int], top_logprobs: int, tokenizer,
+                  eos_ids: set[int], pad_id: int) -> dict[int, ScoreResult]:
+    """The prompts `members`, right-padded, a row each, by their index in `prompts`."""
+    chosen = [prompts[i] for i in members]
+    input_ids, mask = _padded_batch(chosen, pad_id, next(model.parameters()).device)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask,
+                                 use_cache=False).last_hidden_state  # [rows, longest, hidden]
+    head = model.get_output_embeddings()
+    return {i: _score_row(head(hidden[row, :len(ids)]).float(), ids, top_logprobs, tokenizer, eos_ids)
+            for row, (i, ids) in enumerate(zip(members, chosen))}
 
 
 @torch.inference_mode()
 def score_prompts(model, prompts: list[list[int]], top_logprobs: int, tokenizer, eos_ids: set[int],
-                  pad_id: int, pack_up_to: int | None = None) -> list[ScoreResult]:
-    """Every prompt scored in one forward of the decoder; the head runs per prompt on its own positions.
-    `pack_up_to`: prompts sharing a prefix go into one row of at most this many tokens (None: never)."""
-    if pack_up_to is not None:
-        groups = group_by_prefix(prompts, pack_up_to)
-        if len(groups) < len(prompts):
-            return _score_packed(model, prompts, groups, top_logprobs, tokenizer, eos_ids, pad_id)
-    device = next(model.parameters()).device
-    input_ids, mask = _padded_batch(prompts, pad_id, device)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask,
-                                 use_cache=False).last_hidden_state  # [batch, longest, hidden]
-    head = model.get_output_embeddings()
-    return [_score_row(head(hidden[row, :len(ids)]).float(), ids, top_logprobs, tokenizer, eos_ids)
-            for row, ids in enumerate(prompts)]
+                  pad_id: int, pack_up_to: int | None = None, rows_per_forward: int | None = None
+                  ) -> list[ScoreResult]:
+    """Every prompt scored, `rows_per_forward` rows per forward of the decoder (None: all in one); the head runs
+    per prompt on its own positions. `pack_up_to`: prompts sharing a prefix go into one row of at most this
+    many tokens (None: never)."""
+    groups = (group_by_prefix(prompts, pack_up_to) if pack_up_to is not None
+              else [PrefixGroup((i,), 0) for i in range(len(prompts))])
+    step, results = rows_per_forward or len(groups), {}
+    for start in range(0, len(groups), step):
+        chunk = groups[start:start + step]
+        if any(group.shared for group in chunk):
+            results.update(_score_packed(model, prompts, chunk, top_logprobs, tokenizer, eos_ids, pad_id))
+        else:
+            members = [group.members[0] for group in chunk]
+            results.update(_score_padded(model, prompts, members, top_logprobs, tokenizer, eos_ids, pad_id))
+    return [results[i] for i in range(len(prompts))]

@@ -97,7 +97,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     if first.get("type") == "unsupported_field":  # raised for the whole body, about one field
         return first["msg"], first["ctx"]["param"]
     param = location[0] if location else None  # the top-level field, as OpenAI names it
-    return f"{param or 'request'}: {first.get('msg', 'invalid')}", param
+    path = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in location[1:])
+    return f"{param or 'request'}{path}: {first.get('msg', 'invalid')}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

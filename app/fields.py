@@ -16,18 +16,15 @@ log = logging.getLogger("boomerang.requests")
 NEUTRAL: dict[str, tuple] = {  # not implemented: accepted only at these values
     "best_of": (1,),
     "suffix": ("",),
-    "tools": ([],),
     "functions": ([],),
-    "tool_choice": ("none", "auto"),  # with no tools, either changes nothing
     "function_call": ("none",),
     "modalities": (["text"],),
 }
 HARMLESS = frozenset({  # cannot change the answer: dropped with a warning
-    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls",
-    "reasoning_effort",
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "reasoning_effort",
 })
 # the same for the fields of one chat message (a client sending back an assistant message adds the empty ones)
-MESSAGE_NEUTRAL: dict[str, tuple] = {"tool_calls": ([],), "annotations": ([],), "tool_call_id": ("",)}
+MESSAGE_NEUTRAL: dict[str, tuple] = {"annotations": ([],)}
 MESSAGE_HARMLESS = frozenset({"name", "refusal"})  # the chat template never reads them
 CONTENT_PARTS = ("text",)  # the kinds of content part a message may hold
 

@@ -142,11 +142,37 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class CalledFunction(BaseModel):
+    name: FunctionName
+    arguments: str = Field(..., max_length=1_000_000, description="a JSON object")
+
+    @field_validator("arguments")
+    @classmethod
+    def _a_json_object(cls, value: str) -> str:
+        if not isinstance(_json_or_none(value), dict):
+            raise PydanticCustomError("unsupported_field", "{param}: tool call arguments must be a JSON object",
+                                      {"param": "messages"})
+        return value
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant turn made, sent back with the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, description="on a tool message: the call it answers")
 
     @model_validator(mode="after")
     def _no_silent_drops(self):
@@ -158,12 +184,77 @@ class ChatMessage(BaseModel):
             return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """As HF chat templates read a message: tool call arguments as objects, as vLLM passes them."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    tools: list[ToolDefinition] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools), none, required, or one function by name")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per answer")
+
+    def choice_of_tool(self) -> str:
+        """none, auto, required or named: what the answer may do with `tools`."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.choice_of_tool() != "none"
+
+    @model_validator(mode="after")
+    def _tools_consistent(self):
+        choice = self.choice_of_tool()
+        if choice in ("required", "named") and not self.tools:
+            raise PydanticCustomError("unsupported_field", "{param} {reason}",
+                                      {"param": "tool_choice", "reason": f"is {choice} but no tools are given"})
+        names = [tool.function.name for tool in self.tools or ()]
+        if choice == "named" and self.tool_choice.function.name not in names:
+            raise PydanticCustomError("unsupported_field", "{param} {reason}", {
+                "param": "tool_choice", "reason": f"names {self.tool_choice.function.name!r}, which is not in tools"})
+        if len(set(names)) < len(names):
+            raise PydanticCustomError("unsupported_field", "{param} {reason}",
+                                      {"param": "tools", "reason": "name the same function twice"})
+        if self.calls_tools() and self._structured_asks():
+            raise PydanticCustomError("unsupported_field", "{param} cannot be combined with {other}",
+                                      {"param": self._structured_asks()[0], "other": "tools"})
+        return self
 
 
 class GenerateRequest(SamplingFields):

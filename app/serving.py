@@ -24,7 +24,15 @@ from app.schemas import (
 from app.settings import Settings
 from app.sizes import Requested, choose, observed, requested_size
 from app.streams import SSE_DONE, merge, sse, with_deadline
-from services.engine.interface import MIN_TEMPERATURE, Engine, SamplingParams, ScoreResult, StreamDelta
+from app.tool_choice import ChatToolCalls, check_history
+from services.engine.interface import (
+    MIN_TEMPERATURE,
+    Engine,
+    SamplingParams,
+    ScoreResult,
+    StreamDelta,
+    StructuredOutput,
+)
 from services.engine.latency import LatencyModel
 from services.errors import BoomerangError, ContextLengthError, InvalidRequestError
 
@@ -155,8 +163,8 @@ class Serving:
         return {name: value if (value := getattr(req, name)) is not None else defaults.get(name, getattr(plain, name))
                 for name in PENALTIES}
 
-    def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int,
-                 logprobs: int | None) -> list[Choice]:
+    def _choices(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int, logprobs: int | None,
+                 structured: StructuredOutput | None = None) -> list[Choice]:
         choices, penalties = [], self._penalties(req)
         for p_index, ids in enumerate(prompts):
             for copy in range(req.n):
@@ -168,7 +176,7 @@ class Serving:
                                         **penalties, min_p=req.min_p,
                                         logit_bias=tuple((req.logit_bias or {}).items()),
                                         stop_token_ids=tuple(req.stop_token_ids or ()), min_tokens=req.min_tokens,
-                                        structured=req.structured())
+                                        structured=structured or req.structured())
                 choices.append(Choice(index, ids, params))
         return choices
 
@@ -264,8 +272,8 @@ class Serving:
                 yield sse({**head, "choices": [choice_body]})
             async for index, delta in deltas:
                 completion_tokens[index] = delta.completion_tokens
-                yield sse({**head, "choices": [{"index": index, **render(delta),
-                                                "finish_reason": delta.finish_reason}]})
+                yield sse({**head, "choices": [{"index": index, "finish_reason": delta.finish_reason,
+                                                **render(index, delta)}]})
             if include_usage:
                 yield sse({**head, "choices": [], "usage": self._usage(prompts, sum(completion_tokens))})
         except BoomerangError as error:
@@ -284,7 +292,7 @@ class Serving:
         prelude = [{**self._completion_choice(c, Collected(), req, prompts, scores), "finish_reason": None}
                    for c in choices] if req.echo else []
 
-        def render(delta: StreamDelta) -> dict:
+        def render(index: int, delta: StreamDelta) -> dict:
             logprobs = None
             if req.logprobs is not None:
                 logprobs = {"tokens": [i.token for i in delta.logprobs],
@@ -302,20 +310,21 @@ class Serving:
     # -- chat ---------------------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> dict | AsyncIterator[str]:
         wanted = requested_size(self.engine, req, self.settings)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompts = [self.engine.tokenize(self.engine.apply_chat_template(messages))]
+        calls = ChatToolCalls.of(req, self.engine)
+        messages = [m.for_template() for m in req.messages]
+        prompts = [self.engine.tokenize(self.engine.apply_chat_template(messages, tools=calls.rendered_tools()))]
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._until_end_of_turn(prompts) if requested is None else requested
         self._check(prompts, max_tokens, req)
         size = self._choose(wanted, req, prompts, requested)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        choices = self._choices(prompts, req, max_tokens, logprobs)
+        choices = self._choices(prompts, req, max_tokens, logprobs, calls.grammar() or req.structured())
         if req.stream:
-            return self._chat_stream(size, prompts, choices, req)
+            return self._chat_stream(size, prompts, choices, req, calls)
         results = await self._collect(size, choices, "chat")
-        body = [{"index": c.index, "message": {"role": "assistant", "content": r.text},
-                 "logprobs": self._chat_logprobs(r.logprobs) if req.logprobs else None,
-                 "finish_reason": r.finish_reason} for c, r in zip(choices, results)]
+        body = [{"index": c.index, **calls.message(r.text, r.finish_reason),
+                 "logprobs": self._chat_logprobs(r.logprobs) if req.logprobs else None}
+                for c, r in zip(choices, results)]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.engine.model_id(size), "choices": body,
                 "usage": self._usage(prompts, sum(r.completion_tokens for r in results))}
@@ -327,14 +336,15 @@ class Serving:
         return {"content": [{**entry(i.token, i.logprob),
                              "top_logprobs": [entry(t, lp) for t, lp in i.top.items()]} for i in items]}
 
-    def _chat_stream(self, size, prompts, choices, req: ChatRequest) -> AsyncIterator[str]:
+    def _chat_stream(self, size, prompts, choices, req: ChatRequest, calls: ChatToolCalls) -> AsyncIterator[str]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self.engine.model_id(size)}
         prelude = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for c in choices]
+        streams = [calls.stream() for _ in choices]
 
-        def render(delta: StreamDelta) -> dict:
-            return {"delta": {"content": delta.text},
+        def render(index: int, delta: StreamDelta) -> dict:
+            return {**streams[index].delta(delta.text, delta.finish_reason),
                     "logprobs": self._chat_logprobs(delta.logprobs) if req.logprobs else None}
 
         return self._sse(size, prompts, choices, "chat", head, prelude, render, self._include_usage(req))
@@ -372,7 +382,8 @@ class Serving:
     # -- tokenizer ------------------------------------------------------------------------------------------
     def tokenize(self, req: TokenizeRequest) -> dict:
         if req.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            check_history(req.messages, self.engine)
+            messages = [m.for_template() for m in req.messages]
             text = self.engine.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
         else:
             text = req.prompt if req.prompt is not None else req.text

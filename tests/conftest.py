@@ -17,8 +17,28 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# the shape of Qwen2.5's template: tools in the system turn, calls as <tool_call> JSON, results as <tool_response>
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}You are a helpful assistant.{% endif %}"
+    "\n\n# Tools\n\nYou may call one or more functions.\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\nFor each function call, return a "
+    "json object within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and tools and loop.first %}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{% if m.content %}{{ m.content }}\n{% endif %}"
+    "{%- for call in m.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments | tojson }}}\n</tool_call>\n{% endfor %}<|im_end|>\n\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\n{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-def make_tokenizer(vocab_size: int = 320):
+
+def make_tokenizer(vocab_size: int = 320, chat_template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,7 +50,7 @@ def make_tokenizer(vocab_size: int = 320):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator([TINY_TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+                                   pad_token="<|endoftext|>", chat_template=chat_template)
 
 
 def tiny_config(model_type: str, vocab_size: int, num_hidden_layers: int = 8, **overrides):
@@ -42,7 +62,8 @@ def tiny_config(model_type: str, vocab_size: int, num_hidden_layers: int = 8, **
     return AutoConfig.for_model(model_type, **{**fields, **overrides})
 
 
-def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02, **config) -> tuple[Path, Path]:
+def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02, chat_template: str = CHAT_TEMPLATE,
+              **config) -> tuple[Path, Path]:
     """Save a random teacher and a perturbed student made from it by the default layout (`config`: fields of
     the teacher's config that differ from `tiny_config`'s)."""
     import torch
@@ -51,7 +72,7 @@ def make_pair(root: Path, model_type: str, seed: int = 0, noise: float = 0.02, *
     from services.family.plan import layout_from_rule
     from services.family.student_init import init_student, save_student
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(chat_template=chat_template)
     torch.manual_seed(seed)
     teacher = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer), **config)).eval()
     layout = layout_from_rule(teacher.config.num_hidden_layers)
@@ -74,6 +95,13 @@ def tiny_pair(request, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def llama_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_pair(tmp_path_factory.mktemp("llama_only"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tools_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A Llama pair whose chat template renders tools (as Qwen2.5's does)."""
+    return make_pair(tmp_path_factory.mktemp("tools"), "llama", chat_template=HERMES_TEMPLATE,
+                     max_position_embeddings=2048)  # the tools' descriptions make long prompts
 
 
 def read_json(path: Path) -> dict:

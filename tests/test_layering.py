@@ -6,17 +6,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {  # part -> the parts it may import (besides itself)
-    "errors": set(), "bounds": set(), "store": {"errors", "bounds"}, "cpu": {"errors"}, "corpora": {"errors"},
+    "errors": set(), "bounds": set(), "cli_types": set(), "store": {"errors", "bounds"}, "cpu": {"errors"},
+    "corpora": {"errors"},
     "family": {"errors", "store", "cpu", "corpora"},  # q4 calibration reads training text
     "engine": {"errors", "family", "store", "cpu"},
-    "train": {"errors", "family", "store", "cpu", "corpora"},
-    "eval": {"errors", "engine", "family", "store", "cpu", "corpora"},  # chat answers decoded as served
+    "train": {"errors", "family", "store", "cpu", "corpora", "cli_types"},
+    "eval": {"errors", "engine", "family", "store", "cpu", "corpora", "cli_types"},  # chat answers decoded as served
     "bench": {"errors", "engine", "family", "store", "cpu", "eval", "corpora"},
-    "cli": {"errors", "engine", "family", "store", "cpu", "eval", "corpora", "train", "bench", "app"},
+    "cli": {"errors", "engine", "family", "store", "cpu", "eval", "corpora", "train", "bench", "app", "cli_types"},
     "app": {"errors", "bounds", "engine"},
 }
 # no torch
-APP_AT_IMPORT = {"services.engine.interface", "services.engine.latency", "services.errors", "services.bounds"}
+APP_AT_IMPORT = {"services.engine.interface", "services.engine.latency", "services.engine.tool_calls",
+                 "services.errors", "services.bounds"}
 
 
 def _module(path: Path) -> str:

@@ -21,6 +21,7 @@ from services.engine.scheduler import BatchKey, Housekeeping, Scheduler
 from services.engine.scoring import packs_prompts, score_prompts
 from services.engine.step_times import PrefillRate, StepTimes
 from services.engine.structured import GrammarCompiler
+from services.engine.tool_calls import ToolCallFormat, template_tool_format
 from services.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnknownSizeError
 from services.family import Family
 from services.family.architectures import get_path
@@ -43,6 +44,7 @@ class InferenceEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.grammars = GrammarCompiler(self.tokenizer, family.teacher.config.vocab_size)
+        self._tool_format: ToolCallFormat | str | None = None  # the format, or why there is none; found on first use
         self.mix_sizes = limits.mix_sizes
         spec = family.spec
         layers = [*get_path(family.teacher, spec.layers), *get_path(family.student, spec.layers)]
@@ -141,11 +143,21 @@ class InferenceEngine:
                 "chat_template": tokenizer.chat_template, "vocab_size": len(tokenizer),
                 "model_max_length": self.max_model_len}
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, tools=tools or None,
                                                   add_generation_prompt=add_generation_prompt)
+
+    def tool_call_format(self, param: str) -> ToolCallFormat:
+        """The format the pair's chat template writes tool calls in; a request needing one where the template has
+        none is refused, naming `param`."""
+        if self._tool_format is None:
+            self._tool_format = template_tool_format(self.tokenizer)
+        if isinstance(self._tool_format, str):
+            raise InvalidRequestError(self._tool_format, param=param)
+        return self._tool_format
 
     # -- admission -------------------------------------------------------------------------------------------
     def _admit(self) -> None:

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.engine.tool_calls import ToolCallFormat
+
 MIN_TEMPERATURE = 1e-4  # below this, dividing the logits overflows: sampling is treated as greedy
 
 
@@ -31,7 +33,7 @@ class EngineLimits:
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    kind: str  # "json_schema" (text: the schema as JSON), "json_object" (text unused) or "regex"
+    kind: str  # "json_schema" (text: the schema as JSON), "json_object" (text unused), "regex" or "lark"
     text: str
     field: str  # the request field that asked for it, named in errors
 
@@ -131,7 +133,10 @@ class Engine(Protocol):
 
     def tokenizer_info(self) -> dict: ...
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str: ...
+
+    def tool_call_format(self, param: str) -> ToolCallFormat: ...
 
     def generate(
         self, num_layers: int, prompt_ids: list[int], params: SamplingParams

@@ -1,6 +1,7 @@
-"""Structured output: a grammar per sequence (a JSON schema, any JSON object, or a regex) masks the logits so
-the answer parses, at every size. llguidance compiles the grammar and computes each step's allowed tokens
-(a bitmask over the vocabulary, in well under a decode step); a row that asks for none is left alone."""
+"""Structured output: a grammar per sequence (a JSON schema, any JSON object, a regex, or a Lark grammar: forced
+tool calls) masks the logits so the answer parses, at every size. llguidance compiles the grammar and computes
+each step's allowed tokens (a bitmask over the vocabulary, in well under a decode step); a row that asks for none
+is left alone."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from services.errors import InvalidRequestError
 ANY_JSON_OBJECT = {"type": "object"}
 # compact JSON: free whitespace lets a small model loop on blanks until max_tokens
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-KINDS = ("json_schema", "json_object", "regex")
+KINDS = ("json_schema", "json_object", "regex", "lark")
 
 
 def _llguidance():
@@ -50,6 +51,8 @@ class GrammarCompiler:
         try:
             if structured.kind == "regex":
                 grammar = llguidance.LLMatcher.grammar_from_regex(structured.text)
+            elif structured.kind == "lark":
+                grammar = llguidance.LLMatcher.grammar_from_lark(structured.text)
             else:
                 schema = ANY_JSON_OBJECT if structured.kind == "json_object" else json.loads(structured.text)
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)

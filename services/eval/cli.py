@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from services.cli_types import layer_counts
 from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
 from services.errors import InvalidRequestError
 from services.eval.baselines import needs_calibration, parse_baselines
@@ -54,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure chat quality per size (answer perplexity, degenerate answers, agreement "
         "with the teacher, multiple choice): chat.json and chat.md",
     )
+    parser.add_argument(
+        "--chat-sizes",
+        type=layer_counts,
+        help="with --chat: only these layer counts (comma-separated; default: every size)",
+    )
     parser.add_argument("--no-curve", action="store_true", help="skip the raw-text curve (with --chat: chat only)")
     parser.add_argument(
         "--weights",
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return _chat_in_form(args) if args.chat else _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
     if args.chat:
-        chat = _measure_chat(family, Path(args.out), "chat")
+        chat = _measure_chat(family, Path(args.out), "chat", args.chat_sizes)
         if args.update_manifest:
             _record_chat(Path(args.pair or DEFAULT_PAIR), chat)
     if args.no_curve:
@@ -122,13 +128,17 @@ def _chat_in_form(args: argparse.Namespace) -> int:
     """The chat measures of every size with the weights in `--weights` form (chat-FORM.json, chat-FORM.md)."""
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu",
                          weights=args.weights)
-    _measure_chat(family, Path(args.out), f"chat-{args.weights}")
+    _measure_chat(family, Path(args.out), f"chat-{args.weights}", args.chat_sizes)
     return 0
 
 
-def _measure_chat(family, out_dir: Path, name: str) -> dict:
-    """Chat measures of every size, written as NAME.json and NAME.md and printed a line a size."""
-    chat = evaluate_chat(family)
+def _measure_chat(family, out_dir: Path, name: str, sizes: tuple[int, ...] | None = None) -> dict:
+    """Chat measures of every size (or `sizes`), written as NAME.json and NAME.md and printed a line a size."""
+    unknown = sorted(set(sizes or ()) - set(family.sizes))
+    if unknown:
+        raise InvalidRequestError(f"--chat-sizes {unknown} are not sizes of this family "
+                                  f"({min(family.sizes)}-{max(family.sizes)})", param="chat_sizes")
+    chat = evaluate_chat(family, sizes=list(sizes) if sizes else None)
     write_chat_report(chat, out_dir, name=name)
     for row in chat["sizes"]:
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}))
@@ -159,6 +169,7 @@ def _compare_weights(args: argparse.Namespace) -> int:
     print(f"worst {args.weights} / float perplexity: {report['worst_ratio']:.4f}")
     print(f"all sizes' weights, {args.weights} / float bytes: {report['bytes_ratio']:.3f}")
     return 0
+
 
 
 def _teacher_dir(family) -> str:

@@ -48,7 +48,7 @@ def load_student_weights(student: nn.Module, folder: Path, layout: StudentLayout
     from safetensors.torch import load_file
 
     if read_layout(folder, layout.num_teacher_layers) != layout:
-        raise TrainingConfigError(f"{folder} was made with a different layout than --first/--every/--last")
+        raise TrainingConfigError(f"{folder} was made with a different layout than this run's")
     weights: dict = {}
     for path in weight_files(folder):
         weights.update(load_file(path))

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from services.cli_types import layer_counts
 from services.errors import BoomerangError, TrainingConfigError
 from services.train.loop import TrainConfig, run_training
 from services.train.losses import LossWeights
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("save_every", "eval_every", "seed", "batch_size", "seq_len", "grad_accum", "warmup_steps",
                  "first", "every", "last"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(_DEFAULTS, name))
+    parser.add_argument("--copied-teacher-layers", type=layer_counts,
+                        help="the teacher layers the student keeps (comma-separated, from 0), instead of "
+                             "--first/--every/--last: e.g. a student of one intermediate size")
     for name in ("lr", "weight_decay", "clip"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(_DEFAULTS, name))
     parser.add_argument("--w-ce", type=float, default=_WEIGHTS.ce, help="cross-entropy weight (0 = off)")
@@ -69,18 +73,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     teacher = teacher_folder(args.teacher)
     names = ("max_steps", "max_tokens", "max_minutes", "save_every", "eval_every", "seed", "batch_size", "seq_len",
              "grad_accum", "warmup_steps", "first", "every", "last", "lr", "weight_decay", "clip", "random_init",
-             "freeze_embeddings", "patch_order", "fsdp", "resume", "overwrite", "device", "init_student")
+             "freeze_embeddings", "patch_order", "fsdp", "resume", "overwrite", "device", "init_student",
+             "copied_teacher_layers")
     weights = LossWeights(ce=args.w_ce, kl=args.w_kl, cos=args.w_cos, temperature=args.temperature,
                           mse=args.w_mse, patch=args.w_patch)
     return TrainConfig(teacher=teacher, data=args.data, out=args.out, weights=weights,
                        progress=not args.no_progress, **{n: getattr(args, n) for n in names})
 
-
-def _sizes(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got {value!r}") from None
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +97,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="conversations in the teacher's chat template (it writes the user turns too) instead "
                              "of samples from its start token; --max-new-tokens bounds each answer")
-    parser.add_argument("--answer-num-layers", type=_sizes, default=(),
+    parser.add_argument("--answer-num-layers", type=layer_counts, default=(),
                         help="with --chat: answers written by these sizes of --pair's family (comma-separated, "
                              "e.g. 16,18,20), the teacher still writing the user turns: the student's own "
                              "answers, for the trainer to correct towards the teacher's (on-policy distillation)")

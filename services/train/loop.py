@@ -17,7 +17,7 @@ from torch import nn
 from services.corpora import PackedData, build_data
 from services.errors import TrainingConfigError
 from services.family.loading import load_model, load_tokenizer
-from services.family.plan import layout_from_rule
+from services.family.plan import StudentLayout, layout_from_rule, layout_from_student_config
 from services.family.student_init import init_student, load_student_weights, save_student
 from services.store.files import write_json
 from services.store.integrity import hash_weights
@@ -56,6 +56,7 @@ class TrainConfig:
     first: int = 1
     every: int = 2
     last: int = 2
+    copied_teacher_layers: tuple[int, ...] | None = None  # an explicit layout instead of first/every/last
     random_init: bool = False
     init_student: str | None = None  # continue from an existing student's weights (same layout)
     freeze_embeddings: bool = False
@@ -110,15 +111,22 @@ def _prepare_out_dir(config: TrainConfig, out: Path) -> dict | None:
 
 # settings a resumed run must share with its start; the value is what a run saved before the key existed used
 _SAME_RUN_KEYS = {"seed": None, "batch_size": None, "seq_len": None, "grad_accum": None, "first": None,
-                  "every": None, "last": None, "data": None, "fsdp": False}
+                  "every": None, "last": None, "data": None, "fsdp": False, "copied_teacher_layers": None}
 
 
 def _check_same_run(saved: dict, config: TrainConfig) -> None:
     for key, missing in _SAME_RUN_KEYS.items():
-        before = saved["config"].get(key, missing)
-        if before != getattr(config, key):
+        before, now = saved["config"].get(key, missing), getattr(config, key)
+        if before != (list(now) if isinstance(now, tuple) else now):  # JSON keeps tuples as lists
             raise TrainingConfigError(
                 f"--resume with a different {key} ({getattr(config, key)!r}) than the run ({before!r})")
+
+
+def student_layout(config: TrainConfig, num_hidden_layers: int) -> StudentLayout:
+    """The explicit `copied_teacher_layers` when given, else the first/every/last rule."""
+    if config.copied_teacher_layers is not None:
+        return layout_from_student_config({"copied_teacher_layers": config.copied_teacher_layers}, num_hidden_layers)
+    return layout_from_rule(num_hidden_layers, config.first, config.every, config.last)
 
 
 class Trainer:
@@ -131,7 +139,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(config.teacher)
         teacher = load_model(config.teacher, torch.float32, self.device).requires_grad_(False)
-        self.layout = layout_from_rule(teacher.config.num_hidden_layers, config.first, config.every, config.last)
+        self.layout = student_layout(config, teacher.config.num_hidden_layers)
         self.student = init_student(teacher, self.layout, config.random_init).train().requires_grad_(True)
         if config.init_student:
             load_student_weights(self.student, Path(config.init_student), self.layout)

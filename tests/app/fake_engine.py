@@ -49,8 +49,11 @@ class FakeEngine:
         return {"tokenizer_class": "FakeTokenizer", "eos_token": "</s>", "bos_token": None, "pad_token": None,
                 "chat_template": "{{ messages }}", "vocab_size": VOCAB_SIZE, "model_max_length": self.max_model_len}
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         return "".join(m["content"] for m in messages)
+
+    def tool_call_format(self, param: str):
+        raise InvalidRequestError("the fake engine's template has no tools", param=param)
 
     async def generate(self, num_layers: int, prompt_ids, params: SamplingParams):
         if self.in_flight >= self.capacity:

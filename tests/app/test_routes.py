@@ -179,8 +179,12 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
 @pytest.mark.parametrize("message, status_code, named", [
     ({"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}, 400, "image_url"),
     ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, 400, "input_audio"),
-    ({"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}, 400, "tool_calls"),
-    ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, 400, "tool_call_id"),
+    ({"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}, 400,
+     "messages[0].tool_calls[0].function: Field required"),
+    # calls and results where the template has no tools (the fake engine's has none)
+    ({"role": "assistant", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, 400, "has no tools"),
+    ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, 400, "has no tools"),
     ({"role": "user", "content": "hi", "no_such_field": 1}, 400, "no_such_field"),
     # what the OpenAI SDK sends back with an assistant message it received: empty fields change nothing
     ({"role": "assistant", "content": "x", "refusal": None, "annotations": [], "tool_calls": None}, 200, None),

@@ -34,3 +34,10 @@ def test_chat_measures_in_a_weight_form_and_a_form_never_updates_the_manifest(ll
     assert all(row["answer_perplexity"] > 1 for row in report["sizes"])
     assert (tmp_path / "chat-q4.md").read_text().startswith("| layers |")
     assert main(["eval", *pair, "--weights", "int8", "--update-manifest"]) == 2
+
+
+def test_chat_sizes_measures_only_those_sizes_and_refuses_sizes_the_family_lacks(llama_pair, tmp_path):
+    pair = ["--teacher", str(llama_pair[0]), "--student", str(llama_pair[1])]
+    assert main(["eval", *pair, "--chat", "--no-curve", "--chat-sizes", "5,7", "--out", str(tmp_path)]) == 0
+    assert [row["num_layers"] for row in read_json(tmp_path / "chat.json")["sizes"]] == [5, 7]
+    assert main(["eval", *pair, "--chat", "--no-curve", "--chat-sizes", "3", "--out", str(tmp_path)]) == 2

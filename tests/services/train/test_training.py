@@ -244,3 +244,21 @@ def test_resume_of_a_run_saved_before_a_setting_existed_names_the_difference(lla
     (out / "train_state.json").write_text(json.dumps({**state, "finished": False}))
     with pytest.raises(TrainingConfigError, match="different fsdp"):
         run_training(tiny_config(llama_pair[0], corpus, out, max_steps=2, resume=True, fsdp=True))
+
+
+def test_an_explicit_layout_trains_a_student_of_that_size_and_resumes(llama_pair, corpus, tmp_path):
+    """A student of one intermediate size (the paper's baseline for a patched size): the teacher layers it keeps
+    are given, and a resumed run must keep them."""
+    out, kept = tmp_path / "run", (0, 1, 2, 4, 6, 7)
+    run_training(tiny_config(llama_pair[0], corpus, out, max_steps=4, save_every=2, copied_teacher_layers=kept))
+    student = json.loads((out / "student_config.json").read_text())
+    assert student == {"copied_teacher_layers": list(kept), "pruned_teacher_layers": [3, 5]}
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == len(kept)
+    state = json.loads((out / "train_state.json").read_text())
+    (out / "train_state.json").write_text(json.dumps({**state, "finished": False}))
+    run_training(tiny_config(llama_pair[0], corpus, out, max_steps=4, save_every=2, resume=True,
+                             copied_teacher_layers=kept))  # the saved layout (a JSON list) is the same run
+    with pytest.raises(TrainingConfigError, match="different copied_teacher_layers"):
+        run_training(tiny_config(llama_pair[0], corpus, out, max_steps=4, resume=True, copied_teacher_layers=(0, 4)))
+    with pytest.raises(BoomerangError, match="must start at 0"):
+        run_training(tiny_config(llama_pair[0], corpus, tmp_path / "bad", copied_teacher_layers=(1, 2)))

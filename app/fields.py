@@ -25,7 +25,7 @@ HARMLESS = frozenset({  # cannot change the answer: dropped with a warning
 })
 # the same for the fields of one chat message (a client sending back an assistant message adds the empty ones)
 MESSAGE_NEUTRAL: dict[str, tuple] = {"annotations": ([],)}
-MESSAGE_HARMLESS = frozenset({"name", "refusal"})  # the chat template never reads them
+MESSAGE_HARMLESS = frozenset({"refusal"})  # the chat template never reads it
 CONTENT_PARTS = ("text",)  # the kinds of content part a message may hold
 
 

@@ -173,6 +173,8 @@ class ChatMessage(BaseModel):
     content: str | list[dict] | None = None
     tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
     tool_call_id: str | None = Field(None, description="on a tool message: the call it answers")
+    name: str | None = Field(None, max_length=256, description="passed to the chat template (some read it on "
+                             "tool results)")
 
     @model_validator(mode="after")
     def _no_silent_drops(self):
@@ -193,7 +195,20 @@ class ChatMessage(BaseModel):
                 for call in self.tool_calls]
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
         return message
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The conversation as HF chat templates read it; a tool result sent without `name` gets the name of the call
+    it answers (Hermes-style templates require it)."""
+    called = {call.id: call.function.name for m in messages for call in m.tool_calls or () if call.id}
+    rendered = [m.for_template() for m in messages]
+    for message in rendered:
+        if message["role"] == "tool" and "name" not in message and message.get("tool_call_id") in called:
+            message["name"] = called[message["tool_call_id"]]
+    return rendered
 
 
 class FunctionDefinition(BaseModel):

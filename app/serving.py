@@ -20,6 +20,7 @@ from app.schemas import (
     SamplingFields,
     ScoreRequest,
     TokenizeRequest,
+    template_messages,
 )
 from app.settings import Settings
 from app.sizes import Requested, choose, observed, requested_size
@@ -311,7 +312,7 @@ class Serving:
     async def chat(self, req: ChatRequest) -> dict | AsyncIterator[str]:
         wanted = requested_size(self.engine, req, self.settings)
         calls = ChatToolCalls.of(req, self.engine)
-        messages = [m.for_template() for m in req.messages]
+        messages = template_messages(req.messages)
         prompts = [self.engine.tokenize(self.engine.apply_chat_template(messages, tools=calls.rendered_tools()))]
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._until_end_of_turn(prompts) if requested is None else requested
@@ -383,7 +384,7 @@ class Serving:
     def tokenize(self, req: TokenizeRequest) -> dict:
         if req.messages is not None:
             check_history(req.messages, self.engine)
-            messages = [m.for_template() for m in req.messages]
+            messages = template_messages(req.messages)
             text = self.engine.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
         else:
             text = req.prompt if req.prompt is not None else req.text

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 import torch
+from jinja2 import TemplateError
 
 from services.cpu.heap import trim_heap
 from services.engine.backends import steps_for
@@ -147,8 +148,11 @@ class InferenceEngine:
                             tools: list[dict] | None = None) -> str:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, tools=tools or None,
-                                                  add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, tools=tools or None,
+                                                      add_generation_prompt=add_generation_prompt)
+        except TemplateError as error:  # the template's own checks (raise_exception) speak to the client
+            raise InvalidRequestError(f"the chat template refused these messages: {error}", param="messages") from None
 
     def tool_call_format(self, param: str) -> ToolCallFormat:
         """The format the pair's chat template writes tool calls in; a request needing one where the template has

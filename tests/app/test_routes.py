@@ -188,7 +188,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
     ({"role": "user", "content": "hi", "no_such_field": 1}, 400, "no_such_field"),
     # what the OpenAI SDK sends back with an assistant message it received: empty fields change nothing
     ({"role": "assistant", "content": "x", "refusal": None, "annotations": [], "tool_calls": None}, 200, None),
-    ({"role": "user", "content": "hi", "name": "ada"}, 200, "name"),
+    ({"role": "assistant", "content": "x", "refusal": "no"}, 200, "refusal"),
 ])
 def test_what_a_message_holds_beyond_text_is_refused_never_dropped(make_server, message, status_code, named, caplog):
     live, _ = make_server()

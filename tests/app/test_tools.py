@@ -133,3 +133,27 @@ def test_a_pair_whose_template_has_no_tools_refuses_them(llama_pair):
         unused = client.chat.completions.create(model="tiny-6L", messages=ASK, tools=[WEATHER], tool_choice="none",
                                                 max_tokens=2)
         assert unused.choices[0].message.tool_calls is None
+
+
+def test_a_tool_result_without_a_name_gets_the_name_of_the_call_it_answers():
+    from app.schemas import ChatMessage, template_messages
+
+    messages = [ChatMessage(role="assistant", tool_calls=[
+        {"id": "call_7", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]),
+        ChatMessage(role="tool", tool_call_id="call_7", content="sunny"),
+        ChatMessage(role="tool", tool_call_id="call_7", name="kept", content="rain")]
+    rendered = template_messages(messages)
+    assert rendered[0]["tool_calls"][0]["function"]["arguments"] == {}
+    assert [m.get("name") for m in rendered[1:]] == ["weather", "kept"]
+
+
+def test_a_template_s_own_refusal_is_a_400_naming_messages(server):
+    engine = server.app.state.engine
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = "{{ raise_exception('tool results need a name') }}"
+    try:
+        response = httpx.post(server.url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 2})
+    finally:
+        engine.tokenizer.chat_template = template
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert "tool results need a name" in response.json()["error"]["message"]

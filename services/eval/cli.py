@@ -8,13 +8,15 @@ from pathlib import Path
 
 from services.cli_types import layer_counts
 from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
-from services.errors import InvalidRequestError
+from services.errors import InvalidPairError, InvalidRequestError
 from services.eval.baselines import needs_calibration, parse_baselines
 from services.eval.baselines.calibration import calibration_text
 from services.eval.chat import chat_quality, evaluate_chat, write_chat_report
 from services.eval.curve import evaluate_curve, write_report
 from services.eval.weights import compare_weights, write_weights_report
 from services.family import load_family
+from services.family.loading import read_layout
+from services.family.plan import Order, PatchOrder, patch_sequence
 from services.store import DEFAULT_PAIR, update_manifest
 
 
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=STUDENT_DIR",
-        help="another student of the same teacher, plotted on the same axes",
+        help="another student of the same teacher, plotted on the same axes (patched in the family's order "
+        "where its layout has the same blocks, else last-to-first)",
     )
     parser.add_argument(
         "--baselines",
@@ -107,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.ablation:
         name, _, student = spec.partition("=")
         teacher_dir = args.teacher or _teacher_dir(family)
+        order = _ablation_order(student, family)
         ablations[name] = evaluate_curve(
-            load_family(teacher_dir, student, order=family.order, device="cpu", name=name), **options, baselines=()
+            load_family(teacher_dir, student, order=order, device="cpu", name=name), **options, baselines=()
         )
     write_report(report, Path(args.out), ablations)
     if args.update_manifest:
@@ -170,6 +174,17 @@ def _compare_weights(args: argparse.Namespace) -> int:
     print(f"all sizes' weights, {args.weights} / float bytes: {report['bytes_ratio']:.3f}")
     return 0
 
+
+
+def _ablation_order(student: str, family) -> Order:
+    """The family's patch order where it fits the other student's layout, else last-to-first (a student with
+    another layout, such as every 4th layer, has other blocks)."""
+    layout = read_layout(Path(student), family.layout.num_teacher_layers)
+    try:
+        patch_sequence(layout, family.order)
+    except InvalidPairError:
+        return PatchOrder.LAST_TO_FIRST
+    return family.order
 
 
 def _teacher_dir(family) -> str:

@@ -33,3 +33,24 @@ def test_curve_endpoints_determinism_and_report(llama_pair, tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "curve.md").read_text().splitlines()
     assert len(table) == len(family.sizes) + 2 and "ablation python_docs" in table[0]
+
+
+def test_an_ablation_with_another_layout_is_patched_last_to_first(llama_pair, tmp_path):
+    """A student keeping every 4th layer has other blocks than the family's order names: it is measured with
+    last-to-first patching, over its own sizes, on the same axes."""
+    from services.cli import main
+    from services.family.plan import layout_from_rule
+    from services.family.student_init import init_student, save_student
+
+    teacher = AutoModelForCausalLM.from_pretrained(llama_pair[0])
+    layout = layout_from_rule(teacher.config.num_hidden_layers, every=4)
+    save_student(init_student(teacher, layout), layout, tmp_path / "every4")
+    out = tmp_path / "eval"
+    args = ["eval", "--teacher", str(llama_pair[0]), "--student", str(llama_pair[1]), "--order", "2,0,1", "--chunks",
+            "1", "--seq-len", "16", "--decode-tokens", "2", "--ablation", f"every 4th={tmp_path / 'every4'}",
+            "--ablation", f"same={llama_pair[1]}", "--out", str(out)]
+    assert main(args) == 0
+    ablations = json.loads((out / "curve.json").read_text())["ablations"]
+    assert ablations["every 4th"]["order"] == "last" and ablations["same"]["order"] == [2, 0, 1]
+    sizes = [row["num_layers"] for row in ablations["every 4th"]["sizes"]]
+    assert sizes == [4, 5, 8]  # blocks of 4 and 2 teacher layers: a patch adds 3 layers or 1

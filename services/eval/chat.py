@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from services.engine.interface import SamplingParams
 from services.engine.logit_processors import apply_logit_processors
+from services.eval.baselines import LABELS
 from services.family import Family
 
 CHAT_PROMPTS = (
@@ -167,11 +169,13 @@ def answer(model: nn.Module, tokenizer, prompts: ChatPrompts, max_new_tokens: in
 
 
 def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, ...] = CHAT_PROMPTS,
-                  sizes: list[int] | None = None, progress: bool = True) -> dict:
+                  sizes: list[int] | None = None, progress: bool = True,
+                  variant: Callable[[int], nn.Module] | None = None) -> dict:
     """Chat quality of every size (or `sizes`) against the teacher's own answers. Answers are decoded as the
     server decodes a request that sets nothing (greedy, with the pair's sampling defaults); where the pair has
     defaults, the degenerate rate without them is reported beside. Answer perplexity is always over the
-    teacher's plain greedy answers (its own distribution, comparable across pairs)."""
+    teacher's plain greedy answers (its own distribution, comparable across pairs). `variant` builds the model
+    of a size (default: the family's; a baseline passes its pruned teacher)."""
     from tqdm import tqdm
 
     tokenizer = family.tokenizer
@@ -185,7 +189,7 @@ def evaluate_chat(family: Family, max_new_tokens: int = 40, prompts: tuple[str, 
                for q, options, right in MULTIPLE_CHOICE]
     results = []
     for n in tqdm(sizes or family.sizes, desc="chat", disable=not progress):
-        model = family.variant(n)
+        model = (variant or family.variant)(n)
         answers, texts, kinds = answer(model, tokenizer, chat, max_new_tokens, defaults)
         plain_kinds = answer(model, tokenizer, chat, max_new_tokens)[2] if defaults else kinds
         nll = -sum(continuation_logprobs(model, [p for p, _ in scored], [a for _, a in scored], chat.pad_id))
@@ -238,4 +242,7 @@ def markdown_table(report: dict) -> str:
 def write_chat_report(report: dict, out_dir: Path, name: str = "chat") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown_table(report))
+    sections = [markdown_table(report)] + [
+        f"\n### {LABELS.get(baseline, baseline)}\n\n" + markdown_table({"sizes": rows})
+        for baseline, rows in report.get("baselines", {}).items()]
+    (out_dir / f"{name}.md").write_text("".join(sections))

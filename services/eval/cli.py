@@ -9,12 +9,13 @@ from pathlib import Path
 from services.cli_types import layer_counts
 from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
 from services.errors import InvalidPairError, InvalidRequestError
-from services.eval.baselines import needs_calibration, parse_baselines
+from services.eval.baselines import needs_calibration, parse_baselines, prepare_baselines
 from services.eval.baselines.calibration import calibration_text
 from services.eval.chat import chat_quality, evaluate_chat, write_chat_report
 from services.eval.curve import evaluate_curve, write_report
 from services.eval.weights import compare_weights, write_weights_report
 from services.family import load_family
+from services.family.assembly import make_template
 from services.family.loading import read_layout
 from services.family.plan import Order, PatchOrder, patch_sequence
 from services.store import DEFAULT_PAIR, update_manifest
@@ -63,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=layer_counts,
         help="with --chat: only these layer counts (comma-separated; default: every size)",
     )
+    parser.add_argument(
+        "--chat-baselines",
+        action="store_true",
+        help="with --chat: the chat measures of each of --baselines too, at the same sizes (chat.json `baselines`)",
+    )
     parser.add_argument("--no-curve", action="store_true", help="skip the raw-text curve (with --chat: chat only)")
     parser.add_argument(
         "--weights",
@@ -80,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     baselines = parse_baselines(args.baselines)  # before loading: a misspelt name fails at once
+    if args.chat_baselines and not args.chat:
+        raise InvalidRequestError("--chat-baselines needs --chat", param="chat_baselines")
     if args.update_manifest and "naive" not in baselines:
         raise InvalidRequestError(
             "--update-manifest records the naive baseline: keep naive in --baselines", param="baselines"
@@ -93,18 +101,20 @@ def run(args: argparse.Namespace) -> int:
             )
         return _chat_in_form(args) if args.chat else _compare_weights(args)
     family = load_family(args.teacher, args.student, pair=args.pair, order=args.order, device="cpu")
-    if args.chat:
-        chat = _measure_chat(family, Path(args.out), "chat", args.chat_sizes)
-        if args.update_manifest:
-            _record_chat(Path(args.pair or DEFAULT_PAIR), chat)
-    if args.no_curve:
-        return 0
-    options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
     calibration = (
         calibration_text(args.calibration_data, family.tokenizer, args.calibration_chunks, args.calibration_seq_len)
         if needs_calibration(baselines)
         else None
     )
+    if args.chat:
+        chat = _measure_chat(family, Path(args.out), "chat", args.chat_sizes)
+        if args.chat_baselines:
+            _measure_baselines_chat(family, chat, baselines, calibration, args)
+        if args.update_manifest:
+            _record_chat(Path(args.pair or DEFAULT_PAIR), chat)
+    if args.no_curve:
+        return 0
+    options = dict(num_chunks=args.chunks, seq_len=args.seq_len, decode_tokens=args.decode_tokens)
     report = evaluate_curve(family, **options, baselines=baselines, calibration=calibration)
     ablations = {}
     for spec in args.ablation:
@@ -147,6 +157,20 @@ def _measure_chat(family, out_dir: Path, name: str, sizes: tuple[int, ...] | Non
     for row in chat["sizes"]:
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}))
     return chat
+
+
+def _measure_baselines_chat(family, chat: dict, names: tuple[str, ...], calibration, args) -> None:
+    """The chat measures of each baseline at the sizes measured for the family, added to chat.json/chat.md."""
+    prepared = prepare_baselines(names, family, calibration)
+    template = make_template(family.teacher, family.teacher)
+    sizes = [row["num_layers"] for row in chat["sizes"]]
+    chat["baselines"] = {}
+    for name, baseline in prepared.items():
+        rows = evaluate_chat(family, sizes=sizes, variant=lambda n, b=baseline: b.model(family, n, template))
+        chat["baselines"][name] = rows["sizes"]
+        for row in rows["sizes"]:
+            print(json.dumps({"baseline": name, **{k: v for k, v in row.items() if k != "examples"}}))
+    write_chat_report(chat, Path(args.out), name="chat")
 
 
 def _compare_weights(args: argparse.Namespace) -> int:

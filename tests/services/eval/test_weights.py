@@ -41,3 +41,17 @@ def test_chat_sizes_measures_only_those_sizes_and_refuses_sizes_the_family_lacks
     assert main(["eval", *pair, "--chat", "--no-curve", "--chat-sizes", "5,7", "--out", str(tmp_path)]) == 0
     assert [row["num_layers"] for row in read_json(tmp_path / "chat.json")["sizes"]] == [5, 7]
     assert main(["eval", *pair, "--chat", "--no-curve", "--chat-sizes", "3", "--out", str(tmp_path)]) == 2
+
+
+def test_chat_baselines_measures_each_pruned_teacher_at_the_family_s_sizes(llama_pair, tmp_path):
+    pair = ["--teacher", str(llama_pair[0]), "--student", str(llama_pair[1])]
+    args = ["eval", *pair, "--chat", "--no-curve", "--chat-sizes", "5", "--baselines", "naive,shortgpt",
+            "--chat-baselines", "--calibration-chunks", "2", "--calibration-seq-len", "16", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = read_json(tmp_path / "chat.json")
+    assert set(report["baselines"]) == {"naive", "shortgpt"}
+    for rows in report["baselines"].values():
+        assert [row["num_layers"] for row in rows] == [5] and rows[0]["answer_perplexity"] > 1
+    assert report["baselines"]["naive"][0] != report["sizes"][0]  # the pruned teacher, not the family's size
+    assert "### ShortGPT" in (tmp_path / "chat.md").read_text()
+    assert main(["eval", *pair, "--chat-baselines"]) == 2

@@ -18,7 +18,7 @@ ALLOWED = {  # part -> the parts it may import (besides itself)
 }
 # no torch
 APP_AT_IMPORT = {"services.engine.interface", "services.engine.latency", "services.engine.tool_calls",
-                 "services.errors", "services.bounds"}
+                 "services.engine.compact_json", "services.errors", "services.bounds"}
 
 
 def _module(path: Path) -> str:

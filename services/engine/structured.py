@@ -10,12 +10,11 @@ import threading
 
 import torch
 
+from services.engine.compact_json import COMPACT_JSON
 from services.engine.interface import StructuredOutput
 from services.errors import InvalidRequestError
 
 ANY_JSON_OBJECT = {"type": "object"}
-# compact JSON: free whitespace lets a small model loop on blanks until max_tokens
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 KINDS = ("json_schema", "json_object", "regex", "lark")
 
 
@@ -55,7 +54,7 @@ class GrammarCompiler:
                 grammar = llguidance.LLMatcher.grammar_from_lark(structured.text)
             else:
                 schema = ANY_JSON_OBJECT if structured.kind == "json_object" else json.loads(structured.text)
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=COMPACT_JSON)
             problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         except (ValueError, TypeError, RuntimeError) as error:
             problem = str(error)

@@ -10,10 +10,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.engine.compact_json import COMPACT_JSON
 from services.errors import InvalidRequestError
-
-# compact JSON, as in structured output: free whitespace lets a small model loop on blanks
-_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -156,7 +154,7 @@ def forced_calls_grammar(fmt: ToolCallFormat, tools: Sequence[Tool], name: str |
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
     schemas = [{"type": "object", "properties": {"name": {"const": tool.name}, fmt.arguments_key: tool.parameters},
                 "required": ["name", fmt.arguments_key], "additionalProperties": False} for tool in chosen]
-    schema = {"x-guidance": _COMPACT, **(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})}
+    schema = {"x-guidance": COMPACT_JSON, **(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})}
     repeat = f" ({json.dumps(fmt.separator)} call)*" if parallel and name is None else ""
     return (f"start: call{repeat}\n"
             f"call: {json.dumps(fmt.opening)} %json {json.dumps(schema)} {json.dumps(fmt.closing)}\n")

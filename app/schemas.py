@@ -266,6 +266,9 @@ class ChatRequest(SamplingFields):
         if len(set(names)) < len(names):
             raise PydanticCustomError("unsupported_field", "{param} {reason}",
                                       {"param": "tools", "reason": "name the same function twice"})
+        if choice in ("required", "named") and self.min_tokens:  # a forced call may only end once complete
+            raise PydanticCustomError("unsupported_field", "{param} cannot be combined with {other}",
+                                      {"param": "min_tokens", "other": f"tool_choice {choice}"})
         if self.calls_tools() and self._structured_asks():
             raise PydanticCustomError("unsupported_field", "{param} cannot be combined with {other}",
                                       {"param": self._structured_asks()[0], "other": "tools"})

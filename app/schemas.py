@@ -219,6 +219,14 @@ class FunctionDefinition(BaseModel):
     parameters: dict | None = Field(None, description="a JSON schema of the arguments object")
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise PydanticCustomError("unsupported_field", "{param}: a function's parameters must be an object "
+                                      "schema", {"param": "tools"})
+        return value
+
 
 class ToolDefinition(BaseModel):
     type: Literal["function"]
@@ -242,7 +250,7 @@ class ChatRequest(SamplingFields):
     tools: list[ToolDefinition] | None = Field(None, max_length=128, description="functions the model may call")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="auto (the default with tools), none, required, or one function by name")
-    parallel_tool_calls: bool = Field(True, description="false: at most one call per answer")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
 
     def choice_of_tool(self) -> str:
         """none, auto, required or named: what the answer may do with `tools`."""

@@ -42,7 +42,10 @@ class ChatToolCalls:
         """The tools as HF chat templates take them; with tool_choice none the model is not shown them."""
         if self.fmt is None:
             return None
-        return [tool.model_dump(exclude_none=True) for tool in self.req.tools]
+        tools = [tool.model_dump(exclude_none=True) for tool in self.req.tools]
+        for tool in tools:  # templates read parameters.properties
+            tool["function"].setdefault("parameters", {"type": "object", "properties": {}})
+        return tools
 
     def grammar(self) -> StructuredOutput | None:
         """For tool_choice required or a named function: answers that are calls and nothing else."""
@@ -51,16 +54,19 @@ class ChatToolCalls:
             return None
         name = self.req.tool_choice.function.name if choice == "named" else None
         tools = [Tool(t.function.name, t.function.parameters or ANY_ARGUMENTS) for t in self.req.tools]
-        text = forced_calls_grammar(self.fmt, tools, name, parallel=self.req.parallel_tool_calls)
+        text = forced_calls_grammar(self.fmt, tools, name, parallel=self.req.parallel_tool_calls is not False)
         return StructuredOutput("lark", text, "tool_choice")
+
+    def declared(self) -> set[str]:
+        return {tool.function.name for tool in self.req.tools or ()}
 
     def kept(self, calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
         """With parallel_tool_calls false, the first call only."""
-        return calls if self.req.parallel_tool_calls else calls[:1]
+        return calls if self.req.parallel_tool_calls is not False else calls[:1]
 
     def message(self, text: str, finish_reason: str | None) -> dict:
         """A whole answer's `message` and `finish_reason` (tool_calls where it called and ended by itself)."""
-        calls = parse_answer(text, self.fmt) if self.fmt is not None else None
+        calls = parse_answer(text, self.fmt, self.declared()) if self.fmt is not None else None
         if calls is None or not calls.calls:
             return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
         return {"message": {"role": "assistant", "content": calls.content,
@@ -68,7 +74,7 @@ class ChatToolCalls:
                 "finish_reason": "tool_calls" if finish_reason == "stop" else finish_reason}
 
     def stream(self) -> ChatDeltas:
-        return ChatDeltas(self, ToolCallStream(self.fmt) if self.fmt is not None else None)
+        return ChatDeltas(self, ToolCallStream(self.fmt, self.declared()) if self.fmt is not None else None)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from services.engine.compact_json import COMPACT_JSON
@@ -23,10 +23,18 @@ class ToolCallFormat:
     closing: str
     separator: str = "\n"
     arguments_key: str = "arguments"
+    unlike: tuple[str, ...] = ()  # text of templates that share the tag but write calls otherwise
+
+    def taught_by(self, template: str) -> bool:
+        """The template teaches this format: its tag, its JSON arguments key, none of another format's marks."""
+        return (self.opening.strip() in template and f'"{self.arguments_key}"' in template
+                and not any(mark in template for mark in self.unlike))
 
 
 # Qwen2.5, Qwen3, SmolLM3 and the Hermes models: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
-HERMES = ToolCallFormat("hermes", opening="<tool_call>\n", closing="\n</tool_call>")
+# (Qwen3-Coder's <function=...> and GLM's <arg_key> share the tag with XML inside)
+HERMES = ToolCallFormat("hermes", opening="<tool_call>\n", closing="\n</tool_call>",
+                        unlike=("<function=", "<arg_key>"))
 FORMATS = (HERMES,)
 
 
@@ -70,23 +78,30 @@ def template_tool_format(tokenizer) -> ToolCallFormat | str:
         return "this pair's chat template does not render tools, so its models cannot call them"
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
         tokenizer.chat_template)  # a tokenizer may hold several named templates
-    fmt = next((f for f in FORMATS if f.opening.strip() in template), None)
+    fmt = next((f for f in FORMATS if f.taught_by(template)), None)
     if fmt is None:
         return (f"this pair's chat template writes tool calls in a format this server does not read (it reads "
                 f"{', '.join(f.name for f in FORMATS)})")
+    if fmt.opening.strip() in getattr(tokenizer, "all_special_tokens", ()):
+        return (f"this pair's tokenizer makes {fmt.opening.strip()} a special token, which decoding drops, so "
+                "calls could not be read back")
     return fmt
 
 
-def parse_answer(text: str, fmt: ToolCallFormat) -> ParsedAnswer:
-    """The answer's text before its first call, and its calls; an answer whose calls do not all parse is text."""
+def parse_answer(text: str, fmt: ToolCallFormat, declared: Collection[str] | None = None) -> ParsedAnswer:
+    """The answer's text before its first call, and its calls. Every closed call must parse and name a declared
+    tool (when `declared` is given), else the answer is text; an unclosed last call that does not parse (an
+    answer cut at max_tokens) is dropped when calls before it parsed."""
     tag, end = fmt.opening.strip(), fmt.closing.strip()
     start = text.find(tag)
     if start < 0:
         return ParsedAnswer(text, ())
-    calls = []
-    for piece in text[start:].split(tag)[1:]:
-        body = piece.split(end, 1)[0].strip() if end in piece else piece.strip()
-        call = _call_from_json(body, fmt)
+    calls, pieces = [], text[start:].split(tag)[1:]
+    for number, piece in enumerate(pieces):
+        closed = end in piece
+        call = _call_from_json(piece.split(end, 1)[0].strip() if closed else piece.strip(), fmt, declared)
+        if call is None and not closed and number == len(pieces) - 1 and calls:
+            break
         if call is None:
             return ParsedAnswer(text, ())
         calls.append(call)
@@ -94,12 +109,14 @@ def parse_answer(text: str, fmt: ToolCallFormat) -> ParsedAnswer:
     return ParsedAnswer(content or None, tuple(calls))
 
 
-def _call_from_json(body: str, fmt: ToolCallFormat) -> ToolCall | None:
+def _call_from_json(body: str, fmt: ToolCallFormat, declared: Collection[str] | None) -> ToolCall | None:
     try:
         value = json.loads(body)
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    if declared is not None and value["name"] not in declared:  # OpenAI never answers an undeclared tool
         return None
     arguments = value.get(fmt.arguments_key, {})
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
@@ -115,8 +132,8 @@ def _call_from_json(body: str, fmt: ToolCallFormat) -> ToolCall | None:
 class ToolCallStream:
     """One streamed answer: its text is passed on until a call may begin; from there it is held to the end."""
 
-    def __init__(self, fmt: ToolCallFormat):
-        self.fmt, self.text, self.sent = fmt, "", 0
+    def __init__(self, fmt: ToolCallFormat, declared: Collection[str] | None = None):
+        self.fmt, self.declared, self.text, self.sent = fmt, declared, "", 0
         self.tag = fmt.opening.strip()
 
     def feed(self, piece: str) -> str:
@@ -130,7 +147,7 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, tuple[ToolCall, ...]]:
         """At the end: the text still held (when it held no call that parses), and the calls."""
-        parsed = parse_answer(self.text, self.fmt)
+        parsed = parse_answer(self.text, self.fmt, self.declared)
         if parsed.calls:
             return "", parsed.calls
         rest, self.sent = self.text[self.sent:], len(self.text)
@@ -152,9 +169,43 @@ def forced_calls_grammar(fmt: ToolCallFormat, tools: Sequence[Tool], name: str |
     chosen = [tool for tool in tools if name is None or tool.name == name]
     if not chosen:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
-    schemas = [{"type": "object", "properties": {"name": {"const": tool.name}, fmt.arguments_key: tool.parameters},
-                "required": ["name", fmt.arguments_key], "additionalProperties": False} for tool in chosen]
+    definitions, schemas = {}, []
+    for number, tool in enumerate(chosen):
+        parameters, own = _hoisted(tool.parameters, f"tool{number}_")
+        definitions.update(own)
+        schemas.append({"type": "object", "properties": {"name": {"const": tool.name}, fmt.arguments_key: parameters},
+                        "required": ["name", fmt.arguments_key], "additionalProperties": False})
     schema = {"x-guidance": COMPACT_JSON, **(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})}
+    if definitions:
+        schema["$defs"] = definitions
     repeat = f" ({json.dumps(fmt.separator)} call)*" if parallel and name is None else ""
     return (f"start: call{repeat}\n"
             f"call: {json.dumps(fmt.opening)} %json {json.dumps(schema)} {json.dumps(fmt.closing)}\n")
+
+
+_DEFINITIONS = ("$defs", "definitions")
+
+
+def _hoisted(parameters: dict, prefix: str) -> tuple[dict, dict]:
+    """A tool's schema without its definitions, and those definitions renamed with `prefix`: nested under the
+    call's `arguments`, its `#/$defs/...` references must point at the root's (as pydantic writes them)."""
+    definitions = {f"{prefix}{name}": schema for key in _DEFINITIONS
+                   for name, schema in parameters.get(key, {}).items()}
+    body = {key: value for key, value in parameters.items() if key not in _DEFINITIONS}
+    return _renamed_refs(body, prefix), _renamed_refs(definitions, prefix)
+
+
+def _renamed_refs(value, prefix: str):
+    if isinstance(value, dict):
+        return {key: _renamed_ref(item, prefix) if key == "$ref" and isinstance(item, str) else
+                _renamed_refs(item, prefix) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_renamed_refs(item, prefix) for item in value]
+    return value
+
+
+def _renamed_ref(ref: str, prefix: str) -> str:
+    for key in _DEFINITIONS:
+        if ref.startswith(f"#/{key}/"):
+            return f"#/$defs/{prefix}{ref[len(key) + 3:]}"
+    return ref

@@ -79,7 +79,7 @@ def test_auto_and_none_answer_and_a_conversation_with_calls_and_results_renders(
                                           temperature=0)
     assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
     none = client.chat.completions.create(model="tiny-6L", messages=ASK, tools=[WEATHER], tool_choice="none",
-                                          max_tokens=8, temperature=0)
+                                          max_tokens=8, temperature=0, extra_body={"parallel_tool_calls": None})
     assert none.choices[0].message.tool_calls is None
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
@@ -98,6 +98,7 @@ def test_auto_and_none_answer_and_a_conversation_with_calls_and_results_renders(
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [WEATHER], "tool_choice": "required", "min_tokens": 5}, "min_tokens"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "weather", "arguments": "not json"}}]}]}, "messages"),
 ])

@@ -32,6 +32,9 @@ def test_an_answer_s_calls_and_the_text_before_them_are_read_back():
     assert len({c.id for c in parsed.calls}) == 2 and all(c.id.startswith("call_") for c in parsed.calls)
     unclosed = parse_answer('<tool_call>\n{"name": "weather", "arguments": {}}', HERMES)
     assert unclosed.content is None and unclosed.calls[0].name == "weather"
+    cut = parse_answer(TWO_CALLS[:TWO_CALLS.rindex("CET")], HERMES)  # the second call cut by max_tokens
+    assert [c.name for c in cut.calls] == ["weather"]
+    assert parse_answer(TWO_CALLS, HERMES, declared={"weather"}).calls == ()  # "time" was never declared
 
 
 @pytest.mark.parametrize("text", ["plain words", "<tool_call>\n{not json}\n</tool_call>",
@@ -61,6 +64,11 @@ def test_the_template_says_whether_and_how_it_renders_tools():
     assert "does not render tools" in template_tool_format(make_tokenizer(chat_template=CHAT_TEMPLATE))
     other = CHAT_TEMPLATE + "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}{% endif %}"
     assert "format this server does not read" in template_tool_format(make_tokenizer(chat_template=other))
+    coder = HERMES_TEMPLATE.replace("<args-json-object>}", "<args-json-object>}<function=name>")
+    assert "format this server does not read" in template_tool_format(make_tokenizer(chat_template=coder))
+    special = make_tokenizer(chat_template=HERMES_TEMPLATE)
+    special.add_special_tokens({"additional_special_tokens": ["<tool_call>"]})
+    assert "special token" in template_tool_format(special)
 
 
 def _matcher(grammar: str):
@@ -93,3 +101,15 @@ def test_required_calls_any_tool_and_several_only_when_parallel():
     with pytest.raises(InvalidRequestError) as unknown:
         forced_calls_grammar(HERMES, [WEATHER], "nowhere")
     assert unknown.value.param == "tool_choice"
+
+
+def test_a_schema_with_definitions_keeps_its_references_when_nested_under_the_call():
+    """pydantic writes nested models as `$defs` with `#/$defs/...` references from the schema's root."""
+    place = Tool("place", {"$defs": {"City": {"type": "object", "properties": {"name": {"enum": ["Oslo", "Rome"]}},
+                                              "required": ["name"], "additionalProperties": False}},
+                           "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+                           "additionalProperties": False})
+    grammar = forced_calls_grammar(HERMES, [WEATHER, place], "place")
+    call = '<tool_call>\n{"name": "place", "arguments": {"city": {"name": "Oslo"}}}\n</tool_call>'
+    assert _accepts(grammar, call)
+    assert not _accepts(grammar, call.replace("Oslo", "Lima"))

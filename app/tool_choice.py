@@ -16,7 +16,7 @@ from services.engine.tool_calls import (
     parse_answer,
 )
 
-ANY_ARGUMENTS = {"type": "object"}  # a function declared without parameters
+ANY_ARGUMENTS = {"type": "object", "properties": {}}  # a function declared without parameters
 
 
 def check_history(messages: list[ChatMessage], engine: Engine) -> None:
@@ -44,7 +44,7 @@ class ChatToolCalls:
             return None
         tools = [tool.model_dump(exclude_none=True) for tool in self.req.tools]
         for tool in tools:  # templates read parameters.properties
-            tool["function"].setdefault("parameters", {"type": "object", "properties": {}})
+            tool["function"].setdefault("parameters", dict(ANY_ARGUMENTS))
         return tools
 
     def grammar(self) -> StructuredOutput | None:

@@ -319,7 +319,7 @@ class Serving:
         self._check(prompts, max_tokens, req)
         size = self._choose(wanted, req, prompts, requested)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        choices = self._choices(prompts, req, max_tokens, logprobs, calls.grammar() or req.structured())
+        choices = self._choices(prompts, req, max_tokens, logprobs, calls.grammar())
         if req.stream:
             return self._chat_stream(size, prompts, choices, req, calls)
         results = await self._collect(size, choices, "chat")

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +55,29 @@ def versioned_name(name: str, source: Path, isa: str = "avx2") -> str:
     return f"{name}_{isa}_{digest.hexdigest()[:12]}"
 
 
+STALE_LOCK_S = 900  # far longer than a build: such a lock was left by a build that was killed
+
+
+def clear_stale_lock(module_name: str, build_root: Path | None = None) -> bool:
+    """Removes the lock a killed build left in the extension's build directory: torch waits on a lock without
+    a timeout, so every later start would hang. True when one was removed."""
+    if build_root is None:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(module_name, verbose=False)) / "lock"
+    else:
+        lock = build_root / module_name / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def build(name: str, source: Path, isa: str | None = None) -> ModuleType | None:
     """The compiled extension `name` from `source` for `isa` (default: the widest this CPU has), or None
     (not x86 with AVX2/FMA, no compiler)."""
@@ -67,6 +91,7 @@ def build(name: str, source: Path, isa: str | None = None) -> ModuleType | None:
             return module
         from torch.utils.cpp_extension import load
 
+        clear_stale_lock(module_name)
         return load(
             module_name, [str(source)], extra_cflags=FLAGS + ISAS[isa][1], extra_ldflags=["-fopenmp"], verbose=False
         )

@@ -2,6 +2,7 @@
 made ahead of time (the image's) found with no compiler."""
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,16 @@ def test_the_image_command_leaves_an_empty_directory_where_there_is_nothing_to_b
     monkeypatch.setattr(kernel_build.platform, "machine", lambda: "aarch64")
     kernel_build.main([str(tmp_path / "kernels")])
     assert list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    from services.cpu.kernels.build import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "boomerang_k" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert not clear_stale_lock("boomerang_k", tmp_path) and lock.exists()  # a build may be running
+    old = lock.stat().st_mtime - STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert clear_stale_lock("boomerang_k", tmp_path) and not lock.exists()
+    assert not clear_stale_lock("boomerang_k", tmp_path)  # nothing left to remove

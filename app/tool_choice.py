@@ -19,6 +19,11 @@ from services.engine.tool_calls import (
 ANY_ARGUMENTS = {"type": "object", "properties": {}}  # a function declared without parameters
 
 
+def finished_by_calls(finish_reason: str | None) -> str | None:
+    """An answer that called tools and ended by itself ends with `tool_calls`; one cut short keeps its reason."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
 def check_history(messages: list[ChatMessage], engine: Engine) -> None:
     """Earlier calls and their results can only be rendered by a template that has tools (else 400)."""
     if any(message.tool_calls or message.tool_call_id for message in messages):
@@ -54,15 +59,19 @@ class ChatToolCalls:
             return None
         name = self.req.tool_choice.function.name if choice == "named" else None
         tools = [Tool(t.function.name, t.function.parameters or ANY_ARGUMENTS) for t in self.req.tools]
-        text = forced_calls_grammar(self.fmt, tools, name, parallel=self.req.parallel_tool_calls is not False)
+        text = forced_calls_grammar(self.fmt, tools, name, parallel=self.parallel())
         return StructuredOutput("lark", text, "tool_choice")
 
     def declared(self) -> set[str]:
         return {tool.function.name for tool in self.req.tools or ()}
 
+    def parallel(self) -> bool:
+        """Several calls per answer, unless parallel_tool_calls is false (null or absent: OpenAI's default)."""
+        return self.req.parallel_tool_calls is not False
+
     def kept(self, calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
         """With parallel_tool_calls false, the first call only."""
-        return calls if self.req.parallel_tool_calls is not False else calls[:1]
+        return calls if self.parallel() else calls[:1]
 
     def message(self, text: str, finish_reason: str | None) -> dict:
         """A whole answer's `message` and `finish_reason` (tool_calls where it called and ended by itself)."""
@@ -71,7 +80,7 @@ class ChatToolCalls:
             return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
         return {"message": {"role": "assistant", "content": calls.content,
                             "tool_calls": [call.as_openai() for call in self.kept(calls.calls)]},
-                "finish_reason": "tool_calls" if finish_reason == "stop" else finish_reason}
+                "finish_reason": finished_by_calls(finish_reason)}
 
     def stream(self) -> ChatDeltas:
         return ChatDeltas(self, ToolCallStream(self.fmt, self.declared()) if self.fmt is not None else None)
@@ -95,5 +104,5 @@ class ChatDeltas:
         out: dict = {"delta": {"content": content + rest}}
         if calls:
             out["delta"]["tool_calls"] = [call.as_openai(i) for i, call in enumerate(self.calls.kept(calls))]
-            out["finish_reason"] = "tool_calls" if finish_reason == "stop" else finish_reason
+            out["finish_reason"] = finished_by_calls(finish_reason)
         return out

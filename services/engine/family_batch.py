@@ -5,9 +5,10 @@ in the same order: at block i, the rows whose size keeps student layer i run it 
 whose size patched it run the teacher layers of that block as another. A step reads each weight its rows
 need once for the whole batch. A batch of one size is simply one whose rows all take the same branches.
 Each group keeps one KV buffer per layer (its rows), taken from the pool. Consecutive groups that the same rows
-take form a run, stepped in one call over all their layers: prefill through the layers' own forward
-(`backends.torch_layers`), each decode step through the run's step backend: the native kernel where it applies
-(fp32 CPU Llama-style layers), else the same decoder layers (`backends`).
+take form a run, stepped in one call over all their layers: each decode step through the run's step backend,
+the native kernel where it applies (fp32 CPU Llama-style layers), else the same decoder layers (`backends`);
+prefill through the layers' own forward (`backends.torch_layers`), or the kernel for short prompts where it
+applies (`backends.short_prompts`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from services.cpu.rotary_table import rotary_lookup
 from services.engine.backends import steps_for
 from services.engine.backends.native import NativeStep
+from services.engine.backends.short_prompts import ShortPrompts
 from services.engine.backends.torch_layers import LayerStep
 from services.engine.batch import RowBatch, Sequence
 from services.engine.kv_pool import KVPool
@@ -35,7 +37,7 @@ class _Group:
     rows: torch.Tensor  # [rows] batch indices, on the family's device
     row_list: list[int]  # the same, for bookkeeping without a device sync
     modules: list[torch.nn.Module]  # the branch's decoder layers
-    prefill: LayerStep  # their own forward (prefill)
+    prefill: LayerStep | ShortPrompts  # their prefill backend
     decode: LayerStep | NativeStep  # their decode step backend
     keys: list[torch.Tensor]  # per layer: [rows, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
@@ -47,7 +49,7 @@ class _Run:
     call over all their layers, so a batch of one size is one kernel call per step."""
 
     groups: list[_Group]
-    prefill: LayerStep
+    prefill: LayerStep | ShortPrompts
     decode: LayerStep | NativeStep
 
     @property

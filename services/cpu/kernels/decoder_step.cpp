@@ -1,4 +1,4 @@
-// Decode steps of Llama-style decoder layers in one call: fp32, AVX2 + FMA, a few rows (batch).
+// Decode steps and prompts of Llama-style decoder layers in one call: fp32, AVX2 + FMA, a few rows (batch).
 //
 // The per-module Python of a transformers forward costs more than reading a small layer's weights, so
 // this runs whole layers natively: RMSNorm, q/k/v, optional per-head q/k norm (Qwen3), rotary embedding,
@@ -6,7 +6,8 @@
 // holds pointers to the modules' own tensors (never copied) and runs all its layers in one parallel
 // region: threads meet at five barriers per layer, and nothing runs on one thread while the others wait
 // (each thread computes the small per-row work, norms and rotations, for itself). Each weight row is
-// read once per step.
+// read once per step. A prompt's positions are rows of the same call, so a short prompt costs what a
+// decode step of that many rows costs, without a forward's per-operation overhead.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -86,9 +87,13 @@ Layer layer_view(const std::vector<torch::Tensor>& w) {
           matrix(4),              matrix(5),           matrix(6),               w[12].size(0)};
 }
 
-// Sizes of one step; `length` KV positions are filled before it, the step writes position `length`.
+// Sizes of one call: `batch` rows of hidden states, `tokens` new positions of each sequence (a decode step: one;
+// a prompt: several), so `batch / tokens` sequences. `length` KV positions are filled before the call, which
+// writes positions `length` to `length + tokens - 1`.
 struct Shapes {
-  int64_t batch, width, heads, kv_heads, head_dim, length;
+  int64_t batch, width, heads, kv_heads, head_dim, length, tokens = 1;
+  int64_t sequences() const { return batch / tokens; }
+  int64_t seen() const { return length + tokens; }
   int64_t q_width() const { return heads * head_dim; }
   int64_t kv_width() const { return kv_heads * head_dim; }
   int64_t qkv_width() const { return q_width() + 2 * kv_width(); }
@@ -172,14 +177,16 @@ struct Cache {
   }
 };
 
-// This thread's share of the (row, kv head) pairs: their new key and value into the cache at `length`.
+// This thread's share of the (sequence, kv head) pairs: their new keys and values into the cache from `length`.
 void append(const Shapes& s, const float* qkv, const Cache& c, int part, int parts) {
-  const Share mine = share_of(s.batch * s.kv_heads, part, parts);
+  const Share mine = share_of(s.sequences() * s.kv_heads, part, parts);
   for (int64_t task = mine.begin; task < mine.end; ++task) {
     const int64_t b = task / s.kv_heads, kh = task % s.kv_heads;
-    const float* k = qkv + b * s.qkv_width() + s.q_width() + kh * s.head_dim;
-    std::copy(k, k + s.head_dim, c.slot(c.keys, s, b, kh, s.length));
-    std::copy(k + s.kv_width(), k + s.kv_width() + s.head_dim, c.slot(c.values, s, b, kh, s.length));
+    for (int64_t t = 0; t < s.tokens; ++t) {
+      const float* k = qkv + (b * s.tokens + t) * s.qkv_width() + s.q_width() + kh * s.head_dim;
+      std::copy(k, k + s.head_dim, c.slot(c.keys, s, b, kh, s.length + t));
+      std::copy(k + s.kv_width(), k + s.kv_width() + s.head_dim, c.slot(c.values, s, b, kh, s.length + t));
+    }
   }
 }
 
@@ -302,6 +309,34 @@ void combine(const Shapes& s, int parts, const float* part_max, const float* par
   }
 }
 
+// Attention of a prompt's positions (`tokens` > 1), every key already in the cache: this thread's share of the
+// (row, head) pairs, each over the positions up to its own, into out [batch, q_width]. Masked (left-padding)
+// positions are skipped; a row with none to attend (itself padding) gets zeros.
+void attend_prompt(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask,
+                   Share mine, float* out, std::vector<float>& scores) {
+  const int64_t dim = s.head_dim, group = s.heads / s.kv_heads;
+  for (int64_t task = mine.begin; task < mine.end; ++task) {
+    const int64_t row = task / s.heads, head = task % s.heads, b = row / s.tokens, kh = head / group;
+    const int64_t count = s.length + row % s.tokens + 1;  // positions this query sees
+    const float* q = qkv + row * s.qkv_width() + head * dim;
+    const float* keys = c.slot(c.keys, s, b, kh, 0);
+    const float* values = c.slot(c.values, s, b, kh, 0);
+    const int64_t* visible = mask + b * s.seen();
+    float* o = out + row * s.q_width() + head * dim;
+    float best = -INFINITY;
+    for (int64_t t = 0; t < count; ++t) {
+      scores[t] = visible[t] ? boomerang::short_dot(q, keys + t * dim, dim) * float(n.scaling) : -INFINITY;
+      best = std::max(best, scores[t]);
+    }
+    if (best == -INFINITY) {
+      std::fill(o, o + dim, 0.f);
+      continue;
+    }
+    const float total = exponentiate(scores.data(), count, best);
+    weighted_sum(scores.data(), 1.f / total, values, values + (count - 1) * dim, count - 1, dim, o);
+  }
+}
+
 // Buffers every thread reads, each filled in shares between barriers: qkv [batch, qkv_width], projected
 // [batch, width] and act [batch, inter] in shares of rows; attention parts per thread (`attend`):
 // attn_max, attn_sum [threads, batch, heads], attn_out [threads, batch, q_width].
@@ -348,12 +383,20 @@ void layer_step(const Layer& l, const Shapes& s, const Norms& n, const Cache& c,
   position(l, s, n, cos, sin, own.qkv.data());
   append(s, own.qkv.data(), c, part, parts);
   const int64_t pairs = s.batch * s.heads;
-  attend(s, n, own.qkv.data(), c, mask, share_of(s.length + 1, part, parts), shared.attn_max.data() + part * pairs,
-         shared.attn_sum.data() + part * pairs, shared.attn_out.data() + part * s.batch * s.q_width(), own.scores);
+  const float* attention = own.attn.data();
+  if (s.tokens > 1) {  // a prompt: its queries read the keys other threads appended
 #pragma omp barrier
-  combine(s, parts, shared.attn_max.data(), shared.attn_sum.data(), shared.attn_out.data(), own.attn.data());
-  project(l.o, l.o_bias, share_of(s.width, part, parts), s.q_width(), own.attn.data(), s.batch,
-          shared.projected.data(), s.width);
+    attend_prompt(s, n, own.qkv.data(), c, mask, share_of(pairs, part, parts), shared.attn_out.data(), own.scores);
+#pragma omp barrier
+    attention = shared.attn_out.data();
+  } else {
+    attend(s, n, own.qkv.data(), c, mask, share_of(s.length + 1, part, parts), shared.attn_max.data() + part * pairs,
+           shared.attn_sum.data() + part * pairs, shared.attn_out.data() + part * s.batch * s.q_width(), own.scores);
+#pragma omp barrier
+    combine(s, parts, shared.attn_max.data(), shared.attn_sum.data(), shared.attn_out.data(), own.attn.data());
+  }
+  project(l.o, l.o_bias, share_of(s.width, part, parts), s.q_width(), attention, s.batch, shared.projected.data(),
+          s.width);
 #pragma omp barrier
   for (int64_t i = 0; i < s.batch * s.width; ++i) own.residual[i] = h[i] + shared.projected[i];
   rms_norm(own.residual.data(), l.post_norm, s.batch, s.width, n.eps, own.normed.data());
@@ -377,23 +420,28 @@ class LayerStack {
     for (const auto& l : layers_) max_inter_ = std::max(max_inter_, l.inter);
   }
 
-  // hidden [B, hidden_size] is updated in place. keys[i], values[i]: layer i's cache [B, kv_heads, capacity,
-  // head_dim]; positions < `length` are filled, this step writes position `length`. mask [B, length + 1]:
-  // 0 where a (left-padding) position must not be attended. cos, sin: [B, head_dim] for this step.
+  // hidden [B, hidden_size] (a decode step) or [B, T, hidden_size] (T positions of a prompt) is updated in
+  // place. keys[i], values[i]: layer i's cache [B, kv_heads, capacity, head_dim]; positions < `length` are
+  // filled, this call writes positions `length` to `length + T - 1`. mask [B, length + T]: 0 where a
+  // (left-padding) position must not be attended. cos, sin: [B, (T,) head_dim] for the new positions.
   void step(torch::Tensor hidden, const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
             int64_t length, const torch::Tensor& mask, const torch::Tensor& cos, const torch::Tensor& sin) const {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one KV cache per layer");
     TORCH_CHECK(hidden.scalar_type() == torch::kFloat && hidden.is_contiguous() && mask.is_contiguous() &&
                 cos.is_contiguous() && sin.is_contiguous(), "contiguous inputs only");
-    TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.size(1) == length + 1, "mask [B, length + 1], int64");
-    const Shapes s{hidden.size(0), hidden.size(1), heads_, kv_heads_, keys.at(0).size(3), length};
+    TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden [B, hidden_size] or [B, T, hidden_size]");
+    const int64_t sequences = hidden.size(0), tokens = hidden.dim() == 3 ? hidden.size(1) : 1;
+    TORCH_CHECK(tokens >= 1 && cos.numel() == sin.numel() && cos.numel() == sequences * tokens * keys.at(0).size(3),
+                "cos, sin [B, (T,) head_dim]");
+    TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.size(1) == length + tokens, "mask [B, length + T], int64");
+    const Shapes s{sequences * tokens, hidden.size(-1), heads_, kv_heads_, keys.at(0).size(3), length, tokens};
     std::vector<Cache> caches;
     for (size_t i = 0; i < keys.size(); ++i) {
       TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].sizes() == values[i].sizes(),
                   "contiguous KV caches of one shape");
-      TORCH_CHECK(keys[i].size(0) == s.batch && keys[i].size(1) == kv_heads_ && keys[i].size(3) == s.head_dim,
+      TORCH_CHECK(keys[i].size(0) == sequences && keys[i].size(1) == kv_heads_ && keys[i].size(3) == s.head_dim,
                   "KV cache [B, kv_heads, capacity, head_dim]");
-      TORCH_CHECK(length < keys[i].size(2), "KV cache full");
+      TORCH_CHECK(length + tokens <= keys[i].size(2), "KV cache full");
       caches.push_back({keys[i].data_ptr<float>(), values[i].data_ptr<float>(), keys[i].size(2)});
     }
     const int threads = at::get_num_threads();
@@ -407,7 +455,7 @@ class LayerStack {
       Own own{std::vector<float>(s.batch * s.width), {}, std::vector<float>(s.batch * s.q_width()),
               std::vector<float>(s.batch * s.width),
               std::vector<float>(s.batch * max_inter_), std::vector<float>(s.batch * max_inter_),
-              std::vector<float>(s.batch * s.width), std::vector<float>(length + 1)};
+              std::vector<float>(s.batch * s.width), std::vector<float>(s.seen())};
       for (size_t i = 0; i < layers_.size(); ++i)
         layer_step(layers_[i], s, norms_, caches[i], mask.data_ptr<int64_t>(), cos.data_ptr<float>(),
                    sin.data_ptr<float>(), h, shared, own, part, parts);
@@ -428,6 +476,6 @@ class LayerStack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<LayerStack>(m, "LayerStack", "decoder layers whose decode steps run natively (fp32 or int8 weights, AVX2/FMA)")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, double, double, double>())
-      .def("step", &LayerStack::step, "one decode step of every layer, in order")
+      .def("step", &LayerStack::step, "every layer, in order, over one new position (decode) or several (a prompt)")
       .def("__len__", &LayerStack::size);
 }

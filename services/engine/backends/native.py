@@ -101,7 +101,7 @@ def config_supported(config) -> bool:
 
 
 class NativeStep:
-    """A group's decode step through the kernel's `LayerStack`."""
+    """A group's decode step, or a short prompt's positions, through the kernel's `LayerStack`."""
 
     def __init__(self, stack):
         self.stack = stack
@@ -124,6 +124,25 @@ class NativeStep:
         self.stack.step(
             hidden, keys, values, length, mask.to(torch.long).contiguous(), cos.contiguous(), sin.contiguous()
         )
+        return hidden
+
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        start: int,
+        filled: torch.Tensor,
+        position_ids: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """hidden [rows, new, hidden_size] after the group's layers, for `new` prompt positions from `start`
+        (filled [rows, start + new], 1 where a position holds a token; cos, sin [rows, new, head_dim] fp32);
+        writes those positions of each layer's keys and values. `position_ids` is unused (as in `step`)."""
+        hidden = hidden.contiguous()  # [rows, new, hidden_size], updated in place by the kernel
+        cos, sin = (part.contiguous() for part in position_embeddings)
+        self.stack.step(hidden, keys, values, start, filled.to(torch.long).contiguous(), cos, sin)
         return hidden
 
 

@@ -172,3 +172,48 @@ def test_native_and_torch_backends_agree_on_a_llama_pair(llama_pair, with_join, 
     assert native_tokens == stock_tokens
     for ours, theirs in zip(native_logits, stock_logits):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", ["even", "odd"])
+@pytest.mark.parametrize(("model_type", "extra"), [("llama", {}), ("qwen3", {}), ("llama", {"attention_bias": True})])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@torch.inference_mode()
+def test_a_prompt_in_the_kernel_matches_the_layers_forward(model_type, extra, shape, threads):
+    """Left-padded prompts through the kernel in two calls (the second continuing after the first's KV), against
+    the same positions through the layers' own forward: hidden states and every key and value."""
+    model = _model(model_type, shape, **extra)
+    layers = list(model.model.layers)
+    native, stock = native_step(layers, model.config), LayerStep(layers, "self_attn")
+    assert native is not None
+    rows = [[5, 9, 14, 2, 7, 31, 8, 60, 3], [3, 4], [11, 12, 13, 60, 1]]
+    longest = max(map(len, rows))
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])  # [B, longest]
+    filled = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])  # [B, longest]
+    positions = (filled.cumsum(-1) - 1).clamp(min=0)  # [B, longest]
+    cos, sin = rotary_lookup(model.model.rotary_emb)(positions.flatten())  # [B * longest, head_dim] each
+    cos, sin = (part.view(len(rows), longest, -1) for part in (cos, sin))  # [B, longest, head_dim]
+    hidden = model.model.embed_tokens(ids)  # [B, longest, hidden_size]
+    capacity = longest + 4
+    buffers = {
+        name: [hidden.new_zeros(len(rows), model.config.num_key_value_heads, capacity, model.config.head_dim)
+               for _ in range(2 * len(layers))]
+        for name in ("native", "stock")
+    }
+    want = stock.run(hidden, buffers["stock"][::2], buffers["stock"][1::2], 0, filled, positions, (cos, sin))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split = 4  # the second call attends the first's positions from the cache
+        parts = [slice(0, split), slice(split, longest)]
+        got = torch.cat([
+            native.run(hidden[:, part], buffers["native"][::2], buffers["native"][1::2], part.start,
+                       filled[:, : part.stop], positions[:, part], (cos[:, part], sin[:, part]))
+            for part in parts
+        ], dim=1)  # [B, longest, hidden_size]
+    finally:
+        torch.set_num_threads(before)
+    real = filled.bool()  # left padding's own hidden states are never read
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(buffers["native"], buffers["stock"]):
+        torch.testing.assert_close(ours[:, :, :longest] * filled[:, None, :, None],
+                                   theirs[:, :, :longest] * filled[:, None, :, None], rtol=1e-4, atol=1e-5)

@@ -1,10 +1,10 @@
 """The worker thread: groups waiting requests by size into batches and advances all batches fairly.
 
-Each loop admits new requests (those of one key that arrived within a short window; the key is a size, or
-"mixed" for batches that mix sizes): they join the key's running batch between two steps where it takes
-joins and has room (`FamilyBatch.joinable`, `--join-batches`), else form a batch of their own once none of
-the key runs. Then it runs one decode step of every active batch in turn, so sizes interleave
-step by step and none starves.
+Each loop admits new requests (at once on an idle engine that takes joins, else those of one key that
+arrived within a short window; the key is a size, or "mixed" for batches that mix sizes): they join the
+key's running batch between two steps where it takes joins and has room (`FamilyBatch.joinable`,
+`--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
+of every active batch in turn, so sizes interleave step by step and none starves.
 """
 
 from __future__ import annotations
@@ -127,15 +127,15 @@ class Scheduler:
         return self.limits.max_batch_size - live
 
     def _ready(self, key: BatchKey, queue: deque, now: float) -> bool:
-        """Waiting requests of a key start when they would fill what room there is, or when the batching
-        window has passed since the newest one arrived (a burst gathers while it keeps coming, up to
-        `MAX_WINDOWS` windows after the oldest) and the key has no batch running or one they may join;
-        else they wait for its next batch."""
+        """Waiting requests of a key start when they would fill what room there is, at once on an idle
+        engine whose batches take joins, or when the batching window has passed since the newest one
+        arrived (a burst gathers while it keeps coming, up to `MAX_WINDOWS` windows after the oldest) and
+        the key has no batch running or one they may join; else they wait for its next batch."""
         room = self._room(key)
         if room <= 0:
             return False
-        if len(queue) >= room:
-            return True
+        if len(queue) >= room or (self.limits.join_batches and not self.active):
+            return True  # an idle engine starts at once: the rest of a burst joins between steps
         running = any(k == key and not batch.done for k, batch in self.active)
         if running and self._joinable(key) is None:
             return False

@@ -10,8 +10,8 @@ from services.engine.scheduler import MAX_WINDOWS, Housekeeping, Scheduler
 WINDOW = 0.010
 
 
-def _scheduler() -> Scheduler:
-    limits = EngineLimits(max_batch_size=16, batch_wait_ms=WINDOW * 1000)
+def _scheduler(join_batches: bool = True) -> Scheduler:
+    limits = EngineLimits(max_batch_size=16, batch_wait_ms=WINDOW * 1000, join_batches=join_batches)
     return Scheduler(make_batch=lambda key, seqs: None, limits=limits)
 
 
@@ -20,13 +20,13 @@ def _queue(arrivals: list[float]) -> deque:
 
 
 def test_a_burst_gathers_until_a_window_passes_without_arrivals():
-    scheduler, burst = _scheduler(), _queue([0.0, 0.008, 0.016])
+    scheduler, burst = _scheduler(join_batches=False), _queue([0.0, 0.008, 0.016])
     assert not scheduler._ready(23, burst, now=0.020)  # the oldest waited two windows, the newest not one
     assert scheduler._ready(23, burst, now=0.027)
 
 
 def test_a_steady_stream_is_cut_after_the_cap():
-    scheduler, stream = _scheduler(), _queue([0.005 * i for i in range(15)])
+    scheduler, stream = _scheduler(join_batches=False), _queue([0.005 * i for i in range(15)])
     assert not scheduler._ready(23, stream, now=0.072)
     assert scheduler._ready(23, stream, now=MAX_WINDOWS * WINDOW + 0.001)
 
@@ -34,6 +34,12 @@ def test_a_steady_stream_is_cut_after_the_cap():
 def _running(joinable: bool, live: int, finished: int = 0) -> SimpleNamespace:
     rows = [SimpleNamespace(done=False)] * live + [SimpleNamespace(done=True)] * finished
     return SimpleNamespace(joinable=joinable, done=False, sequences=rows)
+
+
+def test_an_idle_engine_that_takes_joins_starts_a_request_at_once():
+    """The batching window would only delay a lone request's first token: later arrivals join its batch."""
+    assert _scheduler()._ready("mixed", _queue([0.0]), now=0.0)
+    assert not _scheduler(join_batches=False)._ready("mixed", _queue([0.0]), now=0.0)
 
 
 def test_a_size_with_a_running_batch_waits_unless_the_batch_would_be_full():

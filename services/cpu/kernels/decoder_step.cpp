@@ -349,6 +349,10 @@ struct Own {
   std::vector<float> normed, qkv, attn, residual, gated, linear, down, scores;
 };
 
+// Sizes `v` to n floats, keeping its memory: the buffers are reused from call to call (one set per thread),
+// since a fresh buffer of a batch's or a prompt's size costs page faults on every call.
+void fit(std::vector<float>& v, int64_t n) { v.resize(size_t(n)); }
+
 // out[j] = silu(gate[j]) * linear[j] = gate[j] / (1 + exp(-gate[j])) * linear[j] for j < n, 8 at a time.
 void silu_times(const float* gate, const float* linear, int64_t n, float* out) {
   const int64_t full = n - n % 8;
@@ -445,17 +449,23 @@ class LayerStack {
       caches.push_back({keys[i].data_ptr<float>(), values[i].data_ptr<float>(), keys[i].size(2)});
     }
     const int threads = at::get_num_threads();
-    Shared shared{std::vector<float>(s.batch * s.qkv_width()), std::vector<float>(s.batch * s.width),
-                  std::vector<float>(s.batch * max_inter_), std::vector<float>(threads * s.batch * heads_),
-                  std::vector<float>(threads * s.batch * heads_), std::vector<float>(threads * s.batch * s.q_width())};
+    thread_local Shared callers;
+    Shared& shared = callers;  // the calling thread's: inside the region the name would be each thread's own
+    fit(shared.qkv, s.batch * s.qkv_width());
+    fit(shared.projected, s.batch * s.width);
+    fit(shared.act, s.batch * max_inter_);
+    fit(shared.attn_max, threads * s.batch * heads_);
+    fit(shared.attn_sum, threads * s.batch * heads_);
+    fit(shared.attn_out, threads * s.batch * s.q_width());
     float* h = hidden.data_ptr<float>();
 #pragma omp parallel num_threads(threads)
     {
       const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-      Own own{std::vector<float>(s.batch * s.width), {}, std::vector<float>(s.batch * s.q_width()),
-              std::vector<float>(s.batch * s.width),
-              std::vector<float>(s.batch * max_inter_), std::vector<float>(s.batch * max_inter_),
-              std::vector<float>(s.batch * s.width), std::vector<float>(s.seen())};
+      thread_local Own own;
+      for (auto* buffer : {&own.normed, &own.residual, &own.down}) fit(*buffer, s.batch * s.width);
+      for (auto* buffer : {&own.gated, &own.linear}) fit(*buffer, s.batch * max_inter_);
+      fit(own.attn, s.batch * s.q_width());
+      fit(own.scores, s.seen());
       for (size_t i = 0; i < layers_.size(); ++i)
         layer_step(layers_[i], s, norms_, caches[i], mask.data_ptr<int64_t>(), cos.data_ptr<float>(),
                    sin.data_ptr<float>(), h, shared, own, part, parts);

@@ -35,8 +35,24 @@ inline void prefetch_ahead(const float* p) {
   _mm_prefetch(ahead + 64, _MM_HINT_T0);
 }
 
-// w . x over n floats; four accumulators hide the FMA latency.
+// w . x over n floats; four accumulators hide the FMA latency. With AVX-512, a cache line per load.
 __attribute__((noinline)) inline float row_dot(const float* w, const float* x, int64_t n) {
+#ifdef __AVX512F__
+  const int64_t wide = n - n % 64;
+  __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+  for (int64_t i = 0; i < wide; i += 64) {
+    prefetch_ahead(w + i);
+    prefetch_ahead(w + i + 32);
+    b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), b0);
+    b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), b1);
+    b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), b2);
+    b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), b3);
+  }
+  float wide_sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)));
+  w += wide, x += wide, n -= wide;
+#else
+  float wide_sum = 0.f;
+#endif
   const int64_t full = n - n % 32;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < full; i += 32) {
@@ -46,7 +62,7 @@ __attribute__((noinline)) inline float row_dot(const float* w, const float* x, i
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
   }
-  float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float sum = wide_sum + horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (int64_t i = full; i < n; ++i) sum += w[i] * x[i];
   return sum;
 }
@@ -80,7 +96,7 @@ inline float short_dot(const float* w, const float* x, int64_t n) {
   return sum;
 }
 
-// out[r] = w_r . x for eight consecutive weight rows w_r = w + r * n: each load of x feeds eight FMAs.
+// out[r] += w_r . x over `n` floats for eight weight rows w_r = w + r * stride: each load of x feeds eight FMAs.
 // Meanwhile `lines` cache lines from `ahead` are prefetched, spread over the loop. With AVX-512 (built where
 // the CPU has it), 16 floats per FMA: rows of a batch are compute-bound, not memory-bound.
 #ifdef __AVX512F__
@@ -99,8 +115,8 @@ inline Lanes zero_lanes() { return _mm256_setzero_ps(); }
 inline float sum_lanes(Lanes v) { return horizontal_sum(v); }
 #endif
 
-__attribute__((noinline)) inline void dot8(const float* w, int64_t n, const float* x, float* out, const char* ahead,
-                                           int64_t lines) {
+__attribute__((noinline)) inline void dot8(const float* w, int64_t stride, int64_t n, const float* x, float* out,
+                                           const char* ahead, int64_t lines) {
   const int64_t full = n - n % kDot8Width, loop_steps = std::max<int64_t>(1, full / kDot8Width);
   const int64_t per_step = (lines + loop_steps - 1) / loop_steps;
   Lanes acc[8];
@@ -109,32 +125,48 @@ __attribute__((noinline)) inline void dot8(const float* w, int64_t n, const floa
   for (int64_t i = 0; i < full; i += kDot8Width) {
     for (int64_t k = 0; k < per_step && line < lines; ++k, ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
     const Lanes xv = load_lanes(x + i);
-    for (int r = 0; r < 8; ++r) acc[r] = fmadd_lanes(load_lanes(w + r * n + i), xv, acc[r]);
+    for (int r = 0; r < 8; ++r) acc[r] = fmadd_lanes(load_lanes(w + r * stride + i), xv, acc[r]);
   }
-  for (int r = 0; r < 8; ++r) out[r] = sum_lanes(acc[r]);
+  for (int r = 0; r < 8; ++r) out[r] += sum_lanes(acc[r]);
   for (int64_t i = full; i < n; ++i)
-    for (int r = 0; r < 8; ++r) out[r] += w[r * n + i] * x[i];
+    for (int r = 0; r < 8; ++r) out[r] += w[r * stride + i] * x[i];
+}
+
+// Columns of an eight-row block taken at a time, so the block's part stays in L1 while every input row
+// passes over it (eight rows of 1536 floats alone fill an L1).
+constexpr int64_t kBlockColumns = 768;
+
+// y[b * y_stride + j] = w_j . x_b for the eight rows w_j = w + j * n and input rows x [batch, n], in column
+// chunks of `kBlockColumns`; meanwhile `lines` cache lines from `ahead` are prefetched, a share per call.
+inline void block_rows(const float* w, int64_t n, const float* x, int64_t batch, float* y, int64_t y_stride,
+                       const char* ahead, int64_t lines) {
+  const int64_t chunks = (n + kBlockColumns - 1) / kBlockColumns, share = (lines + chunks * batch - 1) / (chunks * batch);
+  int64_t call = 0;
+  for (int64_t c = 0; c < n; c += kBlockColumns) {
+    const int64_t width = std::min(kBlockColumns, n - c);
+    for (int64_t b = 0; b < batch; ++b, ++call) {
+      float out[8] = {};
+      const int64_t from = std::min(call * share, lines), to = std::min(from + share, lines);
+      dot8(w + c, n, width, x + b * n + c, out, ahead + from * 64, to - from);
+      for (int j = 0; j < 8; ++j) y[b * y_stride + j] = c ? y[b * y_stride + j] + out[j] : out[j];
+    }
+  }
 }
 
 // y[b * y_stride + (r - first)] = w_r . x_b for weight rows [first, last) of w [rows, n] and input rows
 // x [batch, n]. One input row: each weight row is one sequential stream (bandwidth-bound decode). More:
 // eight weight rows per pass, re-read from L1 for each input row, so loads of x do not dominate; while
-// they are, the next eight rows are prefetched (to L1), a share per input row, so memory and arithmetic
+// they are, the next eight rows are prefetched (to L1), a share per call, so memory and arithmetic
 // overlap (measured in docs/performance.md).
 inline void matvec_rows(const float* w, int64_t first, int64_t last, int64_t n, const float* x, int64_t batch,
                         float* y, int64_t y_stride) {
   int64_t r = first;
   if (batch > 1) {
-    const int64_t block_lines = 8 * n * int64_t(sizeof(float)) / 64, share = (block_lines + batch - 1) / batch;
+    const int64_t block_lines = 8 * n * int64_t(sizeof(float)) / 64;
     for (; r + 8 <= last; r += 8) {
       const char* next = reinterpret_cast<const char*>(w + (r + 8) * n);
       const int64_t next_lines = r + 16 <= last ? block_lines : 0;  // only rows of this share
-      for (int64_t b = 0; b < batch; ++b) {
-        float out[8];
-        const int64_t from = std::min(b * share, next_lines), to = std::min(from + share, next_lines);
-        dot8(w + r * n, n, x + b * n, out, next + from * 64, to - from);
-        for (int j = 0; j < 8; ++j) y[b * y_stride + r - first + j] = out[j];
-      }
+      block_rows(w + r * n, n, x, batch, y + r - first, y_stride, next, next_lines);
     }
   }
   for (; r < last; ++r)
@@ -206,7 +238,7 @@ inline void dequantize_rows(const int8_t* w, const float* scale, int64_t rows, i
 }
 
 // `matvec_rows` over int8 weights. One input row: each weight row one int8 stream, scaled once. More: eight
-// rows at a time dequantized once into an fp32 block that stays in cache, then `dot8` for every input row,
+// rows at a time dequantized once into an fp32 block that stays in cache, then `block_rows` for every input row,
 // so the conversion is paid once per weight and step, not once per input row.
 inline void matvec_rows_q8(const int8_t* w, const float* scale, int64_t first, int64_t last, int64_t n,
                            const float* x, int64_t batch, float* y, int64_t y_stride) {
@@ -216,11 +248,7 @@ inline void matvec_rows_q8(const int8_t* w, const float* scale, int64_t first, i
     block.resize(8 * n);
     for (; r + 8 <= last; r += 8) {
       dequantize_rows(w + r * n, scale + r, 8, n, block.data());
-      for (int64_t b = 0; b < batch; ++b) {
-        float out[8];
-        dot8(block.data(), n, x + b * n, out, nullptr, 0);
-        for (int j = 0; j < 8; ++j) y[b * y_stride + r - first + j] = out[j];
-      }
+      block_rows(block.data(), n, x, batch, y + r - first, y_stride, nullptr, 0);
     }
   }
   for (; r < last; ++r)

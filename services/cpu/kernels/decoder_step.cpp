@@ -255,7 +255,7 @@ void weighted_sum(const float* weights, float scale, const float* values, const 
 // `length` come from the cache, the new one from this thread's own qkv (another thread may be the one writing
 // it to the cache); masked (left-padding) positions are skipped.
 void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, Share mine,
-            float* part_max, float* part_sum, float* part_out, std::vector<float>& scores) {
+            float* part_max, float* part_sum, float* part_out, boomerang::Floats& scores) {
   const int64_t seen = s.length + 1, dim = s.head_dim, group = s.heads / s.kv_heads, count = mine.end - mine.begin;
   for (int64_t task = 0; task < s.batch * s.heads; ++task) {
     const int64_t b = task / s.heads, head = task % s.heads, kh = head / group;
@@ -313,7 +313,7 @@ void combine(const Shapes& s, int parts, const float* part_max, const float* par
 // (row, head) pairs, each over the positions up to its own, into out [batch, q_width]. Masked (left-padding)
 // positions are skipped; a row with none to attend (itself padding) gets zeros.
 void attend_prompt(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask,
-                   Share mine, float* out, std::vector<float>& scores) {
+                   Share mine, float* out, boomerang::Floats& scores) {
   const int64_t dim = s.head_dim, group = s.heads / s.kv_heads;
   for (int64_t task = mine.begin; task < mine.end; ++task) {
     const int64_t row = task / s.heads, head = task % s.heads, b = row / s.tokens, kh = head / group;
@@ -341,17 +341,17 @@ void attend_prompt(const Shapes& s, const Norms& n, const float* qkv, const Cach
 // [batch, width] and act [batch, inter] in shares of rows; attention parts per thread (`attend`):
 // attn_max, attn_sum [threads, batch, heads], attn_out [threads, batch, q_width].
 struct Shared {
-  std::vector<float> qkv, projected, act, attn_max, attn_sum, attn_out;
+  boomerang::Floats qkv, projected, act, attn_max, attn_sum, attn_out;
 };
 
 // Each thread's own buffers.
 struct Own {
-  std::vector<float> normed, qkv, attn, residual, gated, linear, down, scores;
+  boomerang::Floats normed, qkv, attn, residual, gated, linear, down, scores;
 };
 
 // Sizes `v` to n floats, keeping its memory: the buffers are reused from call to call (one set per thread),
 // since a fresh buffer of a batch's or a prompt's size costs page faults on every call.
-void fit(std::vector<float>& v, int64_t n) { v.resize(size_t(n)); }
+void fit(boomerang::Floats& v, int64_t n) { v.resize(size_t(n)); }
 
 // out[j] = silu(gate[j]) * linear[j] = gate[j] / (1 + exp(-gate[j])) * linear[j] for j < n, 8 at a time.
 void silu_times(const float* gate, const float* linear, int64_t n, float* out) {

@@ -13,9 +13,33 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <vector>
 
 namespace boomerang {
+
+// Allocates on cache-line boundaries: a 64-byte load from a buffer that malloc aligned to 16 bytes straddles
+// two lines, which made a batch's dot products over a dequantized block run at two speeds from process to
+// process.
+template <class T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <class U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+using Floats = std::vector<float, LineAllocator<float>>;
 
 inline float horizontal_sum(__m256 v) {
   __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
@@ -136,20 +160,28 @@ __attribute__((noinline)) inline void dot8(const float* w, int64_t stride, int64
 // passes over it (eight rows of 1536 floats alone fill an L1).
 constexpr int64_t kBlockColumns = 768;
 
+// y[b * y_stride + j] (`add`: +=) w_j . x_b over `width` columns for the eight rows w_j = w + j * stride and
+// input rows x_b = x + b * x_stride; meanwhile `lines` cache lines from `ahead` are prefetched, a share per row.
+inline void chunk_rows(const float* w, int64_t stride, int64_t width, const float* x, int64_t x_stride,
+                       int64_t batch, float* y, int64_t y_stride, bool add, const char* ahead, int64_t lines) {
+  const int64_t share = (lines + batch - 1) / batch;
+  for (int64_t b = 0; b < batch; ++b) {
+    float out[8] = {};
+    const int64_t from = std::min(b * share, lines), to = std::min(from + share, lines);
+    dot8(w, stride, width, x + b * x_stride, out, ahead + from * 64, to - from);
+    for (int j = 0; j < 8; ++j) y[b * y_stride + j] = add ? y[b * y_stride + j] + out[j] : out[j];
+  }
+}
+
 // y[b * y_stride + j] = w_j . x_b for the eight rows w_j = w + j * n and input rows x [batch, n], in column
-// chunks of `kBlockColumns`; meanwhile `lines` cache lines from `ahead` are prefetched, a share per call.
+// chunks of `kBlockColumns`; meanwhile `lines` cache lines from `ahead` are prefetched, spread over the chunks.
 inline void block_rows(const float* w, int64_t n, const float* x, int64_t batch, float* y, int64_t y_stride,
                        const char* ahead, int64_t lines) {
-  const int64_t chunks = (n + kBlockColumns - 1) / kBlockColumns, share = (lines + chunks * batch - 1) / (chunks * batch);
-  int64_t call = 0;
-  for (int64_t c = 0; c < n; c += kBlockColumns) {
-    const int64_t width = std::min(kBlockColumns, n - c);
-    for (int64_t b = 0; b < batch; ++b, ++call) {
-      float out[8] = {};
-      const int64_t from = std::min(call * share, lines), to = std::min(from + share, lines);
-      dot8(w + c, n, width, x + b * n + c, out, ahead + from * 64, to - from);
-      for (int j = 0; j < 8; ++j) y[b * y_stride + j] = c ? y[b * y_stride + j] + out[j] : out[j];
-    }
+  const int64_t chunks = (n + kBlockColumns - 1) / kBlockColumns, share = (lines + chunks - 1) / chunks;
+  for (int64_t c = 0, chunk = 0; c < n; c += kBlockColumns, ++chunk) {
+    const int64_t from = std::min(chunk * share, lines), to = std::min(from + share, lines);
+    chunk_rows(w + c, n, std::min(kBlockColumns, n - c), x + c, n, batch, y, y_stride, c > 0, ahead + from * 64,
+               to - from);
   }
 }
 
@@ -225,31 +257,41 @@ __attribute__((noinline)) inline float row_dot_q8(const int8_t* w, const float* 
   return sum;
 }
 
-// out [rows, n] = w [rows, n] (int8) times each row's scale.
-inline void dequantize_rows(const int8_t* w, const float* scale, int64_t rows, int64_t n, float* out) {
+// out [rows, n] = n columns of int8 rows w + r * stride times each row's scale.
+inline void dequantize_rows(const int8_t* w, int64_t stride, const float* scale, int64_t rows, int64_t n, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const __m256 s = _mm256_set1_ps(scale[r]);
-    const int8_t* row = w + r * n;
+    const int8_t* row = w + r * stride;
     float* target = out + r * n;
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 wide_scale = _mm512_set1_ps(scale[r]);
+    for (; i + 16 <= n; i += 16) {
+      const __m512i words = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+      _mm512_storeu_ps(target + i, _mm512_mul_ps(_mm512_cvtepi32_ps(words), wide_scale));
+    }
+#endif
     const int64_t full = n - n % 8;
-    for (int64_t i = 0; i < full; i += 8) _mm256_storeu_ps(target + i, _mm256_mul_ps(widen8(row + i), s));
+    for (; i < full; i += 8) _mm256_storeu_ps(target + i, _mm256_mul_ps(widen8(row + i), s));
     for (int64_t i = full; i < n; ++i) target[i] = float(row[i]) * scale[r];
   }
 }
 
 // `matvec_rows` over int8 weights. One input row: each weight row one int8 stream, scaled once. More: eight
-// rows at a time dequantized once into an fp32 block that stays in cache, then `block_rows` for every input row,
-// so the conversion is paid once per weight and step, not once per input row.
+// rows at a time, a column chunk at a time, dequantized once into an fp32 block that stays in L1, then
+// `chunk_rows` for every input row, so the conversion is paid once per weight and step, not once per input row.
 inline void matvec_rows_q8(const int8_t* w, const float* scale, int64_t first, int64_t last, int64_t n,
                            const float* x, int64_t batch, float* y, int64_t y_stride) {
   int64_t r = first;
   if (batch > 1) {
-    thread_local std::vector<float> block;
-    block.resize(8 * n);
-    for (; r + 8 <= last; r += 8) {
-      dequantize_rows(w + r * n, scale + r, 8, n, block.data());
-      block_rows(block.data(), n, x, batch, y + r - first, y_stride, nullptr, 0);
-    }
+    thread_local Floats block;
+    block.resize(8 * kBlockColumns);
+    for (; r + 8 <= last; r += 8)
+      for (int64_t c = 0; c < n; c += kBlockColumns) {
+        const int64_t width = std::min(kBlockColumns, n - c);
+        dequantize_rows(w + r * n + c, n, scale + r, 8, width, block.data());
+        chunk_rows(block.data(), width, width, x + c, n, batch, y + r - first, y_stride, c > 0, nullptr, 0);
+      }
   }
   for (; r < last; ++r)
     for (int64_t b = 0; b < batch; ++b) y[b * y_stride + r - first] = row_dot_q8(w + r * n, x + b * n, n) * scale[r];
@@ -349,7 +391,7 @@ inline void dequantize_rows_q4(const Weights& w, int64_t first, int64_t rows, in
 inline void matvec_rows_q4(const Weights& w, int64_t first, int64_t last, int64_t n, const float* x, int64_t batch,
                            float* y, int64_t y_stride) {
   if (batch > 1) {
-    thread_local std::vector<float> block;
+    thread_local Floats block;
     block.resize(8 * n);
     for (int64_t r = first; r < last; r += 8) {
       const int64_t rows = std::min<int64_t>(8, last - r);

@@ -13,7 +13,7 @@ from services.engine.backends.native import NativeStep
 from services.engine.backends.torch_layers import LayerStep
 
 # prompt positions of all rows of one call at or below which the kernel is the faster of the two
-NATIVE_PROMPT_ROWS = 48
+NATIVE_PROMPT_ROWS = 96
 
 
 class ShortPrompts:

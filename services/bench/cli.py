@@ -31,6 +31,7 @@ from services.bench.peer import (
 from services.bench.served import ServerProcess, arrival_mid_batch, served_throughput
 from services.bench.soak import print_timeline, run_soak
 from services.bench.structured_cost import structured_output_cost
+from services.cpu.kernels.build import best_isa
 from services.cpu.threads import serving_threads
 from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
 from services.family import load_family
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         "family": family.name,
         "machine": {
             "cpu": cpu_model(),
+            "vector_set": best_isa(),  # the kernels' build: a figure holds for this set
             "torch_threads": torch.get_num_threads(),
             "device": str(family.device),
             "dtype": str(family.dtype),
@@ -195,6 +197,7 @@ def _peer(args: argparse.Namespace) -> int:
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "vector_set": best_isa(),
         "threads": threads,
         "weights": args.weights,
         "peer": {"server": str(args.peer_llama_server), "gguf": gguf.name},

@@ -120,12 +120,7 @@ class NativeStep:
         """hidden [rows, hidden_size] after the group's layers; writes position `length` of each layer's
         keys and values [rows, kv_heads, capacity, head_dim]. mask [rows, length + 1] (1: attend); cos, sin
         [rows, head_dim] fp32; `positions` is unused (the rotary values carry it)."""
-        hidden = hidden.contiguous()  # [rows, hidden_size], updated in place by the kernel
-        self.stack.step(
-            hidden, keys, values, length, mask.to(torch.long).contiguous(), cos.contiguous(), sin.contiguous()
-        )
-        return hidden
-
+        return self.run(hidden, keys, values, length, mask, positions, (cos, sin))
 
     def run(
         self,
@@ -137,10 +132,10 @@ class NativeStep:
         position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """hidden [rows, new, hidden_size] after the group's layers, for `new` prompt positions from `start`
-        (filled [rows, start + new], 1 where a position holds a token; cos, sin [rows, new, head_dim] fp32);
-        writes those positions of each layer's keys and values. `position_ids` is unused (as in `step`)."""
-        hidden = hidden.contiguous()  # [rows, new, hidden_size], updated in place by the kernel
+        """hidden [rows, (new,) hidden_size] after the group's layers, for `new` prompt positions (or one) from
+        `start` (filled [rows, start + new], 1 where a position holds a token; cos, sin [rows, (new,) head_dim]
+        fp32); writes those positions of each layer's keys and values. `position_ids` is unused."""
+        hidden = hidden.contiguous()  # updated in place by the kernel
         cos, sin = (part.contiguous() for part in position_embeddings)
         self.stack.step(hidden, keys, values, start, filled.to(torch.long).contiguous(), cos, sin)
         return hidden

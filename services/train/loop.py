@@ -224,8 +224,10 @@ class Trainer:
         write_json(self.out / STATE_FILE, record)
 
     def _truncate_log(self, step: int) -> None:
+        """Drops records past `step`; rank 0 only, as it alone writes the log (two ranks rewriting it at once
+        could leave one's empty read behind)."""
         path = self.out / LOG_FILE
-        if path.exists():
+        if self.dist.is_main and path.exists():
             lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in lines))
 

@@ -32,6 +32,7 @@ from services.bench.served import ServerProcess, arrival_mid_batch, served_throu
 from services.bench.soak import print_timeline, run_soak
 from services.bench.structured_cost import structured_output_cost
 from services.cpu.kernels.build import best_isa
+from services.cpu.kernels.decoder_step import load_decoder_step
 from services.cpu.threads import serving_threads
 from services.engine.interface import DEFAULT_WEIGHTS, WEIGHT_FORMS
 from services.family import load_family
@@ -107,6 +108,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def kernel_vector_set() -> str | None:
+    """The vector set the native kernels were built for (a figure holds for it), or None where torch serves."""
+    return best_isa() if load_decoder_step() is not None else None
+
+
 def _sizes(all_sizes: list[int], quick: bool) -> list[int]:
     return sorted({all_sizes[0], all_sizes[len(all_sizes) // 2], all_sizes[-1]}) if quick else all_sizes
 
@@ -136,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         "family": family.name,
         "machine": {
             "cpu": cpu_model(),
-            "vector_set": best_isa(),  # the kernels' build: a figure holds for this set
+            "vector_set": kernel_vector_set(),
             "torch_threads": torch.get_num_threads(),
             "device": str(family.device),
             "dtype": str(family.dtype),
@@ -197,7 +203,7 @@ def _peer(args: argparse.Namespace) -> int:
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
-        "vector_set": best_isa(),
+        "vector_set": kernel_vector_set(),
         "threads": threads,
         "weights": args.weights,
         "peer": {"server": str(args.peer_llama_server), "gguf": gguf.name},

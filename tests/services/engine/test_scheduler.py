@@ -42,6 +42,16 @@ def test_an_idle_engine_that_takes_joins_starts_a_request_at_once():
     assert not _scheduler(join_batches=False)._ready("mixed", _queue([0.0]), now=0.0)
 
 
+def test_a_burst_on_an_idle_engine_is_one_start_and_one_join():
+    """The first request starts alone; the rest gather while its batch runs and join it together."""
+    scheduler = _scheduler()
+    assert scheduler._ready("mixed", _queue([0.0]), now=0.0)
+    scheduler.active.append(("mixed", _running(joinable=True, live=1)))
+    rest = _queue([0.001, 0.004, 0.009])
+    assert not scheduler._ready("mixed", rest, now=0.012)  # still arriving
+    assert scheduler._ready("mixed", rest, now=0.020)  # one join of all three
+
+
 def test_a_size_with_a_running_batch_waits_unless_the_batch_would_be_full():
     scheduler = _scheduler()
     scheduler.active.append((23, _running(joinable=False, live=3)))

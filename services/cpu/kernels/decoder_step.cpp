@@ -4,9 +4,9 @@
 // this runs whole layers natively: RMSNorm, q/k/v, optional per-head q/k norm (Qwen3), rotary embedding,
 // appending to the KV cache, attention over the cache, o_proj, RMSNorm, SiLU-gated MLP. A `LayerStack`
 // holds pointers to the modules' own tensors (never copied) and runs all its layers in one parallel
-// region: threads meet at five barriers per layer, and nothing runs on one thread while the others wait
-// (each thread computes the small per-row work, norms and rotations, for itself). Each weight row is
-// read once per step. A prompt's positions are rows of the same call, so a short prompt costs what a
+// region: threads meet at five barriers per layer (six for a prompt), and nothing runs on one thread while
+// the others wait (each thread computes the small per-row work, norms and rotations, for itself). Each
+// weight row is read once per step. A prompt's positions are rows of the same call, so a short prompt costs what a
 // decode step of that many rows costs, without a forward's per-operation overhead.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -39,7 +39,7 @@ struct Layer {
   boomerang::Weights o;
   const float *o_bias, *q_norm, *k_norm, *post_norm;
   boomerang::Weights gate, up, down;
-  int64_t inter;
+  int64_t inter, width;
 };
 
 const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
@@ -84,7 +84,8 @@ Layer layer_view(const std::vector<torch::Tensor>& w) {
   return {w[0].data_ptr<float>(), matrix(0),           optional_data(w[2]),     matrix(1),
           optional_data(w[4]),    matrix(2),           optional_data(w[6]),     matrix(3),
           optional_data(w[8]),    optional_data(w[9]), optional_data(w[10]),    w[11].data_ptr<float>(),
-          matrix(4),              matrix(5),           matrix(6),               w[12].size(0)};
+          matrix(4),              matrix(5),           matrix(6),               w[12].size(0),
+          w[0].numel()};
 }
 
 // Sizes of one call: `batch` rows of hidden states, `tokens` new positions of each sequence (a decode step: one;
@@ -437,7 +438,10 @@ class LayerStack {
     const int64_t sequences = hidden.size(0), tokens = hidden.dim() == 3 ? hidden.size(1) : 1;
     TORCH_CHECK(tokens >= 1 && cos.numel() == sin.numel() && cos.numel() == sequences * tokens * keys.at(0).size(3),
                 "cos, sin [B, (T,) head_dim]");
-    TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.size(1) == length + tokens, "mask [B, length + T], int64");
+    TORCH_CHECK(mask.scalar_type() == torch::kLong && mask.dim() == 2 && mask.size(0) == sequences &&
+                    mask.size(1) == length + tokens,
+                "mask [B, length + T], int64");
+    TORCH_CHECK(hidden.size(-1) == layers_.at(0).width, "hidden states of the layers' width");
     const Shapes s{sequences * tokens, hidden.size(-1), heads_, kv_heads_, keys.at(0).size(3), length, tokens};
     std::vector<Cache> caches;
     for (size_t i = 0; i < keys.size(); ++i) {

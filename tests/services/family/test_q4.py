@@ -14,7 +14,8 @@ from services.engine.backends.torch_layers import LayerStep
 from services.family import load_family, q4_calibration
 from services.family import q4 as q4_module
 from services.family.int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
-from services.family.q4 import BLOCK, Q4Linear, dequantize_blocks, quantize_blocks
+from services.family.q4 import Q4Linear
+from services.family.q4_blocks import BLOCK, dequantize_blocks, fit_blocks, quantize_blocks
 from tests.services.engine.backends.test_native import _run
 from tests.services.engine.reference import forward_logits
 
@@ -120,12 +121,19 @@ def test_fitted_blocks_keep_4_bit_blocks_and_never_do_worse_than_the_range():
     weight = torch.randn(24, 128, generator=generator) * torch.logspace(-2, 0, 24)[:, None]  # [24, 128]
     importance = torch.rand(128, generator=generator) ** 4 * 10  # [128], a few inputs run large
     on_grid = dequantize_blocks(*quantize_blocks(weight), torch.float32)  # [24, 128], a Q4_1 teacher
-    assert all(torch.equal(a, b) for a, b in zip(quantize_blocks(on_grid, importance), quantize_blocks(on_grid)))
+    _, range_scale, range_min = quantize_blocks(on_grid)
+    scale, minimum = fit_blocks(on_grid.view(24, 4, BLOCK), importance.view(4, BLOCK))  # [24, 4] each
+    assert torch.equal(scale, range_scale.float()) and torch.equal(minimum, range_min.float())
 
-    def error(blocks) -> torch.Tensor:  # [24], importance-weighted squared error per row
-        return (importance * (dequantize_blocks(*blocks, torch.float32) - weight) ** 2).sum(dim=1)
+    def error(scale, minimum) -> torch.Tensor:  # [24], importance-weighted squared error per row
+        blocks = weight.view(24, 4, BLOCK)
+        levels = ((blocks - minimum[..., None]) / scale[..., None]).round().clamp(0, 15)  # [24, 4, 32]
+        back = (levels * scale[..., None] + minimum[..., None]).view(24, 128)
+        return (importance * (back - weight) ** 2).sum(dim=1)
 
-    fitted, ranged = error(quantize_blocks(weight, importance)), error(quantize_blocks(weight))
+    _, range_scale, range_min = quantize_blocks(weight)
+    fitted = error(*fit_blocks(weight.view(24, 4, BLOCK), importance.view(4, BLOCK)))
+    ranged = error(range_scale.float(), range_min.float())
     assert bool((fitted <= ranged * (1 + 1e-3)).all()) and float(fitted.sum()) < 0.9 * float(ranged.sum())
 
 

@@ -1,0 +1,73 @@
+import torch
+
+from services.family import gptq
+from services.family.gptq import gptq_blocks, inverse_factor
+from services.family.q4_blocks import BLOCK, Q4_MAX, dequantize_blocks, fit_blocks, quantize_blocks
+
+
+def _correlated_inputs(n: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    """[tokens, n] inputs whose features co-vary and run at different sizes, as a layer's inputs do."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(n, n, generator=generator) / n**0.5 + torch.eye(n)  # [n, n]
+    sizes = torch.logspace(-1, 0.5, n)[torch.randperm(n, generator=generator)]  # [n]
+    return (torch.randn(tokens, n, generator=generator) * sizes) @ mixing  # [tokens, n]
+
+
+def _reference(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ as the paper writes it: one column at a time, its error pushed onto every later column at once."""
+    w, n = weight.clone().float(), weight.shape[1]
+    factor, importance = inverse_factor(hessian), hessian.diagonal().float()
+    out = torch.empty_like(w)
+    for column in range(n):
+        if column % BLOCK == 0:
+            scale, minimum = fit_blocks(w[:, None, column : column + BLOCK].float(),
+                                        importance[None, column : column + BLOCK])  # [rows, 1] each
+            scale, minimum = scale[:, 0], minimum[:, 0]
+        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        out[:, column] = torch.floor((w[:, column] - minimum) * inverse + 0.5).clamp(0, Q4_MAX) * scale + minimum
+        error = (w[:, column] - out[:, column]) / factor[column, column]  # [rows]
+        w[:, column:] -= error[:, None] * factor[column, column:]
+    return out
+
+
+def test_blocked_updates_match_the_column_by_column_algorithm(monkeypatch):
+    monkeypatch.setattr(gptq, "COLUMNS_PER_UPDATE", 64)  # several update blocks in a 192-wide matrix
+    x = _correlated_inputs(192)  # [tokens, 192]
+    weight = torch.randn(40, 192, generator=torch.Generator().manual_seed(1)) * 0.1  # [40, 192]
+    ours = dequantize_blocks(*gptq_blocks(weight, x.T @ x / x.shape[0]), torch.float32)  # [40, 192]
+    want = _reference(weight, x.T @ x / x.shape[0])
+    # rounding ties may fall the other way between the two orders of summation: a level on a few weights
+    mismatched = (ours - want).abs() > 1e-4
+    assert int(mismatched.sum()) <= weight.numel() // 200
+    torch.testing.assert_close(ours[~mismatched], want[~mismatched], rtol=0, atol=1e-4)
+
+
+def test_weights_on_the_4_bit_grid_come_back_exactly():
+    weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(2))  # [16, 128]
+    on_grid = quantize_blocks(weight)
+    x = _correlated_inputs(128)
+    again = gptq_blocks(dequantize_blocks(*on_grid, torch.float32), x.T @ x / x.shape[0])
+    assert all(torch.equal(a, b) for a, b in zip(again, on_grid))
+
+
+def test_outputs_on_unseen_inputs_err_less_than_with_blocks_rounded_alone():
+    inputs = _correlated_inputs(256, tokens=4096, seed=3)  # [4096, 256]
+    x, unseen = inputs[:2048], inputs[2048:]  # calibration, and inputs the fit never saw
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * 0.05  # [64, 256]
+    hessian = x.T @ x / x.shape[0]  # [256, 256]
+    ours = dequantize_blocks(*gptq_blocks(weight, hessian), torch.float32)
+    ranged = dequantize_blocks(*quantize_blocks(weight), torch.float32)
+    fitted_alone = _fitted_alone(weight, hessian.diagonal())
+
+    def output_error(quantized: torch.Tensor) -> float:
+        return float(((unseen @ (quantized - weight).T) ** 2).mean())
+
+    assert output_error(ours) < 0.7 * output_error(fitted_alone) < 0.7 * output_error(ranged)
+
+
+def _fitted_alone(weight: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    rows, n = weight.shape
+    blocks = weight.view(rows, n // BLOCK, BLOCK)
+    scale, minimum = fit_blocks(blocks, importance.view(n // BLOCK, BLOCK))  # [rows, nb] each
+    levels = torch.floor((blocks - minimum[..., None]) / scale[..., None] + 0.5).clamp(0, Q4_MAX)
+    return (levels * scale[..., None] + minimum[..., None]).view(rows, n)

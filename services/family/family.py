@@ -17,7 +17,8 @@ from services.cpu.huge_pages import move_to_huge_pages
 from services.errors import InvalidPairError, UnknownSizeError
 from services.family.architectures import ArchitectureSpec, get_path, number_layers, spec_for
 from services.family.assembly import assemble_variant, make_template
-from services.family.int8 import Int8Linear, float_dtype, quantize_int8
+from services.family.calibration import quantize_family_int8, quantize_family_q4
+from services.family.int8 import Int8Linear, float_dtype
 from services.family.loading import (
     check_pair,
     check_tokenizers,
@@ -31,7 +32,6 @@ from services.family.loading import (
 )
 from services.family.plan import STUDENT, TEACHER, Order, StudentLayout, VariantPlan, parse_order, plan_family
 from services.family.q4 import Q4Linear
-from services.family.q4_calibration import quantize_family_q4
 from services.store import DEFAULT_PAIR, Manifest, resolve_student, resolve_teacher
 
 DEFAULT_VARIANT_CACHE_SIZE = 32
@@ -182,11 +182,7 @@ def _distinct_bytes(modules: list[nn.Module]) -> int:
     return sum(tensors.values())
 
 
-def _quantize_int8(family: Family, use_kernel: bool) -> int:
-    return quantize_int8([family.teacher, family.student], use_kernel)
-
-
-QUANTIZERS = {"int8": _quantize_int8, "q4": quantize_family_q4}  # weight form -> in-place quantizer of a family
+QUANTIZERS = {"int8": quantize_family_int8, "q4": quantize_family_q4}  # weight form -> in-place quantizer of a family
 
 
 def load_family(

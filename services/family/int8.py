@@ -18,29 +18,18 @@ from torch.nn import functional
 
 from services.cpu.fast_linear import MAX_ROWS, FastLinear
 from services.cpu.kernels.gemv import load_gemv_q8
+from services.family.gptq import gptq_rows
+from services.family.int8_rows import dequantize_rows, quantize_rows
 
 logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 4096  # output rows dequantized at a time off the kernel path
-Q8_MAX = 127  # symmetric int8: -Q8_MAX..Q8_MAX, so a row's scale is its largest magnitude over Q8_MAX
 
 
 def warn_no_kernel(form: str) -> None:
     logger.warning("%s weights without their native kernel (not x86 with AVX2/FMA, or no C++ compiler): every "
                    "decode step dequantizes each matrix in torch, several times slower than --weights float; "
                    "serve --weights float on this machine", form)
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [rows, n], scale fp32 [rows]) with weight ~ q * scale[:, None], per row."""
-    scale = weight.detach().float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / Q8_MAX  # [rows]
-    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-Q8_MAX, Q8_MAX).to(torch.int8)  # [rows, n]
-    return q, scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """In fp32, then `dtype`: a half-precision scale would round every row, and small ones would vanish."""
-    return (q.float() * scale.float()[:, None]).to(dtype)  # [rows, n]
 
 
 class Int8Linear(nn.Linear):
@@ -101,15 +90,19 @@ def users_by_tensor(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
     return users
 
 
-def quantize_int8(models: list[nn.Module], use_kernel: bool) -> int:
+def quantize_int8(models: list[nn.Module], use_kernel: bool, hessians: dict[int, torch.Tensor] | None = None) -> int:
     """Quantizes every linear layer and embedding of `models` in place (each distinct weight tensor once);
-    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV."""
+    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV. `hessians`, keyed
+    by weight `data_ptr`: the mean x xᵀ of a linear layer's inputs [in_features, in_features] on calibration
+    text, its rows rounded by `gptq_rows` (the others to nearest)."""
     users = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q8() is not None
     if use_kernel and not kernel:
         warn_no_kernel("int8")
-    for modules in users.values():
-        q, scale = quantize_rows(modules[0].weight)
+    for pointer, modules in users.items():
+        hessian = (hessians or {}).get(pointer)
+        weight = modules[0].weight
+        q, scale = quantize_rows(weight) if hessian is None else gptq_rows(weight, hessian)
         weight = nn.Parameter(q, requires_grad=False)
         for module in modules:
             module.weight = weight

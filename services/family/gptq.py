@@ -35,16 +35,17 @@ def round_with_feedback(
     `column` of `w` rounded [rows], where `w` [rows, n] holds the weights as the earlier columns' errors left
     them (current from `column` to the end of its group of `COLUMNS_PER_UPDATE`)."""
     rows, n = weight.shape
-    w = weight.clone()  # [rows, n]
+    columns = weight.T.contiguous()  # [n, rows]: a column's weights side by side
+    w = columns.T  # [rows, n], a view
     factor = inverse_factor(hessian)  # [n, n]
     for start in range(0, n, COLUMNS_PER_UPDATE):
         end = min(start + COLUMNS_PER_UPDATE, n)
-        errors = torch.empty(rows, end - start)  # [rows, columns], each over its pivot
+        errors = torch.empty(end - start, rows)  # [columns, rows], each over its pivot
         for column in range(start, end):
-            error = (w[:, column] - round_column(w, column)) / factor[column, column]  # [rows]
-            w[:, column + 1 : end] -= error[:, None] * factor[column, column + 1 : end]
-            errors[:, column - start] = error
-        w[:, end:] -= errors @ factor[start:end, end:]
+            error = (columns[column] - round_column(w, column)) / factor[column, column]  # [rows]
+            columns[column + 1 : end] -= factor[column, column + 1 : end, None] * error
+            errors[column - start] = error
+        columns[end:] -= factor[start:end, end:].T @ errors
 
 
 def gptq_blocks(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

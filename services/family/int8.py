@@ -18,7 +18,7 @@ from torch.nn import functional
 
 from services.cpu.fast_linear import MAX_ROWS, FastLinear
 from services.cpu.kernels.gemv import load_gemv_q8
-from services.family.gptq import gptq_rows
+from services.family.gptq import InputStats, gptq_rows
 from services.family.int8_rows import dequantize_rows, quantize_rows
 
 logger = logging.getLogger(__name__)
@@ -90,19 +90,19 @@ def users_by_tensor(models: list[nn.Module]) -> dict[int, list[nn.Module]]:
     return users
 
 
-def quantize_int8(models: list[nn.Module], use_kernel: bool, hessians: dict[int, torch.Tensor] | None = None) -> int:
+def quantize_int8(models: list[nn.Module], use_kernel: bool, inputs: dict[int, InputStats] | None = None) -> int:
     """Quantizes every linear layer and embedding of `models` in place (each distinct weight tensor once);
-    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV. `hessians`, keyed
-    by weight `data_ptr`: the mean x xᵀ of a linear layer's inputs [in_features, in_features] on calibration
-    text, its rows rounded by `gptq_rows` (the others to nearest)."""
+    returns how many tensors. `use_kernel`: decode rows on CPU go to the native int8 GEMV. `inputs`, keyed
+    by weight `data_ptr`: a linear layer's inputs on calibration text, its rows rounded by `gptq_rows` to fit
+    them (the others to nearest)."""
     users = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q8() is not None
     if use_kernel and not kernel:
         warn_no_kernel("int8")
     for pointer, modules in users.items():
-        hessian = (hessians or {}).get(pointer)
+        seen = (inputs or {}).get(pointer)
         weight = modules[0].weight
-        q, scale = quantize_rows(weight) if hessian is None else gptq_rows(weight, hessian)
+        q, scale = quantize_rows(weight) if seen is None else gptq_rows(weight, seen)
         weight = nn.Parameter(q, requires_grad=False)
         for module in modules:
             module.weight = weight

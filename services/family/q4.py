@@ -16,7 +16,7 @@ from torch.nn import functional
 
 from services.cpu.fast_linear import MAX_ROWS
 from services.cpu.kernels.gemv import load_gemv_q4
-from services.family.gptq import gptq_blocks
+from services.family.gptq import InputStats, gptq_blocks
 from services.family.int8 import CHUNK_ROWS, quantize_int8, users_by_tensor, warn_no_kernel
 from services.family.q4_blocks import ROW_MULTIPLE, dequantize_blocks, quantize_blocks
 
@@ -55,14 +55,13 @@ def _in_blocks(modules: list[nn.Module]) -> bool:
     return all(isinstance(m, nn.Linear) for m in modules) and modules[0].in_features % ROW_MULTIPLE == 0
 
 
-def quantize_q4(models: list[nn.Module], use_kernel: bool, hessians: dict[int, torch.Tensor] | None = None,
+def quantize_q4(models: list[nn.Module], use_kernel: bool, inputs: dict[int, InputStats] | None = None,
                 keep_int8: frozenset[int] = frozenset()) -> int:
     """Quantizes every linear layer of `models` in place to 4-bit blocks, and embeddings with the heads that
     share them (and any matrix whose rows are not whole blocks, or in `keep_int8`) to int8; each distinct tensor
     once. Returns how many tensors. `use_kernel`: decode rows on CPU go to the native kernels. Both keyed by
-    weight `data_ptr`: `hessians`, the mean x xᵀ of a tensor's inputs [in_features, in_features] on calibration
-    text, its blocks fitted to it by `gptq_blocks` (the others range-rounded); `keep_int8`, tensors held in
-    int8 rows."""
+    weight `data_ptr`: `inputs`, a tensor's inputs on calibration text, its blocks fitted to them by
+    `gptq_blocks` (the others range-rounded); `keep_int8`, tensors held in int8 rows."""
     groups = users_by_tensor(models)
     kernel = use_kernel and load_gemv_q4() is not None
     if use_kernel and not kernel:
@@ -70,9 +69,9 @@ def quantize_q4(models: list[nn.Module], use_kernel: bool, hessians: dict[int, t
     for pointer, modules in groups.items():
         if not _in_blocks(modules) or pointer in keep_int8:
             continue
-        hessian = (hessians or {}).get(pointer)
+        seen = (inputs or {}).get(pointer)
         weight = modules[0].weight
-        packed, scale, minimum = quantize_blocks(weight) if hessian is None else gptq_blocks(weight, hessian)
+        packed, scale, minimum = quantize_blocks(weight) if seen is None else gptq_blocks(weight, seen)
         weight = nn.Parameter(packed, requires_grad=False)
         for module in modules:
             module.weight = weight
@@ -80,7 +79,7 @@ def quantize_q4(models: list[nn.Module], use_kernel: bool, hessians: dict[int, t
             module.register_buffer("weight_min", minimum, persistent=False)
             module.__class__ = Q4Linear
             module.use_kernel = kernel
-    quantize_int8(models, kernel, hessians)  # what is left: embeddings, tied heads, odd widths, `keep_int8`
+    quantize_int8(models, kernel, inputs)  # what is left: embeddings, tied heads, odd widths, `keep_int8`
     return len(groups)
 
 

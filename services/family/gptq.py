@@ -45,7 +45,7 @@ def round_with_feedback(
     `column` of `w` rounded [rows], where `w` [rows, n] holds the weights as the earlier columns' errors left
     them (current from `column` to the end of its group of `COLUMNS_PER_UPDATE`)."""
     rows, n = weight.shape
-    columns = weight.T.contiguous()  # [n, rows]: a column's weights side by side
+    columns = weight.T.clone(memory_format=torch.contiguous_format)  # [n, rows]: a column's weights side by side
     w = columns.T  # [rows, n], a view
     factor = inputs.factor  # [n, n]
     pivots = factor.diagonal()  # [n]

@@ -95,3 +95,13 @@ def test_int8_rows_keep_their_scales_and_err_less_on_unseen_inputs():
     assert output_error(q) < 0.7 * output_error(nearest_q)
     on_grid = dequantize_rows(nearest_q, scale, torch.float32)  # rows already on their grid stay there
     assert torch.equal(gptq_rows(on_grid, InputStats(x.T @ x / x.shape[0]))[0], nearest_q)
+
+
+def test_the_weight_given_is_left_as_it_was():
+    x = _correlated_inputs(64, tokens=256)
+    for rows in (1, 5):  # one row: its transpose is already contiguous, and must still be copied
+        weight = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))  # [rows, 64]
+        before = weight.clone()
+        gptq_blocks(weight, InputStats(x.T @ x / x.shape[0]))
+        gptq_rows(weight, InputStats(x.T @ x / x.shape[0]))
+        assert torch.equal(weight, before)

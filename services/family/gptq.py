@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 
 from services.family.int8_rows import Q8_MAX, quantize_rows
-from services.family.q4_blocks import BLOCK, Q4_MAX, fit_blocks, pack_levels
+from services.family.q4_blocks import BLOCK, Q4_MAX, fit_blocks, inverse_scale, pack_levels
 
 DAMPING = 0.01  # of the mean diagonal, added to it: keeps the inverse defined where inputs never vary
 COLUMNS_PER_UPDATE = 128  # columns whose errors are pushed onto the rest in one matrix product (a multiple of 32)
@@ -74,7 +74,7 @@ def gptq_blocks(weight: torch.Tensor, inputs: InputStats) -> tuple[torch.Tensor,
         if column % BLOCK == 0:
             s, m = fit_blocks(w[:, None, column : column + BLOCK], importance[None, column : column + BLOCK])
             scale[:, group], minimum[:, group] = s[:, 0], m[:, 0]
-            torch.where(s[:, 0] > 0, 1 / s[:, 0], torch.zeros_like(s[:, 0]), out=inverse)
+            inverse.copy_(inverse_scale(s[:, 0]))
         s, m = scale[:, group], minimum[:, group]  # [rows] each
         q = (w[:, column] - m).mul_(inverse).add_(0.5).floor_().clamp_(0, Q4_MAX)  # [rows]
         levels[:, column] = q

@@ -21,9 +21,14 @@ def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     blocks = weight.detach().float().reshape(rows, n // BLOCK, BLOCK)  # [rows, nb, 32]
     low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)  # [rows, nb]
     scale = (high - low) / Q4_MAX  # [rows, nb]
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    inverse = inverse_scale(scale)
     q = torch.floor((blocks - low[..., None]) * inverse[..., None] + 0.5).clamp(0, Q4_MAX).to(torch.uint8)
     return pack_levels(q.reshape(rows, n)), scale.half(), low.half()
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, and 0 for a block of equal weights (scale 0: every weight its minimum)."""
+    return torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
 
 
 def pack_levels(levels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +67,7 @@ def _weighted_error(blocks: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     """(error, scale, minimum) [..., rows, nb, 1] each, for blocks [rows, nb, 32] and candidates [..., rows, nb,
     1], with scale and minimum rounded to fp16 as they are stored."""
     scale, minimum = scale.half().float(), minimum.half().float()
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    inverse = inverse_scale(scale)
     levels = torch.floor((blocks - minimum) * inverse + 0.5).clamp(0, Q4_MAX)  # [..., rows, nb, 32]
     error = (weight * (levels * scale + minimum - blocks) ** 2).sum(dim=-1, keepdim=True)
     return error, scale, minimum

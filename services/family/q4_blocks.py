@@ -39,6 +39,11 @@ def pack_levels(levels: torch.Tensor) -> torch.Tensor:
     return packed.reshape(rows, n // 2)
 
 
+def fit_steps() -> torch.Tensor:
+    """[FIT_STEPS] the candidate scales' offsets from the range's, in levels: span / (Q4_MAX + step)."""
+    return torch.linspace(-1, 1, FIT_STEPS)
+
+
 def fit_blocks(blocks: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and minimum [rows, nb] (values fp16 can hold) of each block of `blocks` [rows, nb, 32] with the
     least error weighted by `importance` [nb, 32]: the block's range (exact for a block that came from 4 bits)
@@ -47,7 +52,7 @@ def fit_blocks(blocks: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Te
     weight = importance.expand_as(blocks)  # [rows, nb, 32]
     low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)  # [rows, nb, 1]
     span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)  # [rows, nb, 1]
-    steps = torch.linspace(-1, 1, FIT_STEPS).view(-1, 1, 1, 1)  # [steps, 1, 1, 1]: all candidates at once
+    steps = fit_steps().view(-1, 1, 1, 1)  # [steps, 1, 1, 1]: all candidates at once
     levels = ((blocks - low) * ((Q4_MAX + steps) / span)).round().clamp(0, Q4_MAX)  # [steps, rows, nb, 32]
     total = weight.sum(dim=-1, keepdim=True)  # [rows, nb, 1]
     sum_l, sum_ll = (weight * levels).sum(-1, keepdim=True), (weight * levels * levels).sum(-1, keepdim=True)

@@ -2,6 +2,8 @@
 // onto the columns after it; for 4-bit blocks, each block's scale and minimum fitted when the loop reaches it.
 // Rows never interact, so each thread takes a share of the rows through every column with no barrier; in
 // Python the loop costs several tensor calls per column.
+// Plain multiplies and adds, as torch computes the same rounding: a fused one would round some ties the other way.
+#pragma GCC optimize("fp-contract=off")
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>

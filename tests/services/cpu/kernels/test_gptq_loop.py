@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from services.cpu.fast_linear import ENV_SWITCH
 from services.cpu.kernels.gptq_loop import load_round_blocks, load_round_columns
-from services.family.q4_blocks import BLOCK, Q4_MAX, _weighted_error, fit_blocks, fit_steps
+from services.family import gptq
+from services.family.gptq import Grid, InputStats
+from services.family.q4_blocks import BLOCK, Q4_MAX, _weighted_error, fit_blocks, fit_steps, inverse_scale
 
 pytestmark = pytest.mark.skipif(load_round_blocks() is None, reason="native kernels cannot be built here")
 
@@ -56,3 +59,33 @@ def test_the_kernel_pushes_each_error_onto_the_later_columns_of_its_group():
         torch.testing.assert_close(errors[c], error)
         w[c + 1 : 6] -= factor[c, c + 1 : 6, None] * error
     torch.testing.assert_close(columns, w)  # column 6 onwards untouched: past `update_end`
+
+
+def test_a_later_group_of_blocks_is_rounded_as_the_torch_loop_rounds_it(monkeypatch):
+    rows, n, start, end = 70, 256, 64, 192  # rows not a multiple of the kernel's chunks; a group past the first
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1024, n, generator=generator) @ (torch.randn(n, n, generator=generator) / n**0.5 + torch.eye(n))
+    stats = InputStats(x.T @ x / x.shape[0])
+    importance = stats.hessian.diagonal().contiguous()  # [n]
+    weight = torch.randn(rows, n, generator=generator) * 0.05  # [rows, n]
+
+    native = weight.T.contiguous()  # [n, rows]
+    scale, minimum = torch.zeros(rows, n // BLOCK), torch.zeros(rows, n // BLOCK)
+    levels, errors = torch.empty(end - start, rows), torch.empty(end - start, rows)
+    load_round_blocks()(native, stats.factor, importance, fit_steps(), start, end, scale, minimum, levels, errors)
+
+    monkeypatch.setenv(ENV_SWITCH, "0")  # gptq.round_columns in torch
+    python = weight.T.contiguous()
+    want_levels, want_errors = torch.empty(end - start, rows), torch.empty(end - start, rows)
+    for first in range(start, end, BLOCK):
+        s, m = fit_blocks(python[first : first + BLOCK].T[:, None], importance[None, first : first + BLOCK])
+        grid = Grid(s[:, 0].contiguous(), m[:, 0].contiguous(), inverse_scale(s[:, 0]), 0, Q4_MAX)
+        here = slice(first - start, first - start + BLOCK)
+        gptq.round_columns(python, stats.factor, first, first + BLOCK, end, grid, want_levels[here], want_errors[here])
+        assert torch.equal(scale[:, first // BLOCK], s[:, 0]) and torch.equal(minimum[:, first // BLOCK], m[:, 0])
+
+    assert not scale[:, : start // BLOCK].any() and not scale[:, end // BLOCK :].any()  # only the group's blocks
+    assert torch.equal(native[:start], python[:start]) and torch.equal(native[end:], weight.T[end:])
+    torch.testing.assert_close(levels, want_levels, rtol=0, atol=0)
+    torch.testing.assert_close(errors, want_errors, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native, python, rtol=1e-5, atol=1e-6)

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         _LIMITS.join_batches,
         description="new requests join a running batch between two steps; false: they wait for it to end",
     )
+    prefill_chunk: int = Field(
+        _LIMITS.prefill_chunk,
+        ge=0,
+        description="prompt positions prefilled between two decode steps of running requests, so a long prompt "
+        "delays them by one chunk; 0: each prompt's whole prefill at once",
+    )
     batch_wait_ms: float = Field(
         _LIMITS.batch_wait_ms, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)"
     )
@@ -103,4 +109,5 @@ class Settings(BaseSettings):
             max_model_len=self.max_total_tokens,
             mix_sizes=self.mix_sizes,
             join_batches=self.join_batches,
+            prefill_chunk=self.prefill_chunk,
         )

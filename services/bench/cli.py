@@ -28,7 +28,13 @@ from services.bench.peer import (
     ratios,
     write_peer_report,
 )
-from services.bench.served import ServerProcess, arrival_mid_batch, served_throughput
+from services.bench.served import (
+    ServerProcess,
+    arrival_mid_batch,
+    long_prompt,
+    prompt_mid_stream,
+    served_throughput,
+)
 from services.bench.soak import print_timeline, run_soak
 from services.bench.structured_cost import structured_output_cost
 from services.cpu.kernels.build import best_isa
@@ -41,6 +47,8 @@ from services.store import DEFAULT_PAIR, Manifest, resolve_teacher
 from services.store.teacher_import import LOCK_FILE
 
 SERVED_CONTEXT = 1024  # the served parts' context limit (prompt + completion)
+LONG_PROMPT_MARGIN = 64  # tokens of the context a long prompt leaves free (it is re-encoded from text)
+MID_STREAM_TOKENS = 160  # the stream a long prompt arrives beside: longer than that prompt's prefill
 LOAD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)  # open-loop arrival rates, in units of the teacher's capacity
 LOAD_TARGET_FACTOR = 4  # the latency target: this many times a lone teacher request's latency
 GOALS = {
@@ -51,6 +59,8 @@ GOALS = {
     "served_speedup_n16_mixed_sizes": (">=", 3.0),
     "min_fraction_of_bound_b1": (">=", 0.8),
     "structured_output_cost_b1": ("<=", 0.15),
+    # a stream's longest gap between tokens while a long prompt arrives, prefilled in chunks over prefilled whole
+    "prompt_mid_stream_longest_gap": ("<=", 0.5),
 }
 
 
@@ -331,12 +341,19 @@ def _served(args, family, sizes) -> dict:
     ids = [family.model_id(n) for n in sizes]
     requests, tokens = (16, 8) if args.quick else (48, 32)
     long_tokens, short_tokens = (64, 8) if args.quick else (256, 16)
+    context = min(SERVED_CONTEXT, family.teacher.config.max_position_embeddings)
+    prompt = long_prompt(family.tokenizer, context - LONG_PROMPT_MARGIN)  # to the largest size; the smallest streams
     with ServerProcess(serve_args) as server:
         served = served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
         served["arrival_mid_batch"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens, short_tokens)
+        served["prompt_mid_stream"] = prompt_mid_stream(server.url, ids[0], ids[-1], prompt, MID_STREAM_TOKENS)
     with ServerProcess([*serve_args, "--join-batches", "false"]) as server:  # the baseline: the short one waits
         served["arrival_mid_batch_without_joins"] = arrival_mid_batch(
             server.url, ids[-1], ids[0], long_tokens, short_tokens
+        )
+    with ServerProcess([*serve_args, "--prefill-chunk", "0"]) as server:  # the baseline: the stream waits it out
+        served["prompt_mid_stream_whole_prefill"] = prompt_mid_stream(
+            server.url, ids[0], ids[-1], prompt, MID_STREAM_TOKENS
         )
     return served
 
@@ -353,6 +370,9 @@ def _goals(report: dict) -> dict:
     if "served" in report:
         measured["served_speedup_n16"] = report["served"]["single_size"][-1]["speedup_vs_sequential"]
         measured["served_speedup_n16_mixed_sizes"] = report["served"]["mixed_sizes"][-1]["speedup_vs_sequential"]
+        chunked, whole = (report["served"][key]["stream_longest_gap_s"]
+                          for key in ("prompt_mid_stream", "prompt_mid_stream_whole_prefill"))
+        measured["prompt_mid_stream_longest_gap"] = chunked / whole
     result = {}
     for name, value in measured.items():
         op, target = GOALS[name]

@@ -144,3 +144,51 @@ def arrival_mid_batch(url: str, long_model: str, short_model: str, long_tokens: 
     body = {"prompt": "Once upon a time,", "temperature": 0, "ignore_eos": True}
     return asyncio.run(_arrival_mid_batch(url, {**body, "model": long_model, "max_tokens": long_tokens},
                                           {**body, "model": short_model, "max_tokens": short_tokens}))
+
+
+async def _prompt_mid_stream(url: str, stream_body: dict, prompt_body: dict) -> dict:
+    """A long prompt's latency alone and while a stream decodes, and the stream's gaps between tokens."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async def prompt_latency() -> float:
+            start = time.perf_counter()
+            response = await http.post("/v1/completions", json=prompt_body)
+            response.raise_for_status()
+            return time.perf_counter() - start
+
+        prompt_alone = statistics.median([await prompt_latency() for _ in range(2)])
+        stamps: list[float] = []
+
+        async def stream() -> None:
+            async with http.stream("POST", "/v1/completions", json={**stream_body, "stream": True}) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        stamps.append(time.perf_counter())
+
+        streaming = asyncio.create_task(stream())
+        while len(stamps) < 8 and not streaming.done():  # the stream is decoding
+            await asyncio.sleep(0.005)
+        prompt_during = await prompt_latency()
+        await streaming
+    gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+    return {"stream_tokens": stream_body["max_tokens"], "prompt_chars": len(prompt_body["prompt"]),
+            "prompt_alone_s": prompt_alone, "prompt_during_stream_s": prompt_during,
+            "stream_median_gap_s": statistics.median(gaps), "stream_longest_gap_s": max(gaps),
+            "longest_gap_vs_prompt_alone": max(gaps) / prompt_alone}
+
+
+def prompt_mid_stream(url: str, stream_model: str, prompt_model: str, prompt: str, stream_tokens: int) -> dict:
+    """`prompt` (`prompt_model`, one new token) sent while a stream (`stream_model`) decodes: the stream's longest
+    gap between two tokens, against the prompt's latency alone. Prefilled whole, a long prompt stalls the stream
+    for all of its prefill; in chunks, for one chunk."""
+    return asyncio.run(_prompt_mid_stream(
+        url, {"model": stream_model, "prompt": "Once upon a time,", "max_tokens": stream_tokens, "temperature": 0,
+              "ignore_eos": True},
+        {"model": prompt_model, "prompt": prompt, "max_tokens": 1, "temperature": 0}))
+
+
+def long_prompt(tokenizer, tokens: int) -> str:
+    """Text of about `tokens` tokens (a few fewer once encoded again)."""
+    sentence = "The king of a small country had many sons who loved the sea and the sky. "
+    ids = tokenizer(sentence * (tokens // 4 + 1), add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids)

@@ -44,7 +44,8 @@ def _top_logprobs(logprobs: torch.Tensor, k: int, tokenizer) -> dict[str, float]
 
 class RowBatch:
     """Sequences that advance together, one row each; finished rows idle until the batch ends (or leave at a
-    join). Subclasses run the model: `prefill` and `step` end in `_advance(logits)`."""
+    join). Subclasses run the model: `prefill` (or `start_prefill` and `prefill_chunk`, which the scheduler
+    calls) and `step` end in `_advance(logits)`."""
 
     joinable = False  # whether new sequences may join between steps (`join`)
 

@@ -112,7 +112,8 @@ def rotary_at(rotary: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.T
 
 class FamilyBatch(RowBatch):
     """Sequences of any sizes of `family` (`Sequence.num_layers`) that advance together; new ones join
-    between steps (`join`) where `joinable`."""
+    between steps (`join`) where `joinable`. Prompts may be prefilled in chunks (`start_prefill`, then
+    `prefill_chunk` until it returns True) between other batches' steps."""
 
     def __init__(self, family: Family, sequences: list[Sequence], tokenizer, eos_ids: set[int], pad_id: int,
                  joinable: bool = True, pool: KVPool | None = None):
@@ -125,6 +126,7 @@ class FamilyBatch(RowBatch):
         self.groups: list[list[_Group]] = []  # per student block
         self.runs: list[_Run] = []  # the groups in chains of the same rows (`_chains`)
         self.length = 0  # KV positions filled
+        self._prompts: tuple[torch.Tensor, torch.Tensor] | None = None  # input and position ids while prefilling
         self._index_rows()
 
     def _index_rows(self) -> None:
@@ -154,19 +156,46 @@ class FamilyBatch(RowBatch):
 
     @torch.inference_mode()
     def prefill(self) -> None:
+        """The whole prompt in one pass (`start_prefill`, then one `prefill_chunk` of every position)."""
+        self.start_prefill()
+        self.prefill_chunk()
+
+    def start_prefill(self) -> None:
+        """Takes the prompts' KV buffers; `prefill_chunk` then runs their positions."""
         input_ids, position_ids = self._left_padded_prompts()  # [batch, longest] each
         longest = input_ids.shape[1]
         capacity = longest + min(max(seq.params.max_tokens for seq in self.sequences), MIN_CAPACITY) + 1
         self.groups = self._build_groups(capacity)
         self.runs = self._runs()
-        hidden, position_embeddings = self._embed_prompts(input_ids, position_ids)  # [batch, longest, hidden]
+        self._prompts = input_ids, position_ids
+        self.length = 0
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt positions not yet run (0 once the batch has its first tokens)."""
+        return self._prompts[0].shape[1] - self.length if self._prompts is not None else 0
+
+    @torch.inference_mode()
+    def prefill_chunk(self, positions: int | None = None) -> bool:
+        """The next `positions` prompt positions of every row (all that are left by default) through each run's
+        prefill backend, on top of the keys and values of those before; after the last, every row's first
+        token. True once the prompt is done."""
+        input_ids, position_ids = self._prompts
+        end = input_ids.shape[1] if positions is None else min(self.length + positions, input_ids.shape[1])
+        ids, at = input_ids[:, self.length:end], position_ids[:, self.length:end]  # [batch, new] each
+        hidden, position_embeddings = self._embed_prompts(ids, at)  # [batch, new, hidden]
+        filled = self.attention_mask[:, :end]  # [batch, end]
         for run in self.runs:
             rows = run.rows
-            cos, sin = (part[rows] for part in position_embeddings)  # [rows, longest, rotary dim]
-            hidden[rows] = run.prefill.run(hidden[rows], run.keys(), run.values(), 0, self.attention_mask[rows],
-                                           position_ids[rows], (cos, sin))
-        self.length = longest
+            cos, sin = (part[rows] for part in position_embeddings)  # [rows, new, rotary dim]
+            hidden[rows] = run.prefill.run(hidden[rows], run.keys(), run.values(), self.length, filled[rows],
+                                           at[rows], (cos, sin))
+        self.length = end
+        if end < input_ids.shape[1]:
+            return False
+        self._prompts = None
         self._advance(self._head(hidden[:, -1].contiguous()))
+        return True
 
     def _build_groups(self, capacity: int) -> list[list[_Group]]:
         """Per block and branch: its rows, layers (and their step backends) and empty KV buffers (all given

@@ -29,6 +29,9 @@ class EngineLimits:
     max_model_len: int | None = None  # prompt + completion; None: the model's own limit
     mix_sizes: bool = True  # requests of different sizes share decode batches; false: one batch per size
     join_batches: bool = True  # new requests join a running batch between steps
+    # prompt positions prefilled between two steps of running rows (0: a prompt's whole prefill at once): large
+    # enough for GEMM to run at speed, small enough that a running stream's next token waits a fraction of a second
+    prefill_chunk: int = 256
 
 
 @dataclass(frozen=True)

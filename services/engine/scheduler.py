@@ -4,7 +4,9 @@ Each loop admits new requests (at once on an idle engine that takes joins, else 
 arrived within a short window; the key is a size, or "mixed" for batches that mix sizes): they join the
 key's running batch between two steps where it takes joins and has room (`FamilyBatch.joinable`,
 `--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
-of every active batch in turn, so sizes interleave step by step and none starves.
+of every active batch in turn, so sizes interleave step by step and none starves. While rows are decoding,
+newcomers' prompts are prefilled `prefill_chunk` positions per loop (`EngineLimits`), so a long prompt delays
+the running rows' next tokens by one chunk, not by its whole prefill; admission waits until it is done.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class _Job:
     run: Callable[[], None]
 
 
+@dataclass
+class _Prefill:
+    """Newcomers whose prompts are being prefilled a chunk per loop, and the time that has taken so far."""
+
+    key: BatchKey
+    batch: RowBatch
+    seconds: float = 0.0
+
+
 class Scheduler:
     def __init__(self, make_batch: Callable[[BatchKey, list[Sequence]], RowBatch], limits: EngineLimits,
                  on_batch: Callable[[BatchKey, int], None] | None = None, housekeeping: Housekeeping | None = None,
@@ -55,6 +66,7 @@ class Scheduler:
         self.waiting: OrderedDict[BatchKey, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
         self.active: list[tuple[BatchKey, RowBatch]] = []
+        self.prefilling: _Prefill | None = None
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
@@ -83,20 +95,30 @@ class Scheduler:
         with self.wake:
             return sum(len(q) for q in self.waiting.values())
 
+    def _batches(self) -> list[RowBatch]:
+        """The running batches and the one being prefilled, if any (read from other threads too)."""
+        prefill = self.prefilling
+        return [batch for _, batch in list(self.active)] + ([prefill.batch] if prefill is not None else [])
+
     @property
     def num_running(self) -> int:
-        return sum(sum(not s.done for s in batch.sequences) for _, batch in list(self.active))
+        return sum(sum(not s.done for s in batch.sequences) for batch in self._batches())
 
     def running_layers(self) -> list[int]:
-        """The size of every running sequence."""
-        return [s.num_layers for _, batch in list(self.active) for s in batch.sequences
+        """The size of every running sequence (being prefilled, or decoding)."""
+        return [s.num_layers for batch in self._batches() for s in batch.sequences
                 if not s.done and s.num_layers is not None]
+
+    def _decoding(self) -> bool:
+        """Whether some running row waits for its next step."""
+        return any(not s.done for _, batch in self.active for s in batch.sequences)
 
     # -- worker ------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self.wake:
-                while not (self.stopping or self.jobs or self.active or any(self.waiting.values())):
+                while not (self.stopping or self.jobs or self.active or self.prefilling
+                           or any(self.waiting.values())):
                     # idle: still wake for housekeeping, so memory freed by the last batch goes back
                     if not self.wake.wait(self.housekeeping.every_s if self.housekeeping else None):
                         break
@@ -105,6 +127,7 @@ class Scheduler:
                 jobs, self.jobs = list(self.jobs), deque()
             for job in jobs:
                 job.run()
+            self._prefill_next()
             self._admit()
             self._step_all()
             self._keep_house()
@@ -162,43 +185,53 @@ class Scheduler:
         return None
 
     def _admit(self) -> None:
-        while (taken := self._take()) is not None:
+        while self.prefilling is None and (taken := self._take()) is not None:
             key, sequences = taken
-            target = self._joinable(key)
-            if target is None:
-                self._guard(sequences, lambda k=key, s=sequences: self._start_batch(k, s))
-            else:
-                involved = [*target.sequences, *sequences]
-                self._guard(involved, lambda k=key, s=sequences, t=target: self._join(t, k, s))
+            batch = self.make_batch(key, sequences)
+            if self.on_batch:
+                self.on_batch(key, len(sequences))
+            if not self._guard(sequences, batch.start_prefill):
+                batch.release()
+                continue
+            self.prefilling = _Prefill(key, batch)
+            self._prefill_next()
         if not self.active and any(self.waiting.values()):
             time.sleep(max(self.limits.batch_wait_ms / 2000, 0.0005))  # let the batching window fill
 
-    def _start_batch(self, key: BatchKey, sequences: list[Sequence]) -> None:
-        batch = self._prefilled(key, sequences)
-        self.active.append((key, batch))
+    def _prefill_next(self) -> None:
+        """The next chunk of the prefill in flight (all that is left while no running row waits for a step);
+        once done, its rows join their key's running batch or start one."""
+        prefill = self.prefilling
+        if prefill is None:
+            return
+        batch, done = prefill.batch, []
+        if not batch.done:  # else every request was cancelled: nothing to finish
+            start = time.perf_counter()
+            chunk = self.limits.prefill_chunk if self.limits.prefill_chunk and self._decoding() else None
+            self._guard(batch.sequences, lambda: done.append(batch.prefill_chunk(chunk)))
+            prefill.seconds += time.perf_counter() - start
+        if done == [False]:
+            return
+        self.prefilling = None
+        if not done:  # cancelled, or failed (its requests have the error)
+            batch.release()
+            return
+        if self.on_prefill is not None:
+            layer_tokens = sum(len(seq.prompt_ids) * (seq.num_layers or 0) for seq in batch.sequences)
+            self.on_prefill(layer_tokens, prefill.seconds)
+        target = self._joinable(prefill.key)
+        if target is None:
+            self.active.append((prefill.key, batch))
+        else:
+            self._guard([*target.sequences, *batch.sequences], lambda: self._join(target, batch))
 
-    def _join(self, target: RowBatch, key: BatchKey, sequences: list[Sequence]) -> None:
-        newcomers = self._prefilled(key, sequences)
+    @staticmethod
+    def _join(target: RowBatch, newcomers: RowBatch) -> None:
         try:
             target.join(newcomers)
         except BaseException:
             newcomers.release()
             raise
-
-    def _prefilled(self, key: BatchKey, sequences: list[Sequence]) -> RowBatch:
-        batch = self.make_batch(key, sequences)
-        if self.on_batch:
-            self.on_batch(key, len(sequences))
-        start = time.perf_counter()
-        try:
-            batch.prefill()
-        except BaseException:
-            batch.release()
-            raise
-        if self.on_prefill is not None:
-            layer_tokens = sum(len(seq.prompt_ids) * (seq.num_layers or 0) for seq in sequences)
-            self.on_prefill(layer_tokens, time.perf_counter() - start)
-        return batch
 
     def _step_all(self) -> None:
         for entry in list(self.active):
@@ -216,10 +249,12 @@ class Scheduler:
         if self.on_step is not None:
             self.on_step(rows, time.perf_counter() - start)
 
-    def _guard(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
-        """Run torch work; a failure ends only the sequences involved, with the error delivered to them."""
+    def _guard(self, sequences: list[Sequence], work: Callable[[], object]) -> bool:
+        """Run torch work; a failure ends only the sequences involved, with the error delivered to them.
+        True when it ran."""
         try:
             work()
+            return True
         except Exception as error:  # noqa: BLE001 - delivered to the waiting callers, logged here
             log.exception("engine step failed")
             for seq in sequences:
@@ -230,3 +265,4 @@ class Scheduler:
                 if batch.done:
                     batch.release()
             self.active = [(n, b) for n, b in self.active if not b.done]
+            return False

@@ -119,6 +119,32 @@ def _poisoned_pool(dtype) -> KVPool:
     return pool
 
 
+@pytest.mark.parametrize("native", [True, False])  # on: chunks of few positions take the kernel's prompt path
+def test_a_prompt_prefilled_in_chunks_decodes_as_one_prefilled_at_once(llama_pair, native):
+    family = load_family(*llama_pair, device="cpu", native_kernels=native)
+    prompts = [list(range(20, 35)), PROMPTS[1], PROMPTS[2]]  # 15, 7 and 1 tokens: left padding in early chunks
+    sizes = [family.sizes[0], family.sizes[-1], family.sizes[1]]
+    seqs, at_once = _collect(sizes, prompts, [6, 6, 6])
+    whole = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    whole.prefill()
+    seqs, chunked = _collect(sizes, prompts, [6, 6, 6])
+    batch = FamilyBatch(family, seqs, family.tokenizer, {2}, pad_id=0)
+    batch.start_prefill()
+    assert batch.prompt_left == 15
+    assert [batch.prefill_chunk(4) for _ in range(4)] == [False, False, False, True]  # 4 + 4 + 4 + 3
+    assert batch.prompt_left == 0 and batch.length == whole.length == 15
+    for branches, whole_branches in zip(batch.groups, whole.groups):
+        for group, whole_group in zip(branches, whole_branches):
+            for mine, theirs in zip(group.keys + group.values, whole_group.keys + whole_group.values):
+                torch.testing.assert_close(mine[:, :, :15], theirs[:, :, :15], rtol=1e-4, atol=1e-5)
+    for runner in (batch, whole):
+        while not runner.done:
+            runner.step()
+    assert chunked == at_once
+    for n, prompt, got in zip(sizes, prompts, chunked):
+        assert got == _alone(family, n, prompt, 6), (n, prompt)
+
+
 def test_rows_that_join_between_steps_decode_as_they_would_alone(tiny_pair):
     family = load_family(*tiny_pair, device="cpu")
     pool = _poisoned_pool(family.dtype)

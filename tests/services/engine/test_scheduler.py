@@ -8,6 +8,7 @@ from services.engine.interface import EngineLimits
 from services.engine.scheduler import MAX_WINDOWS, Housekeeping, Scheduler
 
 WINDOW = 0.010
+PREFILL_CHUNK = EngineLimits().prefill_chunk
 
 
 def _scheduler(join_batches: bool = True) -> Scheduler:
@@ -89,3 +90,105 @@ def test_releases_every_batch_that_leaves():
     scheduler.active.append((23, batch))
     scheduler._step_all()
     assert released == ["done"] and not scheduler.active
+
+
+class _Rows:
+    """A batch standing in for `FamilyBatch`: its prompt takes `prompt` positions; every call is logged."""
+
+    joinable = True
+
+    def __init__(self, log: list, name: str, rows: int, prompt: int, fail_at_chunk: int | None = None):
+        self.log, self.name, self.left, self.fail_at_chunk = log, name, prompt, fail_at_chunk
+        self.sequences = [SimpleNamespace(done=False, finished=False, num_layers=23, prompt_ids=[1] * prompt,
+                                          cancelled=SimpleNamespace(is_set=lambda: False), emit=log.append)
+                          for _ in range(rows)]
+        self.chunks = 0
+
+    @property
+    def done(self) -> bool:
+        return all(seq.done for seq in self.sequences)
+
+    def start_prefill(self) -> None:
+        self.log.append(("start", self.name))
+
+    def prefill_chunk(self, positions: int | None) -> bool:
+        self.chunks += 1
+        if self.chunks == self.fail_at_chunk:
+            raise RuntimeError("chunk failed")
+        self.log.append(("chunk", self.name, positions))
+        self.left -= self.left if positions is None else min(positions, self.left)
+        return self.left == 0
+
+    def step(self) -> None:
+        self.log.append(("step", self.name))
+
+    def join(self, newcomers) -> None:
+        self.log.append(("join", self.name, newcomers.name))
+        self.sequences += newcomers.sequences
+
+    def release(self) -> None:
+        self.log.append(("release", self.name))
+
+
+def _with_running(log: list, prompt: int, fail_at_chunk: int | None = None,
+                  prefill_chunk: int = PREFILL_CHUNK) -> tuple[Scheduler, _Rows, _Rows]:
+    """A scheduler whose running batch decodes 2 rows, and a request with a `prompt`-position prompt waiting."""
+    running = _Rows(log, "running", rows=2, prompt=0)
+    newcomer = _Rows(log, "new", rows=1, prompt=prompt, fail_at_chunk=fail_at_chunk)
+    limits = EngineLimits(max_batch_size=16, batch_wait_ms=0, prefill_chunk=prefill_chunk)
+    scheduler = Scheduler(make_batch=lambda key, seqs: newcomer, limits=limits)
+    scheduler.active.append(("mixed", running))
+    scheduler.submit("mixed", newcomer.sequences[0])
+    return scheduler, running, newcomer
+
+
+def _loop(scheduler: Scheduler, times: int) -> None:
+    for _ in range(times):  # the worker's loop, without its thread
+        scheduler._prefill_next()
+        scheduler._admit()
+        scheduler._step_all()
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_between_steps_of_the_running_rows():
+    log = []
+    scheduler, running, newcomer = _with_running(log, prompt=2 * PREFILL_CHUNK + 10)
+    _loop(scheduler, 1)
+    assert scheduler.num_running == 3  # the newcomer counts while its prompt is prefilled
+    _loop(scheduler, 3)
+    assert log[:8] == [("start", "new"), ("chunk", "new", PREFILL_CHUNK), ("step", "running"),
+                       ("chunk", "new", PREFILL_CHUNK), ("step", "running"),
+                       ("chunk", "new", PREFILL_CHUNK), ("join", "running", "new"), ("step", "running")]
+    assert scheduler.prefilling is None and len(running.sequences) == 3
+
+
+def test_an_idle_engine_prefills_a_long_prompt_in_one_pass():
+    log = []
+    scheduler, _, newcomer = _with_running(log, prompt=2 * PREFILL_CHUNK + 10)
+    scheduler.active.clear()  # no running row waits for a step
+    _loop(scheduler, 1)
+    assert log == [("start", "new"), ("chunk", "new", None), ("step", "new")]
+    assert scheduler.active == [("mixed", newcomer)]
+
+
+def test_with_chunks_off_a_long_prompt_is_prefilled_in_one_pass_beside_running_rows():
+    log = []
+    scheduler, _, _ = _with_running(log, prompt=2 * PREFILL_CHUNK + 10, prefill_chunk=0)
+    _loop(scheduler, 1)
+    assert log[:4] == [("start", "new"), ("chunk", "new", None), ("join", "running", "new"), ("step", "running")]
+
+
+def test_a_prefill_whose_requests_are_cancelled_or_fail_ends_and_the_running_rows_go_on():
+    log = []
+    scheduler, running, newcomer = _with_running(log, prompt=3 * PREFILL_CHUNK)
+    _loop(scheduler, 1)
+    newcomer.sequences[0].done = True  # the client went away
+    _loop(scheduler, 1)
+    assert ("release", "new") in log and scheduler.prefilling is None and len(running.sequences) == 2
+
+    log = []
+    scheduler, running, newcomer = _with_running(log, prompt=3 * PREFILL_CHUNK, fail_at_chunk=2)
+    _loop(scheduler, 2)
+    errors = [item for item in log if isinstance(item, RuntimeError)]
+    assert len(errors) == 1 and newcomer.sequences[0].finished  # the error reached the newcomer alone
+    assert ("release", "new") in log and scheduler.prefilling is None
+    assert not any(seq.done for seq in running.sequences) and log[-1] == ("step", "running")

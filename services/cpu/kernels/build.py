@@ -86,7 +86,7 @@ def build(name: str, source: Path, isa: str | None = None) -> ModuleType | None:
         return None
     module_name = versioned_name(name, source, isa)
     try:
-        module = prebuilt(module_name)
+        module = prebuilt(module_name) or built_here(module_name)
         if module is not None:
             return module
         from torch.utils.cpp_extension import load
@@ -109,6 +109,25 @@ def prebuilt(module_name: str) -> ModuleType | None:
         if root:
             log.info("no prebuilt %s in %s, building it", module_name, root)
         return None
+    return _import(module_name, path)
+
+
+def built_here(module_name: str) -> ModuleType | None:
+    """`module_name` as an earlier build on this machine left it in torch's build directory, imported without
+    torch's build lock (its name holds the hash of its sources and flags, so a file of that name is current): a
+    start killed while holding that lock would leave every later start waiting on it. None if there is no such
+    file or it cannot be imported (a build cut short), and torch builds it again."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    path = _built(module_name, Path(_get_build_directory(module_name, verbose=False)))
+    try:
+        return _import(module_name, path) if path is not None else None
+    except ImportError as error:
+        log.warning("rebuilding %s: %s", module_name, error)
+        return None
+
+
+def _import(module_name: str, path: Path) -> ModuleType:
     import torch  # noqa: F401  the extension takes libtorch's symbols from the loaded torch
 
     spec = importlib.util.spec_from_file_location(module_name, path)

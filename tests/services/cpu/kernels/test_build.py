@@ -100,3 +100,20 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path)
     os.utime(lock, (old, old))
     assert clear_stale_lock("boomerang_k", tmp_path) and not lock.exists()
     assert not clear_stale_lock("boomerang_k", tmp_path)  # nothing left to remove
+
+
+def test_a_kernel_built_on_this_machine_is_imported_past_a_lock_a_killed_start_left(monkeypatch):
+    if not kernel_build.ISAS["avx2"][0] <= kernel_build.cpu_flags():
+        pytest.skip("no AVX2 here")
+    assert kernel_build.build("boomerang_gemv", GEMV_SOURCE, "avx2") is not None  # built (or found) once
+    name = kernel_build.versioned_name("boomerang_gemv", GEMV_SOURCE, "avx2")
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    monkeypatch.setattr(cpp_extension, "load", _no_compiler)  # torch's load would wait on the lock
+    lock.touch()
+    try:
+        module = kernel_build.build("boomerang_gemv", GEMV_SOURCE, "avx2")
+    finally:
+        lock.unlink()
+    assert module is not None
+    x, weight = torch.randn(2, 64), torch.randn(8, 64)  # [rows, in], [out, in]
+    torch.testing.assert_close(module.gemv(x, weight, None), nn.functional.linear(x, weight), rtol=1e-5, atol=1e-4)

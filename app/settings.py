@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         _LIMITS.prefill_chunk,
         ge=0,
-        description="prompt positions prefilled between two decode steps of running requests, so a long prompt "
-        "delays them by one chunk; 0: each prompt's whole prefill at once",
+        description="while requests decode, a longer prompt is prefilled this many tokens between two of their "
+        "steps, so it delays them by one chunk; 0: each prompt's whole prefill at once",
     )
     batch_wait_ms: float = Field(
         _LIMITS.batch_wait_ms, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)"

@@ -5,8 +5,8 @@ arrived within a short window; the key is a size, or "mixed" for batches that mi
 key's running batch between two steps where it takes joins and has room (`FamilyBatch.joinable`,
 `--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
 of every active batch in turn, so sizes interleave step by step and none starves. While rows are decoding,
-newcomers' prompts are prefilled `prefill_chunk` positions per loop (`EngineLimits`), so a long prompt delays
-the running rows' next tokens by one chunk, not by its whole prefill; admission waits until it is done.
+a prompt of more than `prefill_chunk` tokens (`EngineLimits`) is prefilled a chunk per loop, so it delays the
+running rows' next tokens by one chunk, not by its whole prefill; admission waits until it is done.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class _Prefill:
     key: BatchKey
     batch: RowBatch
     seconds: float = 0.0
+    chunked: bool = False  # too long for one pass beside running rows: one chunk per loop until done
 
 
 class Scheduler:
@@ -67,6 +68,7 @@ class Scheduler:
         self.jobs: deque[_Job] = deque()
         self.active: list[tuple[BatchKey, RowBatch]] = []
         self.prefilling: _Prefill | None = None
+        self._chunked_this_loop = False  # a long prompt's chunk ran since the last steps
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
@@ -127,6 +129,7 @@ class Scheduler:
                 jobs, self.jobs = list(self.jobs), deque()
             for job in jobs:
                 job.run()
+            self._chunked_this_loop = False
             self._prefill_next()
             self._admit()
             self._step_all()
@@ -190,40 +193,47 @@ class Scheduler:
             batch = self.make_batch(key, sequences)
             if self.on_batch:
                 self.on_batch(key, len(sequences))
+            start = time.perf_counter()
             if not self._guard(sequences, batch.start_prefill):
                 batch.release()
                 continue
-            self.prefilling = _Prefill(key, batch)
+            self.prefilling = _Prefill(key, batch, time.perf_counter() - start)
             self._prefill_next()
         if not self.active and any(self.waiting.values()):
             time.sleep(max(self.limits.batch_wait_ms / 2000, 0.0005))  # let the batching window fill
 
     def _prefill_next(self) -> None:
-        """The next chunk of the prefill in flight (all that is left while no running row waits for a step);
-        once done, its rows join their key's running batch or start one."""
+        """The prefill in flight: whole, unless running rows wait for a step and its prompt tokens (rows x
+        positions left) are more than `prefill_chunk`; then one chunk of them per loop, whatever other prefills
+        ran. Once done, its rows join their key's running batch or start one."""
         prefill = self.prefilling
         if prefill is None:
             return
         batch, done = prefill.batch, []
         if not batch.done:  # else every request was cancelled: nothing to finish
+            chunk, rows = self.limits.prefill_chunk if self._decoding() else 0, len(batch.sequences)
+            too_long = bool(chunk) and batch.prompt_left * rows > chunk
+            if too_long or prefill.chunked:
+                if self._chunked_this_loop:
+                    return
+                self._chunked_this_loop = prefill.chunked = True
             start = time.perf_counter()
-            chunk = self.limits.prefill_chunk if self.limits.prefill_chunk and self._decoding() else None
-            self._guard(batch.sequences, lambda: done.append(batch.prefill_chunk(chunk)))
+            positions = max(1, chunk // rows) if too_long else None
+            self._guard(batch.sequences, lambda: done.append(batch.prefill_chunk(positions)))
             prefill.seconds += time.perf_counter() - start
         if done == [False]:
             return
-        self.prefilling = None
-        if not done:  # cancelled, or failed (its requests have the error)
-            batch.release()
-            return
-        if self.on_prefill is not None:
+        if done and self.on_prefill is not None:
             layer_tokens = sum(len(seq.prompt_ids) * (seq.num_layers or 0) for seq in batch.sequences)
             self.on_prefill(layer_tokens, prefill.seconds)
         target = self._joinable(prefill.key)
-        if target is None:
+        if not done or batch.done:  # cancelled, failed (its requests have the error), or answered in one token
+            batch.release()
+        elif target is None:
             self.active.append((prefill.key, batch))
         else:
             self._guard([*target.sequences, *batch.sequences], lambda: self._join(target, batch))
+        self.prefilling = None  # after its rows are placed: they count as running throughout
 
     @staticmethod
     def _join(target: RowBatch, newcomers: RowBatch) -> None:

@@ -1,6 +1,7 @@
 """Batch formation: a burst gathers while it keeps arriving, up to a cap; a running size waits for a full
 batch, or new requests join it where it takes joins."""
 
+import time
 from collections import deque
 from types import SimpleNamespace
 
@@ -92,17 +93,29 @@ def test_releases_every_batch_that_leaves():
     assert released == ["done"] and not scheduler.active
 
 
+class _Seq:
+    """A request as the scheduler sees it: done once finished (its answer, or an error) or cancelled."""
+
+    def __init__(self, log: list, prompt: int):
+        self.finished, self.num_layers, self.prompt_ids, self.emit = False, 23, [1] * prompt, log.append
+        self.cancelled = SimpleNamespace(is_set=lambda: False)
+
+    @property
+    def done(self) -> bool:
+        return self.finished
+
+
 class _Rows:
-    """A batch standing in for `FamilyBatch`: its prompt takes `prompt` positions; every call is logged."""
+    """A batch standing in for `FamilyBatch`: its prompts take `prompt` positions; every call is logged;
+    `answered`: its rows finish with their first token."""
 
     joinable = True
 
-    def __init__(self, log: list, name: str, rows: int, prompt: int, fail_at_chunk: int | None = None):
-        self.log, self.name, self.left, self.fail_at_chunk = log, name, prompt, fail_at_chunk
-        self.sequences = [SimpleNamespace(done=False, finished=False, num_layers=23, prompt_ids=[1] * prompt,
-                                          cancelled=SimpleNamespace(is_set=lambda: False), emit=log.append)
-                          for _ in range(rows)]
-        self.chunks = 0
+    def __init__(self, log: list, name: str, rows: int, prompt: int, fail_at_chunk: int | None = None,
+                 answered: bool = False):
+        self.log, self.name, self.prompt_left, self.fail_at_chunk = log, name, prompt, fail_at_chunk
+        self.sequences, self.chunks, self.answered = [_Seq(log, prompt) for _ in range(rows)], 0, answered
+        self.steps, self.finish_after_steps = 0, None  # steps taken; after how many its rows finish
 
     @property
     def done(self) -> bool:
@@ -116,11 +129,18 @@ class _Rows:
         if self.chunks == self.fail_at_chunk:
             raise RuntimeError("chunk failed")
         self.log.append(("chunk", self.name, positions))
-        self.left -= self.left if positions is None else min(positions, self.left)
-        return self.left == 0
+        self.prompt_left -= self.prompt_left if positions is None else min(positions, self.prompt_left)
+        if self.prompt_left == 0 and self.answered:
+            for seq in self.sequences:
+                seq.finished = True
+        return self.prompt_left == 0
 
     def step(self) -> None:
         self.log.append(("step", self.name))
+        self.steps += 1
+        if self.steps == self.finish_after_steps:
+            for seq in self.sequences:
+                seq.finished = True
 
     def join(self, newcomers) -> None:
         self.log.append(("join", self.name, newcomers.name))
@@ -130,20 +150,24 @@ class _Rows:
         self.log.append(("release", self.name))
 
 
-def _with_running(log: list, prompt: int, fail_at_chunk: int | None = None,
-                  prefill_chunk: int = PREFILL_CHUNK) -> tuple[Scheduler, _Rows, _Rows]:
-    """A scheduler whose running batch decodes 2 rows, and a request with a `prompt`-position prompt waiting."""
+def _with_running(log: list, *newcomers: _Rows, prefill_chunk: int = PREFILL_CHUNK,
+                  keys: tuple[str, ...] | None = None) -> tuple[Scheduler, _Rows]:
+    """A scheduler whose running batch ("mixed") decodes 2 rows, with `newcomers` waiting in order (under
+    `keys`, one each; default "mixed": they join it)."""
     running = _Rows(log, "running", rows=2, prompt=0)
-    newcomer = _Rows(log, "new", rows=1, prompt=prompt, fail_at_chunk=fail_at_chunk)
+    waiting = list(newcomers)
     limits = EngineLimits(max_batch_size=16, batch_wait_ms=0, prefill_chunk=prefill_chunk)
-    scheduler = Scheduler(make_batch=lambda key, seqs: newcomer, limits=limits)
+    scheduler = Scheduler(make_batch=lambda key, seqs: waiting.pop(0), limits=limits)
     scheduler.active.append(("mixed", running))
-    scheduler.submit("mixed", newcomer.sequences[0])
-    return scheduler, running, newcomer
+    for newcomer, key in zip(newcomers, keys or ["mixed"] * len(newcomers)):
+        for seq in newcomer.sequences:
+            scheduler.submit(key, seq)
+    return scheduler, running
 
 
 def _loop(scheduler: Scheduler, times: int) -> None:
     for _ in range(times):  # the worker's loop, without its thread
+        scheduler._chunked_this_loop = False
         scheduler._prefill_next()
         scheduler._admit()
         scheduler._step_all()
@@ -151,19 +175,37 @@ def _loop(scheduler: Scheduler, times: int) -> None:
 
 def test_a_long_prompt_is_prefilled_a_chunk_between_steps_of_the_running_rows():
     log = []
-    scheduler, running, newcomer = _with_running(log, prompt=2 * PREFILL_CHUNK + 10)
+    scheduler, running = _with_running(log, _Rows(log, "new", rows=1, prompt=2 * PREFILL_CHUNK + 10))
     _loop(scheduler, 1)
     assert scheduler.num_running == 3  # the newcomer counts while its prompt is prefilled
     _loop(scheduler, 3)
     assert log[:8] == [("start", "new"), ("chunk", "new", PREFILL_CHUNK), ("step", "running"),
                        ("chunk", "new", PREFILL_CHUNK), ("step", "running"),
-                       ("chunk", "new", PREFILL_CHUNK), ("join", "running", "new"), ("step", "running")]
+                       ("chunk", "new", None), ("join", "running", "new"), ("step", "running")]  # its last 10
     assert scheduler.prefilling is None and len(running.sequences) == 3
+
+
+def test_one_chunk_of_a_long_prompt_per_loop_and_short_prompts_whole():
+    log = []
+    first = _Rows(log, "first", rows=1, prompt=PREFILL_CHUNK + 100)
+    second = _Rows(log, "second", rows=2, prompt=PREFILL_CHUNK // 2 + 10)  # two rows: too long for one pass
+    third = _Rows(log, "third", rows=2, prompt=PREFILL_CHUNK // 2)  # exactly a chunk's tokens: one pass
+    scheduler, _ = _with_running(log, first, second, third, keys=("first", "second", "third"))
+    _loop(scheduler, 4)
+    chunks = [entry[1:] for entry in log if isinstance(entry, tuple) and entry[0] == "chunk"]
+    assert chunks == [("first", PREFILL_CHUNK),  # loop 1
+                      ("first", None),  # loop 2: its last 100 positions; the second starts, its chunk waits
+                      ("second", PREFILL_CHUNK // 2),  # loop 3: a chunk's tokens over its two rows
+                      ("second", None), ("third", None)]  # loop 4: its last 10 positions, then a short prompt
+    steps = [i for i, entry in enumerate(log) if entry == ("step", "running")]
+    second_chunk = log.index(("chunk", "second", PREFILL_CHUNK // 2))
+    assert len(steps) == 4 and log.index(("start", "second")) < steps[1] < second_chunk  # a step between
 
 
 def test_an_idle_engine_prefills_a_long_prompt_in_one_pass():
     log = []
-    scheduler, _, newcomer = _with_running(log, prompt=2 * PREFILL_CHUNK + 10)
+    newcomer = _Rows(log, "new", rows=1, prompt=2 * PREFILL_CHUNK + 10)
+    scheduler, _ = _with_running(log, newcomer)
     scheduler.active.clear()  # no running row waits for a step
     _loop(scheduler, 1)
     assert log == [("start", "new"), ("chunk", "new", None), ("step", "new")]
@@ -172,23 +214,50 @@ def test_an_idle_engine_prefills_a_long_prompt_in_one_pass():
 
 def test_with_chunks_off_a_long_prompt_is_prefilled_in_one_pass_beside_running_rows():
     log = []
-    scheduler, _, _ = _with_running(log, prompt=2 * PREFILL_CHUNK + 10, prefill_chunk=0)
+    scheduler, _ = _with_running(log, _Rows(log, "new", rows=1, prompt=2 * PREFILL_CHUNK + 10), prefill_chunk=0)
     _loop(scheduler, 1)
-    assert log[:4] == [("start", "new"), ("chunk", "new", None), ("join", "running", "new"), ("step", "running")]
+    assert log == [("start", "new"), ("chunk", "new", None), ("join", "running", "new"), ("step", "running")]
 
 
 def test_a_prefill_whose_requests_are_cancelled_or_fail_ends_and_the_running_rows_go_on():
     log = []
-    scheduler, running, newcomer = _with_running(log, prompt=3 * PREFILL_CHUNK)
+    newcomer = _Rows(log, "new", rows=1, prompt=3 * PREFILL_CHUNK)
+    scheduler, running = _with_running(log, newcomer)
     _loop(scheduler, 1)
-    newcomer.sequences[0].done = True  # the client went away
+    newcomer.sequences[0].finished = True  # the client went away
     _loop(scheduler, 1)
     assert ("release", "new") in log and scheduler.prefilling is None and len(running.sequences) == 2
 
     log = []
-    scheduler, running, newcomer = _with_running(log, prompt=3 * PREFILL_CHUNK, fail_at_chunk=2)
+    newcomer = _Rows(log, "new", rows=1, prompt=3 * PREFILL_CHUNK, fail_at_chunk=2)
+    scheduler, running = _with_running(log, newcomer)
     _loop(scheduler, 2)
     errors = [item for item in log if isinstance(item, RuntimeError)]
     assert len(errors) == 1 and newcomer.sequences[0].finished  # the error reached the newcomer alone
     assert ("release", "new") in log and scheduler.prefilling is None
     assert not any(seq.done for seq in running.sequences) and log[-1] == ("step", "running")
+
+
+def test_newcomers_answered_by_their_first_token_are_released_not_joined():
+    log = []
+    scheduler, running = _with_running(log, _Rows(log, "new", rows=1, prompt=10, answered=True))
+    _loop(scheduler, 1)
+    assert ("release", "new") in log and not any(entry[0] == "join" for entry in log if isinstance(entry, tuple))
+    assert len(running.sequences) == 2 and scheduler.prefilling is None
+
+
+def test_the_worker_finishes_a_chunked_prefill_after_the_running_rows_end():
+    """With no running batch left and nothing waiting, the worker must not sleep on a prefill in flight."""
+    log = []
+    newcomer = _Rows(log, "new", rows=1, prompt=3 * PREFILL_CHUNK)
+    scheduler, running = _with_running(log, newcomer)
+    running.finish_after_steps = 1  # ends right after the newcomer's first chunk
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ("chunk", "new", None) not in log and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert log[:4] == [("start", "new"), ("chunk", "new", PREFILL_CHUNK), ("step", "running"), ("release", "running")]
+    assert ("chunk", "new", None) in log  # the rest in one pass: nobody waits for a step any more

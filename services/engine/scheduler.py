@@ -6,7 +6,8 @@ key's running batch between two steps where it takes joins and has room (`Family
 `--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
 of every active batch in turn, so sizes interleave step by step and none starves. While rows are decoding,
 a prompt of more than `prefill_chunk` tokens (`EngineLimits`) is prefilled a chunk per loop, so it delays the
-running rows' next tokens by one chunk, not by its whole prefill; admission waits until it is done.
+running rows' next tokens by one chunk, not by its whole prefill; meanwhile only requests short enough for one
+pass are admitted (prefilled at once, beside it).
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ class Scheduler:
     def _room(self, key: BatchKey) -> int:
         """How many requests of `key` may start now: a batch's worth, or the free rows of the batch they
         would join."""
-        batch = self._joinable(key)
+        batch, prefill = self._joinable(key), self.prefilling
         live = sum(not seq.done for seq in batch.sequences) if batch is not None else 0
+        if prefill is not None and prefill.key == key:  # its rows join the same batch once prefilled
+            live += sum(not seq.done for seq in prefill.batch.sequences)
         return self.limits.max_batch_size - live
 
     def _ready(self, key: BatchKey, queue: deque, now: float) -> bool:
@@ -182,13 +185,30 @@ class Scheduler:
                 if free <= 0 or not self._ready(key, queue, now):
                     continue
                 count = min(len(queue), self._room(key), free)
+                if self.prefilling is not None:  # beside a chunked prefill: only what one pass may take
+                    count = self._short(queue, count)
+                    if count == 0:
+                        continue
                 taken = [queue.popleft()[1] for _ in range(count)]
                 self.waiting.move_to_end(key)  # fairness: this key goes to the back
                 return key, taken
         return None
 
+    def _short(self, queue: deque, count: int) -> int:
+        """How many of the first `count` waiting requests make a batch of at most `prefill_chunk` prompt tokens
+        (rows x the longest prompt), which may be prefilled in one pass beside a chunked prefill (none where
+        batches do not take joins)."""
+        if not self.limits.join_batches:
+            return 0
+        longest = 0
+        for taken, (_, seq) in enumerate(list(queue)[:count]):
+            longest = max(longest, len(seq.prompt_ids))
+            if longest * (taken + 1) > self.limits.prefill_chunk:
+                return taken
+        return count
+
     def _admit(self) -> None:
-        while self.prefilling is None and (taken := self._take()) is not None:
+        while (taken := self._take()) is not None:
             key, sequences = taken
             batch = self.make_batch(key, sequences)
             if self.on_batch:
@@ -197,32 +217,40 @@ class Scheduler:
             if not self._guard(sequences, batch.start_prefill):
                 batch.release()
                 continue
-            self.prefilling = _Prefill(key, batch, time.perf_counter() - start)
-            self._prefill_next()
+            prefill = _Prefill(key, batch, time.perf_counter() - start)
+            if self.prefilling is None:
+                self.prefilling = prefill
+                self._prefill_next()
+            else:  # a short one beside the chunked prefill: in one pass, now
+                self._prefill(prefill, whole=True)
         if not self.active and any(self.waiting.values()):
             time.sleep(max(self.limits.batch_wait_ms / 2000, 0.0005))  # let the batching window fill
 
     def _prefill_next(self) -> None:
-        """The prefill in flight: whole, unless running rows wait for a step and its prompt tokens (rows x
-        positions left) are more than `prefill_chunk`; then one chunk of them per loop, whatever other prefills
-        ran. Once done, its rows join their key's running batch or start one."""
-        prefill = self.prefilling
-        if prefill is None:
-            return
+        """Advances the prefill in flight (`_prefill`), and clears it once its rows are placed."""
+        if self.prefilling is not None and not self._prefill(self.prefilling):
+            self.prefilling = None
+
+    def _prefill(self, prefill: _Prefill, whole: bool = False) -> bool:
+        """Prefills `prefill`: whole (or where `whole`), unless running rows wait for a step and its prompt
+        tokens (rows x positions left) are more than `prefill_chunk`; then one chunk of them per loop, whatever
+        other prefills ran. Once done, its rows join their key's running batch or start one. True while it is
+        still in flight."""
         batch, done = prefill.batch, []
         if not batch.done:  # else every request was cancelled: nothing to finish
-            chunk, rows = self.limits.prefill_chunk if self._decoding() else 0, len(batch.sequences)
+            chunk = self.limits.prefill_chunk if self._decoding() and not whole else 0
+            rows = len(batch.sequences)
             too_long = bool(chunk) and batch.prompt_left * rows > chunk
             if too_long or prefill.chunked:
                 if self._chunked_this_loop:
-                    return
+                    return True
                 self._chunked_this_loop = prefill.chunked = True
             start = time.perf_counter()
             positions = max(1, chunk // rows) if too_long else None
             self._guard(batch.sequences, lambda: done.append(batch.prefill_chunk(positions)))
             prefill.seconds += time.perf_counter() - start
         if done == [False]:
-            return
+            return True
         if done and self.on_prefill is not None:
             layer_tokens = sum(len(seq.prompt_ids) * (seq.num_layers or 0) for seq in batch.sequences)
             self.on_prefill(layer_tokens, prefill.seconds)
@@ -233,7 +261,7 @@ class Scheduler:
             self.active.append((prefill.key, batch))
         else:
             self._guard([*target.sequences, *batch.sequences], lambda: self._join(target, batch))
-        self.prefilling = None  # after its rows are placed: they count as running throughout
+        return False  # placed before it stops being in flight: its rows count as running throughout
 
     @staticmethod
     def _join(target: RowBatch, newcomers: RowBatch) -> None:

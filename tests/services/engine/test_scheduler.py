@@ -153,16 +153,20 @@ class _Rows:
 def _with_running(log: list, *newcomers: _Rows, prefill_chunk: int = PREFILL_CHUNK,
                   keys: tuple[str, ...] | None = None) -> tuple[Scheduler, _Rows]:
     """A scheduler whose running batch ("mixed") decodes 2 rows, with `newcomers` waiting in order (under
-    `keys`, one each; default "mixed": they join it)."""
+    `keys`, one each; default "mixed": they join it). Its batches are the `_Rows` their requests belong to."""
     running = _Rows(log, "running", rows=2, prompt=0)
-    waiting = list(newcomers)
     limits = EngineLimits(max_batch_size=16, batch_wait_ms=0, prefill_chunk=prefill_chunk)
-    scheduler = Scheduler(make_batch=lambda key, seqs: waiting.pop(0), limits=limits)
+    scheduler = Scheduler(make_batch=lambda key, seqs: seqs[0].rows, limits=limits)
     scheduler.active.append(("mixed", running))
     for newcomer, key in zip(newcomers, keys or ["mixed"] * len(newcomers)):
-        for seq in newcomer.sequences:
-            scheduler.submit(key, seq)
+        _submit(scheduler, newcomer, key)
     return scheduler, running
+
+
+def _submit(scheduler: Scheduler, rows: _Rows, key: str = "mixed") -> None:
+    for seq in rows.sequences:
+        seq.rows = rows  # the batch the fake `make_batch` hands back for it
+        scheduler.submit(key, seq)
 
 
 def _loop(scheduler: Scheduler, times: int) -> None:
@@ -185,21 +189,43 @@ def test_a_long_prompt_is_prefilled_a_chunk_between_steps_of_the_running_rows():
     assert scheduler.prefilling is None and len(running.sequences) == 3
 
 
-def test_one_chunk_of_a_long_prompt_per_loop_and_short_prompts_whole():
+def test_one_chunk_of_a_long_prompt_per_loop_and_short_prompts_whole_beside_it():
     log = []
     first = _Rows(log, "first", rows=1, prompt=PREFILL_CHUNK + 100)
-    second = _Rows(log, "second", rows=2, prompt=PREFILL_CHUNK // 2 + 10)  # two rows: too long for one pass
     third = _Rows(log, "third", rows=2, prompt=PREFILL_CHUNK // 2)  # exactly a chunk's tokens: one pass
-    scheduler, _ = _with_running(log, first, second, third, keys=("first", "second", "third"))
-    _loop(scheduler, 4)
+    scheduler, _ = _with_running(log, first, third, keys=("first", "third"))
+    _loop(scheduler, 1)
+    second = _Rows(log, "second", rows=2, prompt=PREFILL_CHUNK // 2 + 10)  # two rows: too long for one pass
+    _submit(scheduler, second, "second")
+    _loop(scheduler, 3)
     chunks = [entry[1:] for entry in log if isinstance(entry, tuple) and entry[0] == "chunk"]
-    assert chunks == [("first", PREFILL_CHUNK),  # loop 1
-                      ("first", None),  # loop 2: its last 100 positions; the second starts, its chunk waits
+    assert chunks == [("first", PREFILL_CHUNK), ("third", None),  # loop 1: the short one beside the long one
+                      ("first", None),  # loop 2: the first's last 100 positions; the second starts, its chunk waits
                       ("second", PREFILL_CHUNK // 2),  # loop 3: a chunk's tokens over its two rows
-                      ("second", None), ("third", None)]  # loop 4: its last 10 positions, then a short prompt
+                      ("second", None)]  # loop 4: its last 10 positions
     steps = [i for i, entry in enumerate(log) if entry == ("step", "running")]
     second_chunk = log.index(("chunk", "second", PREFILL_CHUNK // 2))
     assert len(steps) == 4 and log.index(("start", "second")) < steps[1] < second_chunk  # a step between
+    assert [key for key, _ in scheduler.active] == ["mixed", "third", "first", "second"]
+
+
+def test_beside_a_chunked_prefill_short_requests_take_only_the_room_its_rows_leave():
+    log = []
+    long = _Rows(log, "long", rows=1, prompt=3 * PREFILL_CHUNK)
+    scheduler, running = _with_running(log, long)
+    scheduler.limits = EngineLimits(max_batch_size=4, batch_wait_ms=0)  # 2 running + 1 being prefilled: room 1
+    _loop(scheduler, 1)
+    shorts = [_Rows(log, f"short{i}", rows=1, prompt=10) for i in range(2)]
+    for short in shorts:
+        _submit(scheduler, short)
+    _loop(scheduler, 1)
+    assert log[2:7] == [("step", "running"), ("chunk", "long", PREFILL_CHUNK), ("start", "short0"),
+                        ("chunk", "short0", None), ("join", "running", "short0")]
+    assert scheduler.num_waiting == 1 and scheduler.prefilling.batch is long  # the other short one waits
+    scheduler.limits = EngineLimits(max_batch_size=16, batch_wait_ms=0)
+    _submit(scheduler, _Rows(log, "long2", rows=1, prompt=PREFILL_CHUNK + 1))  # waits for the chunked prefill
+    _loop(scheduler, 1)
+    assert ("start", "short1") in log and ("start", "long2") not in log
 
 
 def test_an_idle_engine_prefills_a_long_prompt_in_one_pass():

@@ -160,6 +160,7 @@ class FamilyBatch(RowBatch):
         self.start_prefill()
         self.prefill_chunk()
 
+    @torch.inference_mode()
     def start_prefill(self) -> None:
         """Takes the prompts' KV buffers; `prefill_chunk` then runs their positions."""
         input_ids, position_ids = self._left_padded_prompts()  # [batch, longest] each

@@ -12,6 +12,7 @@ pass are admitted (prefilled at once, beside it).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -49,7 +50,7 @@ class _Job:
 
 @dataclass
 class _Prefill:
-    """Newcomers whose prompts are being prefilled a chunk per loop, and the time that has taken so far."""
+    """Newcomers being prefilled (in one pass, or a chunk per loop), and the time that has taken so far."""
 
     key: BatchKey
     batch: RowBatch
@@ -201,7 +202,7 @@ class Scheduler:
         if not self.limits.join_batches:
             return 0
         longest = 0
-        for taken, (_, seq) in enumerate(list(queue)[:count]):
+        for taken, (_, seq) in enumerate(itertools.islice(queue, count)):
             longest = max(longest, len(seq.prompt_ids))
             if longest * (taken + 1) > self.limits.prefill_chunk:
                 return taken

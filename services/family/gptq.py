@@ -111,10 +111,11 @@ def gptq_blocks(weight: torch.Tensor, inputs: InputStats) -> tuple[torch.Tensor,
     importance = inputs.hessian.diagonal().contiguous()  # [n]
     scale, minimum = torch.empty(rows, n // BLOCK), torch.empty(rows, n // BLOCK)
     kernel = load_round_blocks() if native_kernels_wanted() else None
+    steps = fit_steps()  # [FIT_STEPS]
 
     def round_group(columns, factor, start, end, levels, errors) -> None:
         if kernel is not None:
-            return kernel(columns, factor, importance, fit_steps(), start, end, scale, minimum, levels, errors)
+            return kernel(columns, factor, importance, steps, start, end, scale, minimum, levels, errors)
         for first in range(start, end, BLOCK):
             block, in_group = slice(first, first + BLOCK), slice(first - start, first - start + BLOCK)
             s, m = fit_blocks(columns[block].T[:, None], importance[None, block])  # [rows, 1] each

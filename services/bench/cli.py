@@ -32,6 +32,7 @@ from services.bench.served import (
     ServerProcess,
     arrival_mid_batch,
     long_prompt,
+    mixed_prompt_lengths,
     prompt_mid_stream,
     served_throughput,
 )
@@ -49,6 +50,7 @@ from services.store.teacher_import import LOCK_FILE
 SERVED_CONTEXT = 1024  # the served parts' context limit (prompt + completion)
 LONG_PROMPT_MARGIN = 64  # tokens of the context a long prompt leaves free (it is re-encoded from text)
 MID_STREAM_TOKENS = 160  # the stream a long prompt arrives beside: longer than that prompt's prefill
+MIXED_PROMPT_MEAN_TOKENS = 256  # prompts of spread lengths average this many tokens
 LOAD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)  # open-loop arrival rates, in units of the teacher's capacity
 LOAD_TARGET_FACTOR = 4  # the latency target: this many times a lone teacher request's latency
 GOALS = {
@@ -61,6 +63,8 @@ GOALS = {
     "structured_output_cost_b1": ("<=", 0.15),
     # a stream's longest gap between tokens while a long prompt arrives, prefilled in chunks over prefilled whole
     "prompt_mid_stream_longest_gap": ("<=", 0.5),
+    # 16 clients' throughput with prompts of spread lengths over that with all of their mean length
+    "mixed_prompt_lengths_throughput": (">=", 0.8),
 }
 
 
@@ -347,6 +351,9 @@ def _served(args, family, sizes) -> dict:
         served = served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
         served["arrival_mid_batch"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens, short_tokens)
         served["prompt_mid_stream"] = prompt_mid_stream(server.url, ids[0], ids[-1], prompt, MID_STREAM_TOKENS)
+        mean_tokens = min(MIXED_PROMPT_MEAN_TOKENS, (context - tokens - LONG_PROMPT_MARGIN) // 2)
+        served["mixed_prompt_lengths"] = mixed_prompt_lengths(server.url, ids, family.tokenizer, requests, tokens,
+                                                              mean_tokens)
     with ServerProcess([*serve_args, "--join-batches", "false"]) as server:  # the baseline: the short one waits
         served["arrival_mid_batch_without_joins"] = arrival_mid_batch(
             server.url, ids[-1], ids[0], long_tokens, short_tokens
@@ -373,6 +380,7 @@ def _goals(report: dict) -> dict:
         chunked, whole = (report["served"][key]["stream_longest_gap_s"]
                           for key in ("prompt_mid_stream", "prompt_mid_stream_whole_prefill"))
         measured["prompt_mid_stream_longest_gap"] = chunked / whole
+        measured["mixed_prompt_lengths_throughput"] = report["served"]["mixed_prompt_lengths"]["mixed_vs_same"]
     result = {}
     for name, value in measured.items():
         op, target = GOALS[name]

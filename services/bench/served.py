@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -185,6 +186,29 @@ def prompt_mid_stream(url: str, stream_model: str, prompt_model: str, prompt: st
         url, {"model": stream_model, "prompt": "Once upon a time,", "max_tokens": stream_tokens, "temperature": 0,
               "ignore_eos": True},
         {"model": prompt_model, "prompt": prompt, "max_tokens": 1, "temperature": 0}))
+
+
+def mixed_prompt_lengths(url: str, model_ids: list[str], tokenizer, requests: int, max_tokens: int,
+                         mean_tokens: int, concurrency: int = 16) -> dict:
+    """`concurrency` clients over the sizes round-robin, once with prompts of lengths spread evenly over
+    [16, 2 x `mean_tokens` - 16] and once with all of their mean length (the same prompt tokens in all), each
+    twice in turn: output tokens/s of each, and mixed ÷ same. Batched prompts are padded to the longest, so a
+    server that batches any lengths together pays for the spread."""
+    lengths = [random.Random(index).randint(16, 2 * mean_tokens - 16) for index in range(requests)]
+    same = [round(statistics.mean(lengths))] * requests
+
+    def bodies(counts: list[int]) -> list[dict]:  # each prompt new: a leading number
+        return [{"model": model_ids[i % len(model_ids)], "prompt": f"{i}. " + long_prompt(tokenizer, count),
+                 "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True} for i, count in enumerate(counts)]
+
+    rates: dict[str, list[float]] = {"same": [], "mixed": []}
+    for _ in range(2):
+        for name, counts in (("same", same), ("mixed", lengths)):
+            rates[name].append(asyncio.run(_load(url, bodies(counts), concurrency))["tokens_per_s"])
+    mixed, uniform = (statistics.mean(rates[name]) for name in ("mixed", "same"))
+    return {"concurrency": concurrency, "requests": requests, "max_tokens": max_tokens,
+            "prompt_tokens": [min(lengths), max(lengths), same[0]], "tokens_per_s_mixed_lengths": rates["mixed"],
+            "tokens_per_s_same_length": rates["same"], "mixed_vs_same": mixed / uniform}
 
 
 def long_prompt(tokenizer, tokens: int) -> str:

@@ -4,16 +4,18 @@ Each loop admits new requests (at once on an idle engine that takes joins, else 
 arrived within a short window; the key is a size, or "mixed" for batches that mix sizes): they join the
 key's running batch between two steps where it takes joins and has room (`FamilyBatch.joinable`,
 `--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
-of every active batch in turn, so sizes interleave step by step and none starves. While rows are decoding,
-a prompt of more than `prefill_chunk` tokens (`EngineLimits`) is prefilled a chunk per loop, so it delays the
-running rows' next tokens by one chunk, not by its whole prefill; meanwhile only requests short enough for one
-pass are admitted (prefilled at once, beside it).
+of every active batch in turn, so sizes interleave step by step and none starves. Requests are prefilled in
+batches of similar prompt lengths (`prompt_groups`). While rows are decoding, the prefills between two of their
+steps take at most `prefill_chunk` prompt tokens (`EngineLimits`; rows x positions): a longer prompt is
+prefilled a chunk per loop, so it delays the running rows' next tokens by one chunk, not by its whole prefill;
+meanwhile requests short enough for one pass are admitted beside it (prefilled at once, within what is left of
+those tokens, the chunk keeping at least half of them).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 from services.engine.batch import RowBatch, Sequence
 from services.engine.interface import EngineLimits
+from services.engine.prompt_groups import similar_prompts
 
 log = logging.getLogger(__name__)
 BatchKey = int | str  # a size's number of layers, or "mixed" for batches that mix sizes
@@ -55,7 +58,6 @@ class _Prefill:
     key: BatchKey
     batch: RowBatch
     seconds: float = 0.0
-    chunked: bool = False  # too long for one pass beside running rows: one chunk per loop until done
 
 
 class Scheduler:
@@ -69,8 +71,8 @@ class Scheduler:
         self.waiting: OrderedDict[BatchKey, deque[tuple[float, Sequence]]] = OrderedDict()
         self.jobs: deque[_Job] = deque()
         self.active: list[tuple[BatchKey, RowBatch]] = []
-        self.prefilling: _Prefill | None = None
-        self._chunked_this_loop = False  # a long prompt's chunk ran since the last steps
+        self.prefilling: _Prefill | None = None  # a prompt too long for one pass beside running rows
+        self._budget = math.inf  # prompt tokens that may still be prefilled before the running rows' next steps
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="boomerang-engine", daemon=True)
@@ -131,11 +133,15 @@ class Scheduler:
                 jobs, self.jobs = list(self.jobs), deque()
             for job in jobs:
                 job.run()
-            self._chunked_this_loop = False
-            self._prefill_next()
-            self._admit()
-            self._step_all()
+            self._loop()
             self._keep_house()
+
+    def _loop(self) -> None:
+        """Admits what may start, advances the prefill in flight, and steps every running batch."""
+        self._budget = self.limits.prefill_chunk or math.inf
+        self._admit()
+        self._prefill_next()
+        self._step_all()
 
     def _keep_house(self) -> None:
         if self.housekeeping is None or time.monotonic() - self.last_housekeeping < self.housekeeping.every_s:
@@ -186,27 +192,22 @@ class Scheduler:
                 if free <= 0 or not self._ready(key, queue, now):
                     continue
                 count = min(len(queue), self._room(key), free)
-                if self.prefilling is not None:  # beside a chunked prefill: only what one pass may take
-                    count = self._short(queue, count)
-                    if count == 0:
-                        continue
-                taken = [queue.popleft()[1] for _ in range(count)]
+                picked = similar_prompts([len(seq.prompt_ids) for _, seq in queue], count, self._one_pass_tokens())
+                if not picked:
+                    continue
+                taken = [queue[index][1] for index in picked]
+                for index in reversed(picked):
+                    del queue[index]
                 self.waiting.move_to_end(key)  # fairness: this key goes to the back
                 return key, taken
         return None
 
-    def _short(self, queue: deque, count: int) -> int:
-        """How many of the first `count` waiting requests make a batch of at most `prefill_chunk` prompt tokens
-        (rows x the longest prompt), which may be prefilled in one pass beside a chunked prefill (none where
-        batches do not take joins)."""
-        if not self.limits.join_batches:
-            return 0
-        longest = 0
-        for taken, (_, seq) in enumerate(itertools.islice(queue, count)):
-            longest = max(longest, len(seq.prompt_ids))
-            if longest * (taken + 1) > self.limits.prefill_chunk:
-                return taken
-        return count
+    def _one_pass_tokens(self) -> float:
+        """The most prompt tokens a new batch may have: beside a chunked prefill, what one pass may take now
+        (none where batches do not take joins); else any (a long one becomes the chunked prefill)."""
+        if self.prefilling is None:
+            return math.inf
+        return self._budget if self.limits.join_batches else 0
 
     def _admit(self) -> None:
         while (taken := self._take()) is not None:
@@ -219,35 +220,36 @@ class Scheduler:
                 batch.release()
                 continue
             prefill = _Prefill(key, batch, time.perf_counter() - start)
-            if self.prefilling is None:
-                self.prefilling = prefill
-                self._prefill_next()
-            else:  # a short one beside the chunked prefill: in one pass, now
-                self._prefill(prefill, whole=True)
+            if self.prefilling is None and self._decoding() and batch.prompt_left * len(sequences) > self._budget:
+                self.prefilling = prefill  # a chunk per loop, from `_prefill_next`
+            else:
+                self._prefill(prefill)
         if not self.active and any(self.waiting.values()):
             time.sleep(max(self.limits.batch_wait_ms / 2000, 0.0005))  # let the batching window fill
 
     def _prefill_next(self) -> None:
-        """Advances the prefill in flight (`_prefill`), and clears it once its rows are placed."""
-        if self.prefilling is not None and not self._prefill(self.prefilling):
+        """Advances the prefill in flight by what is left of this loop's prompt tokens, but at least half a
+        chunk (short prompts admitted beside it must not stall it), or whole where no row waits for a step;
+        clears it once its rows are placed."""
+        prefill = self.prefilling
+        if prefill is None:
+            return
+        tokens = max(self._budget, self.limits.prefill_chunk // 2) if self._decoding() else math.inf
+        if not self._prefill(prefill, tokens):
             self.prefilling = None
 
-    def _prefill(self, prefill: _Prefill, whole: bool = False) -> bool:
-        """Prefills `prefill`: whole (or where `whole`), unless running rows wait for a step and its prompt
-        tokens (rows x positions left) are more than `prefill_chunk`; then one chunk of them per loop, whatever
-        other prefills ran. Once done, its rows join their key's running batch or start one. True while it is
-        still in flight."""
+    def _prefill(self, prefill: _Prefill, tokens: float = math.inf) -> bool:
+        """Prefills `prefill` whole, or as many positions as `tokens` (over its rows) allow; what it takes comes
+        off this loop's prompt tokens while rows decode. Once done, its rows join their key's running batch or
+        start one. True while it is still in flight."""
         batch, done = prefill.batch, []
         if not batch.done:  # else every request was cancelled: nothing to finish
-            chunk = self.limits.prefill_chunk if self._decoding() and not whole else 0
             rows = len(batch.sequences)
-            too_long = bool(chunk) and batch.prompt_left * rows > chunk
-            if too_long or prefill.chunked:
-                if self._chunked_this_loop:
-                    return True
-                self._chunked_this_loop = prefill.chunked = True
+            left = batch.prompt_left * rows
+            positions = None if left <= tokens else max(1, int(tokens) // rows)
+            if self._decoding():
+                self._budget -= left if positions is None else positions * rows
             start = time.perf_counter()
-            positions = max(1, chunk // rows) if too_long else None
             self._guard(batch.sequences, lambda: done.append(batch.prefill_chunk(positions)))
             prefill.seconds += time.perf_counter() - start
         if done == [False]:

@@ -249,17 +249,30 @@ void weighted_sum(const float* weights, float scale, const float* values, const 
   }
 }
 
-// This thread's part of softmax attention: for every (row, head), positions `mine` of the ones seen, as
-// (max score, sum of exp(score - max), sum of exp(score - max) * value) in `part_max`, `part_sum` [batch, heads]
-// and `part_out` [batch, q_width]; `combine` adds the threads' parts. Splitting positions rather than heads
-// keeps the threads' shares equal (9 heads do not split in two) and grows with the context. Positions before
-// `length` come from the cache, the new one from this thread's own qkv (another thread may be the one writing
-// it to the cache); masked (left-padding) positions are skipped.
-void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, Share mine,
-            float* part_max, float* part_sum, float* part_out, boomerang::Floats& scores) {
-  const int64_t seen = s.seen(), dim = s.head_dim, group = s.heads / s.kv_heads, count = mine.end - mine.begin;
+// The positions of row `b` this thread attends to: its share of those after the row's left padding, so rows
+// of different prompt lengths in one batch still split evenly between the threads.
+Share row_share(const Shapes& s, const int64_t* mask, int64_t b, int part, int parts) {
+  const int64_t seen = s.seen(), *row = mask + b * seen;
+  int64_t first = 0;
+  while (first < seen && !row[first]) ++first;
+  const Share mine = share_of(seen - first, part, parts);
+  return {first + mine.begin, first + mine.end};
+}
+
+// This thread's part of softmax attention: for every (row, head), its share of the row's positions
+// (`row_share`), as (max score, sum of exp(score - max), sum of exp(score - max) * value) in `part_max`,
+// `part_sum` [batch, heads] and `part_out` [batch, q_width]; `combine` adds the threads' parts. Splitting
+// positions rather than heads keeps the threads' shares equal (9 heads do not split in two) and grows with the
+// context. Positions before `length` come from the cache, the new one from this thread's own qkv (another
+// thread may be the one writing it to the cache); masked positions are skipped.
+void attend(const Shapes& s, const Norms& n, const float* qkv, const Cache& c, const int64_t* mask, int part,
+            int parts, float* part_max, float* part_sum, float* part_out, boomerang::Floats& scores) {
+  const int64_t seen = s.seen(), dim = s.head_dim, group = s.heads / s.kv_heads;
+  Share mine{0, 0};
   for (int64_t task = 0; task < s.batch * s.heads; ++task) {
     const int64_t b = task / s.heads, head = task % s.heads, kh = head / group;
+    if (head == 0) mine = row_share(s, mask, b, part, parts);
+    const int64_t count = mine.end - mine.begin;
     const float* q = qkv + b * s.qkv_width() + head * dim;
     const float* new_key = qkv + b * s.qkv_width() + s.q_width() + kh * dim;
     const float* keys = c.slot(c.keys, s, b, kh, 0);
@@ -395,7 +408,7 @@ void layer_step(const Layer& l, const Shapes& s, const Norms& n, const Cache& c,
 #pragma omp barrier
     attention = shared.attn_out.data();
   } else {
-    attend(s, n, own.qkv.data(), c, mask, share_of(s.seen(), part, parts), shared.attn_max.data() + part * pairs,
+    attend(s, n, own.qkv.data(), c, mask, part, parts, shared.attn_max.data() + part * pairs,
            shared.attn_sum.data() + part * pairs, shared.attn_out.data() + part * s.batch * s.q_width(), own.scores);
 #pragma omp barrier
     combine(s, parts, shared.attn_max.data(), shared.attn_sum.data(), shared.attn_out.data(), own.attn.data());

@@ -17,7 +17,8 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert set(report["goals"]) == {"ratio_all_sizes_vs_pair", "switch_speedup_first_use", "min_speed_ratio",
                                     "min_fraction_of_bound_b1", "served_speedup_n16", "served_speedup_n16_mixed_sizes",
-                                    "structured_output_cost_b1", "prompt_mid_stream_longest_gap"}
+                                    "structured_output_cost_b1", "prompt_mid_stream_longest_gap",
+                                    "mixed_prompt_lengths_throughput"}
     for goal in report["goals"].values():
         assert isinstance(goal["measured"], float) and isinstance(goal["met"], bool)
     assert [row["num_layers"] for row in report["speed"]] == report["settings"]["sizes"]
@@ -30,6 +31,11 @@ def test_quick_bench_writes_report_and_chart(llama_pair, tmp_path):
         mid_stream = report["served"][scenario]
         assert mid_stream["prompt_alone_s"] > 0
         assert 0 < mid_stream["stream_median_gap_s"] <= mid_stream["stream_longest_gap_s"]
+    mixed_lengths = report["served"]["mixed_prompt_lengths"]
+    shortest, longest, same = mixed_lengths["prompt_tokens"]
+    assert shortest < same < longest and mixed_lengths["mixed_vs_same"] > 0
+    rates = mixed_lengths["tokens_per_s_mixed_lengths"] + mixed_lengths["tokens_per_s_same_length"]
+    assert len(rates) == 4 and all(rate > 0 for rate in rates)
     assert report["machine"]["bandwidth_gbs"] > 0
     for row in report["speed"]:  # each fraction is against the bandwidth read beside it
         assert row["bandwidth_gbs"] > 0 and row["fraction_of_bound_b1"] > 0 and row["matmul_only_tok_s_b1"] > 0

@@ -171,10 +171,7 @@ def _submit(scheduler: Scheduler, rows: _Rows, key: str = "mixed") -> None:
 
 def _loop(scheduler: Scheduler, times: int) -> None:
     for _ in range(times):  # the worker's loop, without its thread
-        scheduler._chunked_this_loop = False
-        scheduler._prefill_next()
-        scheduler._admit()
-        scheduler._step_all()
+        scheduler._loop()
 
 
 def test_a_long_prompt_is_prefilled_a_chunk_between_steps_of_the_running_rows():
@@ -195,17 +192,17 @@ def test_one_chunk_of_a_long_prompt_per_loop_and_short_prompts_whole_beside_it()
     third = _Rows(log, "third", rows=2, prompt=PREFILL_CHUNK // 2)  # exactly a chunk's tokens: one pass
     scheduler, _ = _with_running(log, first, third, keys=("first", "third"))
     _loop(scheduler, 1)
-    second = _Rows(log, "second", rows=2, prompt=PREFILL_CHUNK // 2 + 10)  # two rows: too long for one pass
+    second = _Rows(log, "second", rows=1, prompt=PREFILL_CHUNK + 10)
     _submit(scheduler, second, "second")
     _loop(scheduler, 3)
     chunks = [entry[1:] for entry in log if isinstance(entry, tuple) and entry[0] == "chunk"]
-    assert chunks == [("first", PREFILL_CHUNK), ("third", None),  # loop 1: the short one beside the long one
-                      ("first", None),  # loop 2: the first's last 100 positions; the second starts, its chunk waits
-                      ("second", PREFILL_CHUNK // 2),  # loop 3: a chunk's tokens over its two rows
+    assert chunks == [("third", None),  # loop 1: the short one in one pass, a chunk's tokens
+                      ("first", PREFILL_CHUNK // 2),  # then the long one's chunk: half a chunk at least
+                      ("first", None),  # loop 2: its last positions; the second waits, too long to pass beside it
+                      ("second", PREFILL_CHUNK),  # loop 3: a chunk
                       ("second", None)]  # loop 4: its last 10 positions
     steps = [i for i, entry in enumerate(log) if entry == ("step", "running")]
-    second_chunk = log.index(("chunk", "second", PREFILL_CHUNK // 2))
-    assert len(steps) == 4 and log.index(("start", "second")) < steps[1] < second_chunk  # a step between
+    assert len(steps) == 4 and steps[1] < log.index(("start", "second")) < steps[2]
     assert [key for key, _ in scheduler.active] == ["mixed", "third", "first", "second"]
 
 
@@ -219,8 +216,8 @@ def test_beside_a_chunked_prefill_short_requests_take_only_the_room_its_rows_lea
     for short in shorts:
         _submit(scheduler, short)
     _loop(scheduler, 1)
-    assert log[2:7] == [("step", "running"), ("chunk", "long", PREFILL_CHUNK), ("start", "short0"),
-                        ("chunk", "short0", None), ("join", "running", "short0")]
+    assert log[2:7] == [("step", "running"), ("start", "short0"), ("chunk", "short0", None),
+                        ("join", "running", "short0"), ("chunk", "long", PREFILL_CHUNK - 10)]  # what is left
     assert scheduler.num_waiting == 1 and scheduler.prefilling.batch is long  # the other short one waits
     scheduler.limits = EngineLimits(max_batch_size=16, batch_wait_ms=0)
     _submit(scheduler, _Rows(log, "long2", rows=1, prompt=PREFILL_CHUNK + 1))  # waits for the chunked prefill
@@ -287,3 +284,35 @@ def test_the_worker_finishes_a_chunked_prefill_after_the_running_rows_end():
         scheduler.stop()
     assert log[:4] == [("start", "new"), ("chunk", "new", PREFILL_CHUNK), ("step", "running"), ("release", "running")]
     assert ("chunk", "new", None) in log  # the rest in one pass: nobody waits for a step any more
+
+
+def test_a_burst_of_mixed_prompt_lengths_is_taken_as_batches_of_similar_lengths():
+    """Padded to the longest, a batch of one long and several short prompts would cost rows x the long one."""
+    log = []
+    scheduler = Scheduler(make_batch=lambda key, seqs: None, limits=EngineLimits(max_batch_size=16, batch_wait_ms=0))
+    for prompt in (30, 500, 40, 480, 35):
+        scheduler.submit("mixed", _Seq(log, prompt))
+    batches = [[len(seq.prompt_ids) for seq in scheduler._take()[1]] for _ in range(2)]
+    assert batches == [[30, 40, 35], [500, 480]] and scheduler._take() is None
+
+
+def test_short_prompts_beside_a_chunked_prefill_take_at_most_a_chunk_of_tokens_per_loop():
+    """Each fits one pass, but all of them between two steps would stall the running rows for their sum."""
+    log = []
+    long = _Rows(log, "long", rows=1, prompt=4 * PREFILL_CHUNK)
+    shorts = [_Rows(log, f"short{i}", rows=1, prompt=PREFILL_CHUNK // 2 - 10) for i in range(4)]
+    scheduler, _ = _with_running(log, long, *shorts, keys=("long", *(f"short{i}" for i in range(4))))
+    _loop(scheduler, 1)
+    assert [("start", f"short{i}") in log for i in range(4)] == [True, True, False, False]
+    _loop(scheduler, 1)
+    assert all(("start", f"short{i}") in log for i in range(4))
+    between_steps, prefilled = [], 0
+    for entry in log:
+        if entry == ("step", "running"):
+            between_steps.append(prefilled)
+            prefilled = 0
+        elif isinstance(entry, tuple) and entry[0] == "chunk":
+            rows = {"long": long, **{short.name: short for short in shorts}}[entry[1]]
+            prefilled += entry[2] if entry[2] is not None else len(rows.sequences[0].prompt_ids)
+    # two short prompts, then the long one's chunk in what is left, but half a chunk at least
+    assert between_steps[:2] == [2 * (PREFILL_CHUNK // 2 - 10) + PREFILL_CHUNK // 2] * 2

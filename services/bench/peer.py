@@ -4,13 +4,15 @@ q4), the same threads, the same requests over HTTP; every figure is reported for
 
 Figures: decode rate of one stream (the time of a 1-token answer taken from that of a 129-token one, so
 prefill cancels out), time to a first token for 32- and 512-token prompts (a 1-token answer), and total
-tokens/s of 16 concurrent clients.
+tokens/s of 16 concurrent clients, with 32-token prompts and with prompts of lengths spread over 16-496
+tokens (the same lengths for both servers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import subprocess
 import time
@@ -25,6 +27,7 @@ PEER_TYPES = {"float": "F32", "int8": "Q8_0", "q4": "Q4_1"}  # llama.cpp's type 
 DECODE_TOKENS = 128
 CLIENTS = 16
 PROMPT_LENGTHS = (32, 512)
+SPREAD_PROMPT_LENGTHS = (16, 496)  # the 16 clients' second run: prompt lengths drawn from this range
 LOG_TAIL = 500  # characters of a failing tool's output quoted in the error
 
 
@@ -163,11 +166,15 @@ def measure_server(url: str, model: str, prompts: Prompts, pid: int, repeats: in
         assert usage["completion_tokens"] == DECODE_TOKENS + 1, usage
         first = {n: _median_latency(client, url, bodies(n, 1)) for n in PROMPT_LENGTHS}
     seconds, tokens = asyncio.run(_clients(url, bodies(32, DECODE_TOKENS, 2 * CLIENTS)))
+    spread = [random.Random(i).randint(*SPREAD_PROMPT_LENGTHS) for i in range(2 * CLIENTS)]
+    spread_seconds, spread_tokens = asyncio.run(_clients(url, [_body(model, prompts.next(n), DECODE_TOKENS)
+                                                               for n in spread]))
     return {
         "decode_tokens_per_s": DECODE_TOKENS / (long - one),
         **{f"first_token_ms_{n}": 1000 * first[n][0] for n in PROMPT_LENGTHS},
         **{f"prompt_tokens_{n}": first[n][1]["prompt_tokens"] for n in PROMPT_LENGTHS},
         f"clients_{CLIENTS}_tokens_per_s": tokens / seconds,
+        f"clients_{CLIENTS}_spread_prompts_tokens_per_s": spread_tokens / spread_seconds,
         "rss_mib": rss_of(pid) / 2**20,
     }
 

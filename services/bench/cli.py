@@ -351,9 +351,10 @@ def _served(args, family, sizes) -> dict:
         served = served_throughput(server.url, ids, [1, 4, 16], requests, tokens)
         served["arrival_mid_batch"] = arrival_mid_batch(server.url, ids[-1], ids[0], long_tokens, short_tokens)
         served["prompt_mid_stream"] = prompt_mid_stream(server.url, ids[0], ids[-1], prompt, MID_STREAM_TOKENS)
-        mean_tokens = min(MIXED_PROMPT_MEAN_TOKENS, (context - tokens - LONG_PROMPT_MARGIN) // 2)
-        served["mixed_prompt_lengths"] = mixed_prompt_lengths(server.url, ids, family.tokenizer, requests, tokens,
-                                                              mean_tokens)
+        mixed_requests, mixed_tokens = (16, 32) if args.quick else (32, 64)  # answers as long as chats' short ones
+        mean_tokens = min(MIXED_PROMPT_MEAN_TOKENS, (context - mixed_tokens - LONG_PROMPT_MARGIN) // 2)
+        served["mixed_prompt_lengths"] = mixed_prompt_lengths(server.url, ids, family.tokenizer, mixed_requests,
+                                                              mixed_tokens, mean_tokens)
     with ServerProcess([*serve_args, "--join-batches", "false"]) as server:  # the baseline: the short one waits
         served["arrival_mid_batch_without_joins"] = arrival_mid_batch(
             server.url, ids[-1], ids[0], long_tokens, short_tokens

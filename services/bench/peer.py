@@ -166,6 +166,7 @@ def measure_server(url: str, model: str, prompts: Prompts, pid: int, repeats: in
         assert usage["completion_tokens"] == DECODE_TOKENS + 1, usage
         first = {n: _median_latency(client, url, bodies(n, 1)) for n in PROMPT_LENGTHS}
     seconds, tokens = asyncio.run(_clients(url, bodies(32, DECODE_TOKENS, 2 * CLIENTS)))
+    rss = rss_of(pid)
     spread = [random.Random(i).randint(*SPREAD_PROMPT_LENGTHS) for i in range(2 * CLIENTS)]
     spread_seconds, spread_tokens = asyncio.run(_clients(url, [_body(model, prompts.next(n), DECODE_TOKENS)
                                                                for n in spread]))
@@ -175,7 +176,8 @@ def measure_server(url: str, model: str, prompts: Prompts, pid: int, repeats: in
         **{f"prompt_tokens_{n}": first[n][1]["prompt_tokens"] for n in PROMPT_LENGTHS},
         f"clients_{CLIENTS}_tokens_per_s": tokens / seconds,
         f"clients_{CLIENTS}_spread_prompts_tokens_per_s": spread_tokens / spread_seconds,
-        "rss_mib": rss_of(pid) / 2**20,
+        "rss_mib": rss / 2**20,
+        "rss_mib_after_spread_prompts": rss_of(pid) / 2**20,
     }
 
 

@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         _LIMITS.prefill_chunk,
         ge=0,
-        description="while requests decode, a longer prompt is prefilled this many tokens between two of their "
-        "steps, so it delays them by one chunk; 0: each prompt's whole prefill at once",
+        description="while requests decode, the prompts prefilled between two of their steps take at most this "
+        "many tokens (a longer one in chunks), so a long prompt delays them by one chunk; 0: each prompt's whole "
+        "prefill at once",
     )
     batch_wait_ms: float = Field(
         _LIMITS.batch_wait_ms, ge=0, description="a batch forms once no request arrived for this long (cap: 8x)"

@@ -29,8 +29,8 @@ class EngineLimits:
     max_model_len: int | None = None  # prompt + completion; None: the model's own limit
     mix_sizes: bool = True  # requests of different sizes share decode batches; false: one batch per size
     join_batches: bool = True  # new requests join a running batch between steps
-    # a longer prompt (rows x positions) is prefilled this many tokens per loop while rows decode (0: in one
-    # pass): enough for GEMM to run at speed, few enough that a running stream's next token waits a fraction of a second
+    # prompt tokens (rows x positions) prefilled between two steps while rows decode, a longer prompt in chunks
+    # (0: in one pass): enough for GEMM to run at speed, few enough that a stream waits a fraction of a second
     prefill_chunk: int = 256
 
 

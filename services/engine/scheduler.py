@@ -4,8 +4,8 @@ Each loop admits new requests (at once on an idle engine that takes joins, else 
 arrived within a short window; the key is a size, or "mixed" for batches that mix sizes): they join the
 key's running batch between two steps where it takes joins and has room (`FamilyBatch.joinable`,
 `--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
-of every active batch in turn, so sizes interleave step by step and none starves. Requests are prefilled in
-batches of similar prompt lengths (`prompt_groups`). While rows are decoding, the prefills between two of their
+of every active batch in turn, so sizes interleave step by step and none starves. Where batches take joins,
+requests are prefilled in batches of similar prompt lengths (`prompt_groups`). While rows are decoding, the prefills between two of their
 steps take at most `prefill_chunk` prompt tokens (`EngineLimits`; rows x positions): a longer prompt is
 prefilled a chunk per loop, so it delays the running rows' next tokens by one chunk, not by its whole prefill;
 meanwhile requests short enough for one pass are admitted beside it (prefilled at once, within what is left of
@@ -191,23 +191,28 @@ class Scheduler:
                     continue
                 if free <= 0 or not self._ready(key, queue, now):
                     continue
-                count = min(len(queue), self._room(key), free)
-                picked = similar_prompts([len(seq.prompt_ids) for _, seq in queue], count, self._one_pass_tokens())
+                picked = self._pick(queue, min(len(queue), self._room(key), free))
                 if not picked:
                     continue
                 taken = [queue[index][1] for index in picked]
                 for index in reversed(picked):
                     del queue[index]
-                self.waiting.move_to_end(key)  # fairness: this key goes to the back
+                if picked[0] == 0:  # fairness: the key goes to the back, unless its oldest was passed (it goes first)
+                    self.waiting.move_to_end(key)
                 return key, taken
         return None
 
+    def _pick(self, queue: deque, count: int) -> list[int]:
+        """Which of a key's waiting requests form its next batch: of similar prompt lengths where batches take
+        joins (the others join it soon after), else the oldest `count` (the others would wait for its end)."""
+        if not self.limits.join_batches:
+            return list(range(count)) if self.prefilling is None else []
+        return similar_prompts([len(seq.prompt_ids) for _, seq in queue], count, self._one_pass_tokens())
+
     def _one_pass_tokens(self) -> float:
-        """The most prompt tokens a new batch may have: beside a chunked prefill, what one pass may take now
-        (none where batches do not take joins); else any (a long one becomes the chunked prefill)."""
-        if self.prefilling is None:
-            return math.inf
-        return self._budget if self.limits.join_batches else 0
+        """The most prompt tokens a new batch may have: beside a chunked prefill, what one pass may take now;
+        else any (a long one becomes the chunked prefill)."""
+        return math.inf if self.prefilling is None else self._budget
 
     def _admit(self) -> None:
         while (taken := self._take()) is not None:

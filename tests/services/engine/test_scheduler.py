@@ -316,3 +316,31 @@ def test_short_prompts_beside_a_chunked_prefill_take_at_most_a_chunk_of_tokens_p
             prefilled += entry[2] if entry[2] is not None else len(rows.sequences[0].prompt_ids)
     # two short prompts, then the long one's chunk in what is left, but half a chunk at least
     assert between_steps[:2] == [2 * (PREFILL_CHUNK // 2 - 10) + PREFILL_CHUNK // 2] * 2
+
+
+def test_where_batches_take_no_joins_a_burst_starts_together_in_order_of_arrival():
+    """Split by length, the rest of the burst would wait for the first batch to end."""
+    log = []
+    limits = EngineLimits(max_batch_size=16, batch_wait_ms=0, join_batches=False)
+    scheduler = Scheduler(make_batch=lambda key, seqs: None, limits=limits)
+    for prompt in (30, 500, 40):
+        scheduler.submit("mixed", _Seq(log, prompt))
+    assert [len(seq.prompt_ids) for seq in scheduler._take()[1]] == [30, 500, 40]
+
+
+def test_a_key_whose_oldest_request_was_passed_keeps_its_place_for_the_next_long_prompt():
+    """Else short requests passing its long one would send the key to the back again and again, behind other
+    keys' long prompts (sizes in batches of their own)."""
+    log = []
+    long = 3 * PREFILL_CHUNK
+    scheduler, _ = _with_running(log, _Rows(log, "a0", rows=1, prompt=long), keys=("a",))
+    _loop(scheduler, 1)  # a0 is chunked
+    _submit(scheduler, _Rows(log, "a1", rows=1, prompt=long), "a")
+    _submit(scheduler, _Rows(log, "b_long", rows=1, prompt=long), "b")
+    for step in range(16):
+        _submit(scheduler, _Rows(log, f"b_short{step}", rows=1, prompt=10), "b")  # one passes b_long each loop
+        if step == 6:
+            _submit(scheduler, _Rows(log, "a2", rows=1, prompt=long), "a")
+        _loop(scheduler, 1)
+    starts = [entry[1] for entry in log if isinstance(entry, tuple) and entry[0] == "start" and "short" not in entry[1]]
+    assert starts == ["a0", "a1", "b_long"]  # a1 was first in line; then b_long, before a2

@@ -5,11 +5,11 @@ arrived within a short window; the key is a size, or "mixed" for batches that mi
 key's running batch between two steps where it takes joins and has room (`FamilyBatch.joinable`,
 `--join-batches`), else form a batch of their own once none of the key runs. Then it runs one decode step
 of every active batch in turn, so sizes interleave step by step and none starves. Where batches take joins,
-requests are prefilled in batches of similar prompt lengths (`prompt_groups`). While rows are decoding, the prefills between two of their
-steps take at most `prefill_chunk` prompt tokens (`EngineLimits`; rows x positions): a longer prompt is
-prefilled a chunk per loop, so it delays the running rows' next tokens by one chunk, not by its whole prefill;
-meanwhile requests short enough for one pass are admitted beside it (prefilled at once, within what is left of
-those tokens, the chunk keeping at least half of them).
+requests are prefilled in batches of similar prompt lengths (`prompt_groups`). While rows are decoding, the
+prefills between two of their steps take at most `prefill_chunk` prompt tokens (`EngineLimits`; rows x
+positions): a longer prompt is prefilled a chunk per loop, so it delays the running rows' next tokens by one
+chunk, not by its whole prefill; meanwhile requests short enough for one pass are admitted beside it
+(prefilled at once, within what is left of those tokens, the chunk keeping at least half of them).
 """
 
 from __future__ import annotations

@@ -118,20 +118,22 @@ def served_throughput(url: str, model_ids: list[str], concurrencies: list[int], 
     return results
 
 
+async def _timed_completion(http: httpx.AsyncClient, body: dict) -> float:
+    """Seconds until a whole (non-streamed) completion of `body` came back."""
+    start = time.perf_counter()
+    response = await http.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
 async def _arrival_mid_batch(url: str, long_body: dict, short_body: dict) -> dict:
     """Latency of a short request sent while a long one decodes, and of each alone on an idle server."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        async def timed(body: dict) -> float:
-            start = time.perf_counter()
-            response = await http.post("/v1/completions", json=body)
-            response.raise_for_status()
-            return time.perf_counter() - start
-
-        short_alone = statistics.median([await timed(short_body) for _ in range(3)])
-        long_alone = await timed(long_body)
-        long_task = asyncio.create_task(timed(long_body))
+        short_alone = statistics.median([await _timed_completion(http, short_body) for _ in range(3)])
+        long_alone = await _timed_completion(http, long_body)
+        long_task = asyncio.create_task(_timed_completion(http, long_body))
         await asyncio.sleep(long_alone / 4)  # a quarter of the way into the long request
-        short_during = await timed(short_body)
+        short_during = await _timed_completion(http, short_body)
         long_during = await long_task
     return {"long_tokens": long_body["max_tokens"], "short_tokens": short_body["max_tokens"],
             "short_alone_s": short_alone, "short_during_long_s": short_during,
@@ -150,13 +152,7 @@ def arrival_mid_batch(url: str, long_model: str, short_model: str, long_tokens: 
 async def _prompt_mid_stream(url: str, stream_body: dict, prompt_body: dict) -> dict:
     """A long prompt's latency alone and while a stream decodes, and the stream's gaps between tokens."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        async def prompt_latency() -> float:
-            start = time.perf_counter()
-            response = await http.post("/v1/completions", json=prompt_body)
-            response.raise_for_status()
-            return time.perf_counter() - start
-
-        prompt_alone = statistics.median([await prompt_latency() for _ in range(2)])
+        prompt_alone = statistics.median([await _timed_completion(http, prompt_body) for _ in range(2)])
         stamps: list[float] = []
 
         async def stream() -> None:
@@ -169,7 +165,7 @@ async def _prompt_mid_stream(url: str, stream_body: dict, prompt_body: dict) -> 
         streaming = asyncio.create_task(stream())
         while len(stamps) < 8 and not streaming.done():  # the stream is decoding
             await asyncio.sleep(0.005)
-        prompt_during = await prompt_latency()
+        prompt_during = await _timed_completion(http, prompt_body)
         await streaming
     gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
     return {"stream_tokens": stream_body["max_tokens"], "prompt_chars": len(prompt_body["prompt"]),
